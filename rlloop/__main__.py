@@ -1,0 +1,3 @@
+from rlloop.train import main
+
+main()

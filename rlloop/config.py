@@ -1,0 +1,193 @@
+"""Structured configs: the schema behind conf/*.yaml.
+
+Hydra composes the YAML groups onto these dataclasses, so an unknown key or a wrong type fails at
+start-up with the key's name, before any actor starts. Defaults run on a 2-core CPU laptop.
+(OmegaConf needs typing.Optional/List/Dict rather than PEP 604 unions here.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"  # "arith" (built in) or "file" (train_path/test_path)
+    data_source: str = "arith"  # routes samples to a verifier (reward.verifier.sources)
+    train_path: Optional[str] = None  # jsonl/parquet with columns prompt, answer[, data_source]
+    test_path: Optional[str] = None
+    num_train: int = 20000  # arith: problems generated for training
+    num_test: int = 200  # arith: held-out problems (and eval size for file tasks, 0 = all)
+    min_ops: int = 1  # arith: operations per problem
+    max_ops: int = 2
+    min_digits: int = 1  # arith: digits per operand
+    max_digits: int = 2
+    ops: List[str] = field(default_factory=lambda: ["+", "-"])
+    seed: int = 0
+    system_prompt: Optional[str] = None
+    prompt_template: str = "{question}"  # filled with the question before the chat template
+
+
+@dataclass
+class ModelConfig:
+    name: str = "arith-small"  # arith-small | smollm2 | tiny | hf
+    path: Optional[str] = None  # HF folder or hub name; built-in models fill it on first use
+    dtype: str = "float32"  # float32 | bfloat16
+    # tiny / arith-small architecture (ignored for pretrained paths)
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688
+    vocab_size: int = 384
+    max_position_embeddings: int = 256
+    # arith-small pretraining (python -m rlloop.sft)
+    sft_steps: int = 1500
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+    cache_dir: Optional[str] = None  # default $RLLOOP_CACHE or ~/.cache/rlloop
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    num_workers: int = 1
+    n: int = 8  # samples per prompt
+    prompts_per_step: int = 16
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    step_delimiter: str = "\n\n"
+    step_regex: Optional[str] = None  # overrides step_delimiter when set
+    num_threads: int = 1  # torch threads per worker
+    eval_temperature: float = 0.0  # 0 = greedy
+
+
+@dataclass
+class VerifierConfig:
+    num_workers: int = 2
+    timeout_s: float = 10.0
+    # data_source -> verifier name (registry); "*" is the fallback
+    sources: Dict[str, str] = field(default_factory=lambda: {"arith": "math", "*": "math"})
+    custom_fn: Optional[str] = None  # "pkg.module:function" for the "custom" verifier
+
+
+@dataclass
+class PRMConfig:
+    enabled: bool = True
+    path: Optional[str] = None  # PRM folder (backbone + value head); None = policy init + fresh head
+    num_replicas: int = 1
+    batch_size: int = 32
+    g: str = "logit"  # transform of V for outcome fusion: logit (TDRM release) | sigmoid
+    online: bool = False  # TD-update the PRM on every batch (actor-critic mode)
+    lr: float = 1e-6
+    gamma: float = 0.8
+    td: str = "td0"  # td0 | nstep | td_lambda
+    num_threads: int = 1
+
+
+@dataclass
+class RewardConfig:
+    name: str = "rule"
+    fusion: str = "outcome"  # outcome | step | token
+    w_rule: float = 1.0
+    w_prm: float = 0.0
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    advantage: str = "grpo"  # registry name (rlloop.algos.advantages)
+    adv_eps: float = 1e-6
+    gamma: float = 1.0
+    lam: float = 1.0
+    policy_loss: str = "ppo"  # registry name (rlloop.algos.losses)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    entropy_coef: float = 0.0
+    use_ref: bool = True  # compute reference logprobs (needed for KL; logged even at kl_coef 0)
+    tis_cap: Optional[float] = None  # truncated importance sampling against rollout logprobs
+    ppo_epochs: int = 1
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 2
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    micro_batch_size: int = 16  # sequences per rank per forward/backward
+    grad_clip: float = 1.0
+    bf16: bool = False
+    num_threads: int = 1  # torch threads per rank
+    master_port: int = 0  # 0 = pick a free port
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 60
+    eval_every: int = 20  # 0 = only before and after
+    eval_before: bool = True
+    seed: int = 0
+    save_final: bool = True
+    log_samples_every: int = 10
+    call_timeout_s: float = 600.0  # every remote call times out with the actor's name
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # Ray address; None = RAY_ADDRESS or a fresh local cluster
+    num_cpus: Optional[int] = None  # local cluster size (default: os.cpu_count())
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "rlloop"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output_dir: Optional[str] = None  # default: the Hydra run dir
+
+
+def register_configs() -> None:
+    """Register the schema so conf/config.yaml can name it in its defaults list."""
+    cs = ConfigStore.instance()
+    # Group presets (conf/<group>/*.yaml) merge onto the typed nodes of this schema, so their keys are
+    # checked too.
+    cs.store(name="rlloop_schema", node=Config)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, resolved dict of a config (for saving beside a run and for actors)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+__all__ = ["Config", "MISSING", "register_configs", "to_dict"]

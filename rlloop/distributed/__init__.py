@@ -1,0 +1,1 @@
+"""Ray plumbing shared by every actor: cluster start-up and safe remote calls."""

@@ -1,0 +1,59 @@
+"""Checks of config values that types alone cannot express (run before any actor starts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlloop.errors import ConfigError
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r}: {why}")
+
+
+def validate_config(cfg: Any) -> None:
+    """Raise ConfigError naming the first impossible value in `cfg` (a composed rlloop Config)."""
+    from rlloop.algos.advantages import ADVANTAGES
+    from rlloop.algos.losses import POLICY_LOSSES
+    from rlloop.tracking import BACKENDS
+
+    r, a, lr, t, rw = cfg.rollout, cfg.algo, cfg.learner, cfg.trainer, cfg.reward
+    _require(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be >= 1")
+    _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = only before/after)")
+    _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
+    _require(
+        r.n >= 2 or a.advantage not in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "gdpo"),
+        "rollout.n",
+        r.n,
+        f"group-relative advantage {a.advantage!r} needs >= 2 samples per prompt",
+    )
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
+    _require(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "must be >= 1")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    _require(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 for training samples")
+    _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _require(r.engine in ("hf", "vllm"), "rollout.engine", r.engine, "choose hf or vllm")
+    _require(lr.lr > 0, "learner.lr", lr.lr, "must be > 0")
+    _require(lr.world_size >= 1, "learner.world_size", lr.world_size, "must be >= 1")
+    _require(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "must be 0, 1, 2 or 3")
+    _require(lr.micro_batch_size >= 1, "learner.micro_batch_size", lr.micro_batch_size, "must be >= 1")
+    _require(a.advantage in ADVANTAGES, "algo.advantage", a.advantage, f"unknown; choose from {sorted(ADVANTAGES)}")
+    _require(
+        a.policy_loss in POLICY_LOSSES, "algo.policy_loss", a.policy_loss, f"unknown; choose from {sorted(POLICY_LOSSES)}"
+    )
+    _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
+    _require(rw.fusion in ("outcome", "step", "token"), "reward.fusion", rw.fusion, "choose outcome, step or token")
+    _require(0 <= rw.w_prm <= 1, "reward.w_prm", rw.w_prm, "must be in [0, 1]")
+    _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
+    _require(
+        rw.w_prm == 0 or rw.prm.enabled, "reward.w_prm", rw.w_prm, "is > 0 but reward.prm.enabled=false"
+    )
+    _require(rw.prm.g in ("logit", "sigmoid"), "reward.prm.g", rw.prm.g, "choose logit or sigmoid")
+    _require(rw.verifier.num_workers >= 1, "reward.verifier.num_workers", rw.verifier.num_workers, "must be >= 1")
+    _require(rw.verifier.timeout_s > 0, "reward.verifier.timeout_s", rw.verifier.timeout_s, "must be > 0")
+    bad = [b for b in cfg.logger if b not in BACKENDS]
+    _require(not bad, "logger", list(cfg.logger), f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
+    _require(
+        cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", cfg.wandb.mode, "choose offline, online or disabled"
+    )
