@@ -1,0 +1,149 @@
+"""Reasoning steps: found in text, mapped to token indices through a tokenizer's character offsets.
+
+Steps live in text space so that the policy and the PRM may use different tokenizers: the rollout
+records each step's exclusive end character (`Rollout.step_char_ends`), and every consumer maps those
+characters into its own tokens with `char_ends_to_token_ends`.
+
+Conventions:
+- A step is the text between delimiters (default "\\n\\n", or matches of a regex), with surrounding
+  whitespace trimmed; empty and whitespace-only steps are dropped. A text without a delimiter is one step.
+- A step's end token is the token that contains the step's last character. A token that spans a step
+  boundary (e.g. a BPE merge ".\\n\\nThe") therefore ends the step whose last character it holds; two
+  steps inside one token share that token (end tokens are non-decreasing, not strictly increasing).
+- Offsets are `(start, end)` character spans per token, as from `return_offsets_mapping=True`. Tokens with
+  an empty span (special tokens, the leading bytes of a multi-byte character) never end a step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from typing import Sequence
+
+Offsets = Sequence[tuple[int, int]]
+
+
+def split_steps(text: str, delimiter: str = "\n\n", regex: str | None = None) -> list[tuple[int, int]]:
+    """Character spans `[start, end)` of the non-empty steps of `text`.
+
+    `regex`, when given, overrides `delimiter` (its matches separate steps). Whitespace at either end of a
+    step is excluded from its span, so a step ends at its last visible character.
+    """
+    if regex is not None:
+        separators = [(m.start(), m.end()) for m in re.finditer(regex, text) if m.end() > m.start()]
+    else:
+        if not delimiter:
+            raise ValueError("split_steps: delimiter must be a non-empty string (or pass regex=...)")
+        separators = []
+        i = text.find(delimiter)
+        while i != -1:
+            separators.append((i, i + len(delimiter)))
+            i = text.find(delimiter, i + len(delimiter))
+    spans = []
+    start = 0
+    for sep_start, sep_end in [*separators, (len(text), len(text))]:
+        piece = text[start:sep_start]
+        stripped = piece.strip()
+        if stripped:
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((start + lead, start + lead + len(stripped)))
+        start = sep_end
+    return spans
+
+
+def char_ends_to_token_ends(char_ends: Sequence[int], offsets: Offsets) -> list[int]:
+    """Index of the token that holds character `c - 1`, for each exclusive end `c` in `char_ends`.
+
+    offsets: `[(start, end)]` per token (empty spans are ignored). Where character `c - 1` lies in no
+    token (tokenizers that trim whitespace from offsets leave gaps), the last non-empty token starting
+    before `c` is used. The result is made non-decreasing. Raises if no token starts before `c`.
+    """
+    content = [i for i, (s, e) in enumerate(offsets) if e > s]
+    starts = [offsets[i][0] for i in content]
+    # Offsets of real tokenizers are sorted by start; sorting guards against odd post-processors.
+    if any(a > b for a, b in zip(starts, starts[1:])):
+        order = sorted(range(len(content)), key=lambda j: (starts[j], content[j]))
+        content = [content[j] for j in order]
+        starts = [starts[j] for j in order]
+    token_ends: list[int] = []
+    for c in char_ends:
+        j = bisect.bisect_left(starts, c) - 1  # last content token with start < c
+        if j < 0:
+            raise ValueError(
+                f"char_ends_to_token_ends: no token starts before character {c} "
+                f"(first token offsets: {list(offsets[:4])})"
+            )
+        index = content[j]
+        if token_ends and index < token_ends[-1]:
+            index = token_ends[-1]
+        token_ends.append(index)
+    return token_ends
+
+
+def find_step_ends(
+    text: str, offsets: Offsets, delimiter: str = "\n\n", regex: str | None = None
+) -> tuple[list[int], list[int]]:
+    """`(token_ends, char_ends)` of the steps of `text`, tokenised with character spans `offsets`.
+
+    A text without a delimiter is one step ending at its last visible character; a text with no
+    visible characters has no steps (`([], [])`).
+    """
+    char_ends = [end for _, end in split_steps(text, delimiter, regex)]
+    if not char_ends:
+        return [], []
+    return char_ends_to_token_ends(char_ends, offsets), char_ends
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def decode_with_offsets(
+    tokenizer, token_ids: Sequence[int], *, skip_special_tokens: bool = True
+) -> tuple[str, list[tuple[int, int]]]:
+    """Decode `token_ids` and give each token its `(start, end)` character span in the decoded text.
+
+    Fast path: if re-tokenising the text gives back the same (non-special) ids, the tokenizer's own
+    offsets are used. Otherwise (sampled ids are often not the canonical tokenisation) each prefix is
+    decoded and token i covers the characters its prefix adds; a token holding only part of a multi-byte
+    character adds nothing (empty span) and the token that completes it gets the character. Special
+    tokens skipped in the text get empty spans at their position.
+    """
+    ids = [int(t) for t in token_ids]
+    special = set(tokenizer.all_special_ids) if skip_special_tokens else set()
+    kept = [i for i, t in enumerate(ids) if t not in special]
+    kept_ids = [ids[i] for i in kept]
+    decode_kwargs = {"skip_special_tokens": skip_special_tokens, "clean_up_tokenization_spaces": False}
+    text = tokenizer.decode(ids, **decode_kwargs)
+    kept_offsets: list[tuple[int, int]] | None = None
+    if kept_ids and getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == kept_ids:
+            kept_offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    if kept_offsets is None:
+        prefixes = tokenizer.batch_decode([kept_ids[: i + 1] for i in range(len(kept_ids))], **decode_kwargs)
+        kept_offsets = []
+        prev = 0
+        for prefix in prefixes:
+            if text.startswith(prefix):
+                end = len(prefix)
+            else:  # a partial multi-byte character decodes to U+FFFD; keep only the part that matches
+                end = _common_prefix_len(prefix, text)
+            end = max(end, prev)
+            kept_offsets.append((prev, end))
+            prev = end
+    offsets: list[tuple[int, int]] = []
+    k = 0
+    pos = 0
+    for i in range(len(ids)):
+        if k < len(kept) and kept[k] == i:
+            offsets.append(kept_offsets[k])
+            pos = kept_offsets[k][1]
+            k += 1
+        else:
+            offsets.append((pos, pos))
+    return text, offsets
