@@ -61,7 +61,7 @@ def char_ends_to_token_ends(char_ends: Sequence[int], offsets: Offsets) -> list[
     content = [i for i, (s, e) in enumerate(offsets) if e > s]
     starts = [offsets[i][0] for i in content]
     # Offsets of real tokenizers are sorted by start; sorting guards against odd post-processors.
-    if any(a > b for a, b in zip(starts, starts[1:])):
+    if any(a > b for a, b in zip(starts, starts[1:], strict=False)):
         order = sorted(range(len(content)), key=lambda j: (starts[j], content[j]))
         content = [content[j] for j in order]
         starts = [starts[j] for j in order]

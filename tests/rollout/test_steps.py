@@ -111,7 +111,7 @@ def tokenised_text(draw):
     text = draw(st.text(alphabet="ab \n", min_size=1, max_size=40))
     cuts = sorted(draw(st.sets(st.integers(1, len(text) - 1), max_size=len(text))) if len(text) > 1 else [])
     bounds = [0, *cuts, len(text)]
-    return text, list(zip(bounds, bounds[1:]))
+    return text, list(zip(bounds, bounds[1:], strict=False))
 
 
 @settings(max_examples=300, deadline=None)
@@ -122,7 +122,7 @@ def test_step_end_token_holds_the_last_character_of_the_step(case):
     spans = split_steps(text)
     assert char_ends == [e for _, e in spans]
     assert token_ends == sorted(token_ends)
-    for (s, e), t in zip(spans, token_ends):
+    for (s, e), t in zip(spans, token_ends, strict=True):
         assert text[s:e].strip() == text[s:e] and "\n\n" not in text[s:e]
         start, end = offsets[t]
         assert start <= e - 1 < end
@@ -139,7 +139,9 @@ def test_bpe_merges_across_step_boundaries(bpe_tokenizer):
 
 
 def _decoded_len(tokenizer, ids):
-    return len(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).rstrip("\ufffd"))
+    return len(
+        tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).rstrip("\ufffd")
+    )
 
 
 @pytest.mark.parametrize("canonical", [True, False])
@@ -161,7 +163,7 @@ def test_bpe_offsets_and_step_ends(bpe_tokenizer, canonical):
         "The sum is 7 ✓",
         "So the answer is 7.",
     ]
-    for t, c in zip(token_ends, char_ends):
+    for t, c in zip(token_ends, char_ends, strict=True):
         # token t completes character c-1: the prefix up to t decodes past it, the prefix before t does not
         assert _decoded_len(tok, ids[: t + 1]) >= c > _decoded_len(tok, ids[:t])
 
