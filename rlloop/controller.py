@@ -7,6 +7,7 @@ accounted per phase in `time/*`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -435,6 +436,7 @@ class Trainer:
             tracker.finish()
         if (self.out_dir / "metrics.jsonl").exists():
             summary["plot"] = str(plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "training.png"))
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def shutdown(self) -> None:

@@ -1,0 +1,45 @@
+"""Shared test helpers: run rlloop entry points in a subprocess with a clean, CI-like environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small, fast settings for end-to-end runs on the tiny model (2 cores).
+TINY_RUN = [
+    "model=tiny",
+    "rollout.prompts_per_step=4",
+    "rollout.n=4",
+    "rollout.max_new_tokens=24",
+    "task.num_test=8",
+    "trainer.eval_every=0",
+    "reward.verifier.num_workers=1",
+    "learner.micro_batch_size=4",
+    "learner.lr=1e-3",
+    "logger=[console,jsonl]",
+]
+
+
+def run_cli(args: list[str], *, timeout: float = 600, env: dict | None = None, module: str = "rlloop.train"):
+    """Run `python -m <module> <args>` from the repo root; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
