@@ -1,0 +1,72 @@
+"""Controller pieces that need no actors: prompt stream, batch layout, TDRM's answer-step value, tracker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rlloop.controller import PromptStream, answer_step_value, build_batch
+from rlloop.errors import RlloopError
+from rlloop.tracking import Tracker, read_metrics, redact
+from rlloop.types import Rollout, Sample
+
+
+def _samples(n):
+    return [Sample(uid=f"s{i}", prompt=f"q{i}", data_source="arith", ground_truth=str(i)) for i in range(n)]
+
+
+def test_prompt_stream_covers_each_epoch_once_and_is_seeded():
+    stream = PromptStream(_samples(10), seed=3)
+    first = [s.uid for s in stream.take(10)]
+    assert sorted(first) == sorted(f"s{i}" for i in range(10))
+    second = [s.uid for s in stream.take(10)]
+    assert sorted(second) == sorted(first) and second != first  # a fresh shuffle per epoch
+    again = PromptStream(_samples(10), seed=3)
+    assert [s.uid for s in again.take(10)] == first
+    assert stream.epoch == 1 and stream.pos == 10
+
+
+def test_prompt_stream_rejects_empty():
+    with pytest.raises(RlloopError, match="empty"):
+        PromptStream([], seed=0)
+
+
+def _rollout(prompt, response, text="", char_ends=(), values=None):
+    return Rollout(
+        uid="g/0", group="g", prompt_ids=prompt, response_ids=response,
+        rollout_logprobs=[-0.5] * len(response), step_ends=[], step_char_ends=list(char_ends), text=text,
+        prompt_text="p", finish_reason="stop", policy_version=0, step_values=values,
+    )
+
+
+def test_build_batch_layout_is_right_padded_and_aligned():
+    batch = build_batch([_rollout([1, 2, 3], [4, 5]), _rollout([7], [8, 9, 10])], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch.response_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    np.testing.assert_allclose(batch.rollout_logprobs[1], [0, -0.5, -0.5, -0.5, 0])
+    assert len(batch.select(np.array([1]))) == 1
+
+
+def test_answer_step_value_reads_the_prefix_before_the_boxed_step():
+    text = "a = 1\n\nb = 2\n\nso \\boxed{3}"
+    ends = [5, 12, len(text)]
+    ro = _rollout([1], [2], text=text, char_ends=ends, values=[0.1, 0.2, 0.9])
+    assert answer_step_value(ro, prompt_value=0.5) == pytest.approx(0.2)
+    first = _rollout([1], [2], text="\\boxed{3}", char_ends=[9], values=[0.7])
+    assert answer_step_value(first, prompt_value=0.5) == pytest.approx(0.5)
+    none = _rollout([1], [2], text="a\n\nb", char_ends=[1, 4], values=[0.3, 0.4])
+    assert answer_step_value(none, prompt_value=0.5) == pytest.approx(0.4)
+
+
+def test_tracker_writes_jsonl_and_redacts_secrets(tmp_path):
+    tr = Tracker(["jsonl"], tmp_path, config={"wandb": {"api_key": "sk-123"}})
+    tr.log({"a": 1.0, "b": float("nan")}, step=1)
+    tr.finish()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows == [{"step": 1, "a": 1.0, "b": None}]
+    assert json.dumps(redact({"wandb": {"api_key": "sk-123"}})).count("sk-123") == 0
+    with pytest.raises(ValueError, match="nope"):
+        Tracker(["nope"], tmp_path)
