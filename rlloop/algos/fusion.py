@@ -1,0 +1,355 @@
+"""Reward fusion (config `reward.fusion=`): the scores of the reward sources -> what the learner trains on.
+
+  outcome  TDRM's released recipe: one scalar per sample, R = w_rule * outcome + w_prm * g(V), V the PRM's
+           value of the prefix before the answer step; the caller places R on the last token and runs an
+           advantage estimator (grpo in TDRM).
+  step     dense: a process reward per reasoning step at the step's last token, the outcome at the last
+           token; each source normalised on its own, returns by reverse cumulative sum, weighted sum
+           (PRIME-style) -> advantages and returns directly.
+  token    a per-token reward (e.g. Q-RM) added with a weight -> token rewards for an estimator.
+
+Every fusion function takes an optional `metrics` dict and fills it with each component's mean, std and
+correlation with the outcome (`fusion_stats`), so each source is logged on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .checks import (
+    check_choice,
+    check_finite,
+    check_group_ids,
+    check_mask,
+    check_range,
+    check_shape,
+    check_tensor,
+)
+from .masked import discounted_returns, group_mean_std, last_token_index, masked_mean_std, masked_whiten
+
+_LOGIT_CLAMP = 1e-6  # V is clamped to [c, 1-c] before the logit: |g| <= 13.8 instead of inf at V in {0, 1}
+
+
+def _check_rows(name: str, x: object, batch: int | None = None) -> Tensor:
+    x = check_tensor(name, x, ndim=1, float_dtype=True)
+    if batch is not None and x.shape[0] != batch:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected ({batch},) (batch size)")
+    check_finite(name, x)
+    return x
+
+
+def fusion_stats(components: dict[str, Tensor], outcome: Tensor) -> dict[str, float]:
+    """Mean, std (unbiased) and Pearson correlation with the outcome of each per-sample component [B].
+
+    Keys: f"{name}/mean", f"{name}/std", f"{name}/corr_outcome". The correlation is NaN when either
+    side is constant or B < 2 (it is undefined there, and 0 would read as "uncorrelated").
+    """
+    outcome = _check_rows("outcome", outcome)
+    out: dict[str, float] = {}
+    o = outcome.double()
+    for name, comp in components.items():
+        c = _check_rows(f"components[{name!r}]", comp, outcome.shape[0]).double()
+        n = c.numel()
+        out[f"{name}/mean"] = float(c.mean()) if n else math.nan
+        out[f"{name}/std"] = float(c.std()) if n >= 2 else math.nan
+        corr = math.nan
+        if n >= 2:
+            dc, do = c - c.mean(), o - o.mean()
+            denom = float(dc.norm() * do.norm())
+            if denom > 1e-12:
+                corr = float((dc * do).sum()) / denom
+        out[f"{name}/corr_outcome"] = corr
+    return out
+
+
+def _record(metrics: dict[str, float] | None, components: dict[str, Tensor], outcome: Tensor) -> None:
+    if metrics is not None:
+        metrics.update({f"fusion/{k}": v for k, v in fusion_stats(components, outcome).items()})
+
+
+def place_on_last_token(scores: Tensor, response_mask: Tensor) -> Tensor:
+    """Put each row's scalar score on its last response token: [B], [B, T] -> [B, T].
+
+    Rows with no response token get nothing (there is no action to credit).
+    """
+    scores = _check_rows("scores", scores)
+    response_mask = check_mask("response_mask", response_mask)
+    if response_mask.dim() != 2 or response_mask.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"response_mask has shape {tuple(response_mask.shape)}, expected ({scores.shape[0]}, T) (rows of scores)"
+        )
+    out = torch.zeros(response_mask.shape, dtype=scores.dtype, device=scores.device)
+    last = last_token_index(response_mask)
+    rows = (last >= 0).nonzero().squeeze(-1)
+    out[rows, last[rows]] = scores[rows]
+    return out
+
+
+def prm_transform(prm_value: Tensor, g: str) -> Tensor:
+    """g(V): "logit" = log(V / (1 - V)) (TDRM's release uses the raw logit), "sigmoid" = V itself."""
+    check_choice("reward.prm.g", g, ("logit", "sigmoid"))
+    bad = (prm_value < 0) | (prm_value > 1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"prm_value must be a probability in [0, 1], got {prm_value[i].item()} at row {i}")
+    if g == "sigmoid":
+        return prm_value
+    v = prm_value.clamp(_LOGIT_CLAMP, 1 - _LOGIT_CLAMP)
+    return torch.log(v) - torch.log1p(-v)
+
+
+def outcome_fusion(
+    outcome: Tensor,
+    prm_value: Tensor | None,
+    *,
+    w_rule: float,
+    w_prm: float,
+    g: str = "logit",
+    metrics: dict[str, float] | None = None,
+) -> Tensor:
+    """TDRM's recipe: R_b = w_rule * outcome_b + w_prm * g(V_b), one scalar per sample [B] -> [B].
+
+    prm_value: V in [0, 1] of the prefix before the answer step (`value_before_answer_step`), or None
+    for outcome only (then w_prm must be 0).
+    """
+    outcome = _check_rows("outcome", outcome)
+    components = {"outcome": outcome}
+    fused = w_rule * outcome
+    if prm_value is None:
+        if w_prm != 0:
+            raise ValueError(f"reward.w_prm={w_prm} but prm_value is None (no PRM scores for this batch)")
+    else:
+        prm_value = _check_rows("prm_value", prm_value, outcome.shape[0])
+        g_v = prm_transform(prm_value, g).to(outcome.dtype)
+        components["prm"] = g_v
+        fused = fused + w_prm * g_v
+    components["fused"] = fused
+    _record(metrics, components, outcome)
+    return fused
+
+
+def value_before_answer_step(
+    step_values: Tensor, step_mask: Tensor, answer_step: Tensor, prompt_value: Tensor | None = None
+) -> Tensor:
+    """V of the prefix that precedes the answer step (TDRM: the first "\\n\\n" segment holding \\boxed).
+
+    step_values, step_mask: [B, K] (V_k = value after step k); answer_step: [B] long, the answer step's
+    index, or -1 when there is none (then the whole completion: the last valid step's V). An answer in
+    step 0 means the prefix is empty: prompt_value [B] if given, else 0.5 (logit 0, neutral).
+    """
+    step_values = check_tensor("step_values", step_values, ndim=2, float_dtype=True)
+    B, K = step_values.shape
+    step_mask = check_mask("step_mask", step_mask, (B, K), like="step_values").bool()
+    answer_step = check_tensor("answer_step", answer_step, ndim=1)
+    check_shape("answer_step", answer_step, (B,), like="rows of step_values")
+    num_steps = step_mask.sum(-1)
+    too_far = answer_step >= num_steps
+    if bool(too_far.any()):
+        i = int(too_far.nonzero()[0])
+        raise ValueError(
+            f"answer_step[{i}]={int(answer_step[i])} but row {i} has only {int(num_steps[i])} steps"
+        )
+    before = torch.where(answer_step < 0, num_steps - 1, answer_step - 1)
+    start = torch.full((B,), 0.5, dtype=step_values.dtype, device=step_values.device)
+    if prompt_value is not None:
+        start = _check_rows("prompt_value", prompt_value, B).to(step_values.dtype)
+    picked = step_values.gather(1, before.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(before >= 0, picked, start)
+
+
+def _normalise(x: Tensor, mask: Tensor, group_ids: Tensor, norm: str, eps: float, *, center: bool) -> Tensor:
+    """z-score (or, with center=False, only divide by the std) the mask-1 entries of x [B] / [B, K],
+    pooled per group ("group"), over the batch ("batch"), or not at all ("none")."""
+    m = mask.to(x.dtype)
+    if norm == "none":
+        return x * m
+    if norm == "group":
+        mean, std, _ = group_mean_std(x, m, group_ids)
+    else:
+        mean, std = masked_mean_std(x, m)
+    return ((x - mean) if center else x) / (std + eps) * m
+
+
+def step_fusion(
+    outcome: Tensor,
+    step_values: Tensor,
+    step_positions: Tensor,
+    step_mask: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    w_rule: float,
+    w_prm: float,
+    gamma: float = 1.0,
+    process: str = "value",
+    norm: str = "group",
+    prompt_value: Tensor | None = None,
+    eps: float = 1e-6,
+    whiten: bool = False,
+    metrics: dict[str, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Dense fusion of per-step PRM values with the outcome -> (advantages [B, T], returns [B, T]).
+
+    outcome [B]; step_values [B, K] (V_k = PRM value after step k); step_positions [B, K] long (index in
+    [0, T) of step k's last token; valid ones strictly increasing and on response tokens); step_mask
+    [B, K] (valid steps, a prefix of each row); response_mask [B, T]; group_ids [B].
+
+    1. Process reward per step, at the step's last token:
+       process="value":   r_k = V_k.
+       process="shaping": r_k = gamma * Phi_{k+1} - Phi_k with potential Phi_{k+1} = V_k (state after step
+       k), Phi_0 = prompt_value (0 if None) and Phi = 0 at the terminal state (the last response token;
+       if it is not a step end, one more shaping reward -Phi_K sits there). Why it matters: these terms
+       telescope, so from any token in step j the process return is exactly -Phi_j -- a baseline that
+       depends only on the state, never on what the policy does afterwards. Ng et al. (1999): the optimal
+       policy is unchanged, and the policy gradient is unbiased, while credit still moves to the steps
+       where V rose or fell. Raw values (process="value") are not of that form: every extra step with
+       V > 0 adds reward, so the policy can gain by padding its solution with steps (reward hacking).
+    2. Outcome at the last response token.
+    3. Each source normalised on its own over its valid entries, per group or over the batch (or
+       "none"). Outcome and "value" rewards are z-scored; "shaping" rewards are only divided by their
+       std (subtracting a mean per step would add -mean * (number of steps), a length bonus or penalty
+       that breaks the telescoping above).
+    4. Returns per source by reverse cumulative sum, discounted by gamma once per step (at each step's
+       last token), and summed: R = w_rule * G_outcome + w_prm * G_process. advantages = R, or R
+       whitened over the batch with `whiten=True` (PRIME's final step).
+    """
+    outcome = _check_rows("outcome", outcome)
+    B = outcome.shape[0]
+    step_values = check_tensor("step_values", step_values, ndim=2, float_dtype=True)
+    if step_values.shape[0] != B:
+        raise ValueError(
+            f"step_values has shape {tuple(step_values.shape)}, expected ({B}, K) (rows of outcome)"
+        )
+    check_finite("step_values", step_values)
+    K = step_values.shape[1]
+    step_positions = check_tensor("step_positions", step_positions, ndim=2)
+    check_shape("step_positions", step_positions, (B, K), like="step_values")
+    if step_positions.is_floating_point():
+        raise TypeError(f"step_positions must be an integer tensor, got dtype {step_positions.dtype}")
+    step_mask = check_mask("step_mask", step_mask, (B, K), like="step_values").bool()
+    response_mask = check_mask("response_mask", response_mask)
+    if response_mask.dim() != 2 or response_mask.shape[0] != B:
+        raise ValueError(
+            f"response_mask has shape {tuple(response_mask.shape)}, expected ({B}, T) (rows of outcome)"
+        )
+    T = response_mask.shape[1]
+    group_ids = check_group_ids(group_ids, B)
+    check_choice("reward.step_process", process, ("value", "shaping"))
+    check_choice("reward.step_norm", norm, ("group", "batch", "none"))
+    check_range("gamma", gamma, 0.0, 1.0)
+    dtype, device = outcome.dtype, outcome.device
+    step_values = step_values.to(dtype)
+    rmask = response_mask.to(dtype)
+
+    if K > 1 and bool((step_mask[:, 1:] & ~step_mask[:, :-1]).any()):
+        i = int((step_mask[:, 1:] & ~step_mask[:, :-1]).any(-1).nonzero()[0])
+        raise ValueError(
+            f"step_mask row {i} is not a prefix (a valid step follows a padded one): {step_mask[i].tolist()}"
+        )
+    pos = torch.where(step_mask, step_positions, torch.zeros_like(step_positions)).long()
+    out_of_range = step_mask & ((step_positions < 0) | (step_positions >= T))
+    if bool(out_of_range.any()):
+        i, k = (int(v) for v in out_of_range.nonzero()[0])
+        raise ValueError(f"step_positions[{i}, {k}]={int(step_positions[i, k])} is outside [0, {T})")
+    off_response = step_mask & ~response_mask.bool().gather(1, pos)
+    if bool(off_response.any()):
+        i, k = (int(v) for v in off_response.nonzero()[0])
+        raise ValueError(
+            f"step_positions[{i}, {k}]={int(pos[i, k])} is not a response token (response_mask is 0)"
+        )
+    if K > 1:
+        not_increasing = step_mask[:, 1:] & (pos[:, 1:] <= pos[:, :-1])
+        if bool(not_increasing.any()):
+            i = int(not_increasing.any(-1).nonzero()[0])
+            raise ValueError(
+                f"step_positions row {i} is not strictly increasing: {pos[i][step_mask[i]].tolist()}"
+            )
+    if process == "shaping" and prompt_value is not None:
+        phi_0 = _check_rows("prompt_value", prompt_value, B).to(dtype)
+    else:
+        phi_0 = torch.zeros(B, dtype=dtype, device=device)
+
+    # Process events [B, K+1]: the K steps plus, for shaping, the terminal transition when the last
+    # response token is not a step end.
+    last = last_token_index(response_mask)
+    has_tokens = last >= 0
+    num_steps = step_mask.sum(-1)
+    last_step = (num_steps - 1).clamp(min=0)
+    last_pos = pos.gather(1, last_step[:, None]).squeeze(1)
+    ends_on_step = (num_steps > 0) & (last_pos == last)
+    if process == "value":
+        rewards = step_values * step_mask
+        extra_valid = torch.zeros(B, dtype=torch.bool, device=device)
+        extra = torch.zeros(B, dtype=dtype, device=device)
+    else:
+        phi_next = step_values.clone()
+        # Phi = 0 at the terminal state: the last step's V is dropped when that step ends the response.
+        terminal_step = torch.zeros_like(step_mask).scatter(1, last_step[:, None], ends_on_step[:, None])
+        phi_next = torch.where(terminal_step, torch.zeros_like(phi_next), phi_next)
+        phi_prev = torch.cat([phi_0[:, None], step_values[:, :-1]], dim=1)
+        rewards = (gamma * phi_next - phi_prev) * step_mask
+        extra_valid = has_tokens & ~ends_on_step
+        phi_last = torch.where(num_steps > 0, step_values.gather(1, last_step[:, None]).squeeze(1), phi_0)
+        extra = torch.where(extra_valid, -phi_last, torch.zeros_like(phi_last))
+    event_values = torch.cat([rewards, extra[:, None]], dim=1)
+    event_mask = torch.cat([step_mask, extra_valid[:, None]], dim=1)
+    event_pos = torch.cat([pos, last.clamp(min=0)[:, None]], dim=1)
+
+    event_norm = _normalise(event_values, event_mask, group_ids, norm, eps, center=(process == "value"))
+    outcome_norm = _normalise(outcome, has_tokens, group_ids, norm, eps, center=True)
+
+    process_tokens = torch.zeros(B, T, dtype=dtype, device=device).scatter_add(
+        1, event_pos, event_norm * event_mask.to(dtype)
+    )
+    outcome_tokens = place_on_last_token(outcome_norm, response_mask)
+    step_ends = torch.zeros(B, T, dtype=torch.bool, device=device).scatter(1, pos, step_mask)
+    returns = w_rule * discounted_returns(
+        outcome_tokens, rmask, gamma, step_ends
+    ) + w_prm * discounted_returns(process_tokens, rmask, gamma, step_ends)
+    advantages = masked_whiten(returns, rmask, eps) if whiten else returns
+    start_return = returns.gather(1, _first_token_index(response_mask)[:, None]).squeeze(1)
+    components = {"outcome": outcome, f"prm_{process}_sum": (event_values * event_mask).sum(-1)}
+    _record(metrics, components | {"return_at_start": start_return}, outcome)
+    return advantages * rmask, returns * rmask
+
+
+def _first_token_index(mask: Tensor) -> Tensor:
+    """Index of the first mask-1 position of each row [B, T] -> [B] (0 for rows with none)."""
+    return mask.bool().to(torch.int8).argmax(dim=-1)
+
+
+def token_fusion(
+    outcome: Tensor,
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    *,
+    w_rule: float,
+    w_token: float,
+    token_norm: str = "none",
+    metrics: dict[str, float] | None = None,
+) -> Tensor:
+    """Token rewards [B, T] = w_rule * outcome on the last token + w_token * r_t on response tokens.
+
+    token_rewards: a scorer's per-token reward (e.g. Q-RM's s_t). token_norm="std" divides r_t by its
+    std over the batch's response tokens without subtracting the mean (Q-RM's PPO recipe).
+    """
+    outcome = _check_rows("outcome", outcome)
+    token_rewards = check_tensor("token_rewards", token_rewards, ndim=2, float_dtype=True)
+    if token_rewards.shape[0] != outcome.shape[0]:
+        raise ValueError(
+            f"token_rewards has shape {tuple(token_rewards.shape)}, expected ({outcome.shape[0]}, T) (rows of outcome)"
+        )
+    check_finite("token_rewards", token_rewards)
+    mask = check_mask("response_mask", response_mask, token_rewards.shape, like="token_rewards").to(
+        outcome.dtype
+    )
+    check_choice("reward.token_norm", token_norm, ("none", "std"))
+    r = token_rewards.to(outcome.dtype) * mask
+    if token_norm == "std":
+        _, std = masked_mean_std(r, mask)
+        r = r / std
+    _record(metrics, {"outcome": outcome, "token_sum": r.sum(-1)}, outcome)
+    return w_rule * place_on_last_token(outcome, mask) + w_token * r
