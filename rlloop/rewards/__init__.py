@@ -1,0 +1,1 @@
+"""Rewards: rule-based verifiers and process reward models."""

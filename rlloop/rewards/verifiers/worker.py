@@ -1,0 +1,104 @@
+"""The plain class a verifier worker process runs (the pool wraps it in a Ray actor; tests use it bare).
+
+Every sample runs under the per-sample time limit; any exception becomes a 0 with its reason, so one bad
+sample never takes the worker down. Only a hang the time limit cannot interrupt, or a crash of the whole
+process, is left to the pool (which replaces the worker).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Optional
+
+from rlloop.rewards.verifiers.base import VerifyRequest, VerifyResult, check_options, get_verifier
+from rlloop.rewards.verifiers.timeouts import SampleTimeout, time_limit
+
+logger = logging.getLogger(__name__)
+
+
+def route(sources: Mapping[str, str], data_source: str) -> str:
+    """The verifier name for `data_source` ("*" is the fallback); ValueError naming it when unmapped."""
+    name = sources.get(data_source, sources.get("*"))
+    if name is None:
+        raise ValueError(
+            f"data_source {data_source!r} has no verifier: add it to reward.verifier.sources "
+            f"(mapped: {sorted(sources)}) or set a '*' fallback"
+        )
+    return name
+
+
+def verifier_options(name: str, options: Mapping[str, Any], custom_fn: Optional[str]) -> Dict[str, Any]:
+    opts = dict(options.get(name) or {})
+    if name == "custom" and custom_fn and "fn" not in opts:
+        opts["fn"] = custom_fn
+    return opts
+
+
+def import_plugins(modules: List[str]) -> None:
+    """Import modules that register extra verifiers (`reward.verifier.plugins`); ValueError naming one."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            raise ValueError(f"reward.verifier.plugins: cannot import {module!r}: {err!r}") from err
+
+
+class VerifierWorkerCore:
+    """Scores requests one by one; `verify_many` is the unit of work the pool sends."""
+
+    def __init__(
+        self,
+        sources: Mapping[str, str],
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        custom_fn: Optional[str] = None,
+        timeout_s: float = 10.0,
+        plugins: Optional[List[str]] = None,
+        sys_path: Optional[List[str]] = None,
+    ) -> None:
+        # The driver's sys.path, so a user's custom_fn/plugin module imports here as it did there.
+        for entry in reversed(sys_path or []):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        import rlloop.rewards.verifiers  # noqa: F401  (registers the built-ins)
+
+        import_plugins(list(plugins or []))
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning
+        self.sources = dict(sources)
+        self.options = {k: dict(v or {}) for k, v in (options or {}).items()}
+        self.custom_fn = custom_fn
+        self.timeout_s = timeout_s
+        self._fns = {}
+        for name in set(self.sources.values()):
+            opts = verifier_options(name, self.options, custom_fn)
+            check_options(name, opts)
+            self._fns[name] = (get_verifier(name), opts)
+        if "math" in self._fns:
+            # math-verify's first call builds its parsers (~0.1-1 s): pay it here, not in a sample's limit.
+            fn, opts = self._fns["math"]
+            fn(VerifyRequest("warm-up", "", "\\boxed{\\frac{1}{2}}", "0.5"), **opts)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def verify(self, request: VerifyRequest) -> VerifyResult:
+        try:
+            name = route(self.sources, request.data_source)
+            fn, opts = self._fns.get(name) or (get_verifier(name), {})
+            with time_limit(self.timeout_s):
+                result = fn(request, **opts)
+            if not isinstance(result, VerifyResult):
+                raise TypeError(f"verifier {name!r} returned {type(result).__name__}, not VerifyResult")
+            result.uid = request.uid
+            return result
+        except SampleTimeout as err:
+            logger.warning("sample %s: %s", request.uid, err)
+            return VerifyResult.failed(request.uid, f"timeout: {err}")
+        except Exception as err:
+            logger.warning("sample %s: verifier raised %r", request.uid, err)
+            return VerifyResult.failed(request.uid, f"verifier error: {type(err).__name__}: {err}"[:500])
+
+    def verify_many(self, requests: List[VerifyRequest]) -> List[VerifyResult]:
+        return [self.verify(r) for r in requests]

@@ -1,0 +1,74 @@
+"""User-style reward functions the tests name by dotted path (`reward_fixtures:...`), as a user would.
+
+pytest puts this folder on sys.path; the pool hands the driver's sys.path to its workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+
+def verl_compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl-style: 1.0 when the last integer in the text equals the ground truth, plus a dict form."""
+    numbers = re.findall(r"-?\d+", solution_str)
+    correct = float(bool(numbers) and numbers[-1] == str(ground_truth).strip())
+    if extra_info and extra_info.get("as_dict"):
+        return {"score": correct, "acc": correct, "length": float(len(solution_str)), "pred": "not a number"}
+    return correct
+
+
+def trl_reward(prompts, completions, ground_truth, **kwargs):
+    """TRL-style: list in, list out; also checks the prompt was passed through."""
+    out = []
+    for prompt, completion, gt in zip(prompts, completions, ground_truth, strict=False):
+        bonus = 0.5 if kwargs.get("bonus", [False])[0] else 0.0
+        out.append((1.0 if completion.strip().endswith(str(gt)) else 0.0) * 0.5 + bonus * bool(prompt))
+    return out
+
+
+def trl_len_reward(completions, **kwargs):
+    """TRL-style without `prompts` (as in TRL's docs): shorter is better."""
+    return [1.0 / (1.0 + len(c)) for c in completions]
+
+
+def wrong_signature(text, answer):
+    return 1.0
+
+
+def sleepy(data_source, solution_str, ground_truth, extra_info=None):
+    """Sleeps `extra_info['sleep']` seconds (interruptible: the soft per-sample timeout catches it)."""
+    time.sleep(float(extra_info.get("sleep", 0)))
+    return 1.0
+
+
+def stubborn(data_source, solution_str, ground_truth, extra_info=None):
+    """Ignores SIGALRM and hangs: only the pool's hard deadline (kill + replace the worker) stops it."""
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    time.sleep(float(extra_info.get("sleep", 60)))
+    return 1.0
+
+
+def crashy(data_source, solution_str, ground_truth, extra_info=None):
+    """Kills its own worker process; with a marker path it crashes only the first time it runs."""
+    marker = extra_info.get("marker")
+    if marker is None or not os.path.exists(marker):
+        if marker is not None:
+            open(marker, "w").close()
+        os._exit(13)
+    return 1.0
+
+
+def raises(data_source, solution_str, ground_truth, extra_info=None):
+    raise RuntimeError("user function bug")
+
+
+def misbehave(data_source, solution_str, ground_truth, extra_info=None):
+    """Routes to one of the misbehaving functions above by `extra_info['mode']` (one pool, many cases)."""
+    modes = {"sleepy": sleepy, "stubborn": stubborn, "crashy": crashy, "raises": raises}
+    mode = (extra_info or {}).get("mode")
+    if mode is None:
+        return verl_compute_score(data_source, solution_str, ground_truth, extra_info)
+    return modes[mode](data_source, solution_str, ground_truth, extra_info)
