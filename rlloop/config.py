@@ -73,6 +73,10 @@ class VerifierConfig:
     # data_source -> verifier name (registry); "*" is the fallback
     sources: Dict[str, str] = field(default_factory=lambda: {"arith": "math", "*": "math"})
     custom_fn: Optional[str] = None  # "pkg.module:function" for the "custom" verifier
+    # per-verifier keyword options, e.g. {code: {wall_s: 2, memory_mb: 256}, math: {extract: boxed}}
+    options: Dict[str, Any] = field(default_factory=dict)
+    plugins: List[str] = field(default_factory=list)  # modules that @register_verifier extra verifiers
+    worker_num_cpus: float = 0.1  # Ray CPU resource per worker actor (fractional: never starves others)
 
 
 @dataclass
