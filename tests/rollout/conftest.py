@@ -69,3 +69,25 @@ def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
     build_tiny_llama(bpe_tokenizer).save_pretrained(path)
     bpe_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """`build_tiny_llama(tokenizer, seed)` for tests that need a second, differently initialised model."""
+    return build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local 2-CPU Ray cluster for the session (loopback, no auth, no dashboard; ENVIRONMENT.md §4)."""
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from rlloop.distributed.ray_setup import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
