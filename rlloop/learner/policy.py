@@ -1,0 +1,416 @@
+"""One rank of the policy learner: a DeepSpeed ZeRO engine over an HF causal LM.
+
+Plain class (no Ray): `rlloop.learner.group.LearnerGroup` runs one per rank inside a Ray actor, and
+tests run it in-process with world size 1. Token layout follows `rlloop.types.Batch`: arrays are
+[B, T], right padded, and logprob-like arrays are aligned with `input_ids` (entry t scores token t
+given tokens < t; entry 0 is 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, :t]) from the logits of a causal LM.
+
+    logits [B, T, V], input_ids [B, T] -> [B, T] float32 with column 0 set to 0 (nothing predicts it).
+    Logits are divided by the sampling temperature first, as the rollout engine samples from them.
+    """
+    scaled = logits[:, :-1].float() / temperature
+    picked = torch.log_softmax(scaled, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+def micro_slices(num_rows: int, micro_batch_size: int) -> list[slice]:
+    """Consecutive row slices of at most `micro_batch_size` rows covering range(num_rows)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return [slice(s, min(s + micro_batch_size, num_rows)) for s in range(0, num_rows, micro_batch_size)]
+
+
+def used_length(attention_mask: np.ndarray) -> int:
+    """Columns up to and including the last attended token of any row (right padding is cut off)."""
+    cols = np.flatnonzero(attention_mask.any(axis=0))
+    return int(cols[-1]) + 1 if cols.size else 1
+
+
+def micro_batch_weight(mask: torch.Tensor, rows: slice, num_cols: int, loss_agg: str) -> float:
+    """Weight w such that sum_i w_i * agg(micro-batch i) == agg(whole batch).
+
+    Every loss aggregation mode is linear in the loss matrix, with per-token coefficients that inside one
+    micro-batch are proportional to the whole batch's (token-mean: 1/N, seq-mean-*: 1/B, ...). So w is
+    the whole-batch coefficient mass of the micro-batch's rows, agg(1[rows], mask), over the micro-batch's
+    own coefficient mass, agg(1, mask[rows, :num_cols]). Zero when the micro-batch has no trained token.
+    mask: [B, T] response mask of the whole batch.
+    """
+    from rlloop.algos.losses import aggregate_loss
+
+    indicator = torch.zeros_like(mask)
+    indicator[rows] = 1.0
+    whole = float(aggregate_loss(indicator, mask, loss_agg))
+    micro_mask = mask[rows, :num_cols]
+    own = float(aggregate_loss(torch.ones_like(micro_mask), micro_mask, loss_agg))
+    if own == 0.0 or not math.isfinite(own) or not math.isfinite(whole):
+        return 0.0
+    return whole / own
+
+
+def build_ds_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+    bf16: bool,
+    zero3_param_persistence_threshold: int | None = None,
+) -> dict[str, Any]:
+    """DeepSpeed config for a passed-in torch optimizer (so no fused_adam JIT on CPU)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"learner.zero_stage must be 0..3, got {zero_stage}")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3 and zero3_param_persistence_threshold is not None:
+        # DeepSpeed keeps parameters below this size whole on every rank; tests set 0 so that a tiny
+        # model is really partitioned.
+        zero["stage3_param_persistence_threshold"] = int(zero3_param_persistence_threshold)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "gradient_clipping": float(grad_clip),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyLearner:
+    """One DeepSpeed rank holding the policy (and, if `algo_cfg["use_ref"]`, a frozen reference copy).
+
+    learner_cfg / algo_cfg are plain dicts of `rlloop.config.LearnerConfig` / `AlgoConfig`. Extra,
+    optional learner_cfg keys: `zero3_param_persistence_threshold` (int).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        learner_cfg: dict,
+        algo_cfg: dict,
+        *,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        temperature: float = 1.0,
+        train_batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.learner_cfg, self.algo_cfg = dict(learner_cfg), dict(algo_cfg)
+        self.temperature = float(temperature)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for logprobs, got {temperature}")
+        self.micro_batch_size = int(self.learner_cfg["micro_batch_size"])
+        self.zero_stage = int(self.learner_cfg["zero_stage"])
+        self._version = 0
+
+        os.environ.update(
+            MASTER_ADDR=str(master_addr),
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            # One rank per actor/process; on GPU, Ray's CUDA_VISIBLE_DEVICES makes device 0 the right one.
+            LOCAL_RANK="0",
+        )
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        num_threads = int(self.learner_cfg.get("num_threads", 1))
+        os.environ["OMP_NUM_THREADS"] = str(num_threads)
+        torch.set_num_threads(num_threads)
+        torch.manual_seed(seed)
+
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from transformers import AutoModelForCausalLM
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        accel = get_accelerator()
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+        self.device = torch.device(accel.current_device_name())
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.hf_config = model.config
+        self.ref_model: torch.nn.Module | None = None
+        if self.algo_cfg.get("use_ref", False):
+            # Frozen copy of the initial weights, taken before ZeRO-3 partitions the parameters.
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+
+        per_rank = math.ceil(train_batch_size / world_size) if train_batch_size else self.micro_batch_size
+        grad_accum = max(1, math.ceil(per_rank / self.micro_batch_size))
+        ds_config = build_ds_config(
+            zero_stage=self.zero_stage,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum=grad_accum,
+            grad_clip=float(self.learner_cfg.get("grad_clip", 0.0) or 0.0),
+            bf16=bool(self.learner_cfg.get("bf16", False)),
+            zero3_param_persistence_threshold=self.learner_cfg.get("zero3_param_persistence_threshold"),
+        )
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=float(self.learner_cfg["lr"]),
+            weight_decay=float(self.learner_cfg.get("weight_decay", 0.0)),
+            betas=tuple(float(b) for b in self.learner_cfg.get("betas", (0.9, 0.999))),
+        )
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # Dropout off in every forward, so logprobs of the update match the old/ref logprobs at ratio 1.
+        self.engine.eval()
+        logger.info(
+            "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s",
+            rank,
+            world_size,
+            self.zero_stage,
+            self.micro_batch_size,
+            grad_accum,
+            ds_config["bf16"]["enabled"],
+        )
+
+    # ------------------------------------------------------------------ forward passes
+
+    @property
+    def version(self) -> int:
+        """Number of optimizer steps taken (the policy version rollouts are tagged with)."""
+        return self._version
+
+    def _model(self, which: str) -> torch.nn.Module:
+        if which == "policy":
+            return self.engine
+        if which == "ref":
+            if self.ref_model is None:
+                raise ValueError("compute_logprobs(which='ref') needs algo_cfg['use_ref'] = True")
+            return self.ref_model
+        raise ValueError(f"compute_logprobs: which must be 'policy' or 'ref', got {which!r}")
+
+    def _inputs(self, batch: Any, rows: slice) -> tuple[torch.Tensor, torch.Tensor, int]:
+        num_cols = used_length(batch.attention_mask[rows])
+        ids = torch.as_tensor(batch.input_ids[rows, :num_cols], dtype=torch.long, device=self.device)
+        att = torch.as_tensor(batch.attention_mask[rows, :num_cols], dtype=torch.long, device=self.device)
+        return ids, att, num_cols
+
+    def _forward(self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=att, use_cache=False).logits
+
+    def compute_logprobs(self, batch: Any, which: str = "policy") -> np.ndarray:
+        """Per-token logprobs of `batch.input_ids` under the policy or the reference model.
+
+        Returns float32 [B, T], aligned with input_ids; 0 at column 0 and on padding. Micro-batched, no
+        grad. Under ZeRO-3 every rank must call this together with the same number of rows.
+        """
+        model = self._model(which)
+        out = np.zeros(batch.input_ids.shape, dtype=np.float32)
+        with torch.no_grad():
+            for rows in micro_slices(len(batch), self.micro_batch_size):
+                ids, att, num_cols = self._inputs(batch, rows)
+                logprobs = token_logprobs(self._forward(model, ids, att), ids, self.temperature) * att
+                out[rows, :num_cols] = logprobs.cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ update
+
+    def train_step(self, batch: Any, loss_scale: float = 1.0) -> dict[str, float]:
+        """`algo_cfg["ppo_epochs"]` optimizer steps of the policy loss over this rank's batch.
+
+        Needs batch.old_logprobs, advantages, response_mask (and ref_logprobs when the KL term is in the
+        loss; rollout_logprobs when tis_cap is set). The micro-batch losses are weighted so they add up
+        to the loss of the whole per-rank batch; `loss_scale` multiplies it (LearnerGroup uses it so that
+        DeepSpeed's mean over ranks equals the loss of the whole global batch).
+        Returns the metrics actor/pg_loss, pg_clipfrac, ppo_kl, entropy, kl_ref, grad_norm, lr (+ extras
+        from the policy loss), averaged over epochs.
+        """
+        from rlloop.algos.kl import kl_penalty
+        from rlloop.algos.losses import aggregate_loss, compute_policy_loss, entropy_from_logits
+
+        algo = self.algo_cfg
+        if batch.old_logprobs is None:
+            raise ValueError(
+                "train_step: batch.old_logprobs is None (compute_logprobs(which='policy') first)"
+            )
+        loss_agg = algo.get("loss_agg", "token-mean")
+        kl_coef = float(algo.get("kl_coef", 0.0))
+        kl_in_loss = kl_coef > 0 and not algo.get("kl_in_reward", False)
+        if kl_in_loss and batch.ref_logprobs is None:
+            raise ValueError("train_step: kl_coef > 0 with kl_in_reward = False needs batch.ref_logprobs")
+        entropy_coef = float(algo.get("entropy_coef", 0.0))
+        tis_cap = algo.get("tis_cap")
+        ppo_epochs = int(algo.get("ppo_epochs", 1))
+
+        mask = torch.as_tensor(batch.response_mask, dtype=torch.float32)
+        total_tokens = float(mask.sum())
+        slices = micro_slices(len(batch), self.micro_batch_size)
+        lengths = [used_length(batch.attention_mask[rows]) for rows in slices]
+        weights = [
+            micro_batch_weight(mask, rows, n, loss_agg) for rows, n in zip(slices, lengths, strict=True)
+        ]
+
+        def arr(x: np.ndarray | None, rows: slice, n: int) -> torch.Tensor | None:
+            return (
+                None if x is None else torch.as_tensor(x[rows, :n], dtype=torch.float32, device=self.device)
+            )
+
+        sums: dict[str, float] = {}
+
+        def add(key: str, value: float) -> None:
+            sums[key] = sums.get(key, 0.0) + value / ppo_epochs
+
+        for _ in range(ppo_epochs):
+            for i, (rows, weight) in enumerate(zip(slices, weights, strict=True)):
+                # One optimizer step per epoch whatever the number of micro-batches (the configured
+                # gradient_accumulation_steps is only a hint): the boundary is the last micro-batch.
+                self.engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
+                ids, att, n = self._inputs(batch, rows)
+                micro_mask = mask[rows, :n].to(self.device)
+                token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
+                logits = self._forward(self.engine, ids, att)
+                logprobs = token_logprobs(logits, ids, self.temperature)
+                pg_loss, pg_metrics = compute_policy_loss(
+                    algo.get("policy_loss", "ppo"),
+                    logprobs,
+                    arr(batch.old_logprobs, rows, n),
+                    arr(batch.advantages, rows, n),
+                    micro_mask,
+                    loss_agg=loss_agg,
+                    clip_low=float(algo.get("clip_low", 0.2)),
+                    clip_high=float(algo.get("clip_high", 0.2)),
+                    clip_ratio_c=float(algo.get("clip_ratio_c", 3.0)),
+                    rollout_logprobs=arr(batch.rollout_logprobs, rows, n) if tis_cap is not None else None,
+                    tis_cap=tis_cap,
+                )
+                loss = pg_loss
+                # Entropy of the sampling distribution at each position (column t predicts token t).
+                with torch.set_grad_enabled(entropy_coef != 0.0):
+                    ent_mat = torch.nn.functional.pad(
+                        entropy_from_logits(logits[:, :-1].float() / self.temperature), (1, 0)
+                    )
+                    entropy = aggregate_loss(ent_mat, micro_mask, loss_agg)
+                if entropy_coef != 0.0:
+                    loss = loss - entropy_coef * entropy
+                if batch.ref_logprobs is not None:
+                    with torch.set_grad_enabled(kl_in_loss):
+                        kl_mat = kl_penalty(
+                            algo.get("kl_estimator", "k3"), logprobs, arr(batch.ref_logprobs, rows, n)
+                        )
+                        kl_ref = aggregate_loss(kl_mat, micro_mask, loss_agg)
+                    if kl_in_loss:
+                        loss = loss + kl_coef * kl_ref
+                    add("actor/kl_ref", float(_masked_mean(kl_mat.detach(), micro_mask)) * token_share)
+                # DeepSpeed would divide by gradient_accumulation_steps; the weights already make the
+                # micro-batch losses sum to the per-rank batch loss, so no further scaling.
+                self.engine.backward(loss * (weight * loss_scale), scale_wrt_gas=False)
+
+                add("actor/pg_loss", float(pg_loss.detach()) * weight)
+                add("actor/entropy", float(_masked_mean(ent_mat.detach(), micro_mask)) * token_share)
+                for key, value in pg_metrics.items():
+                    name = key if key.startswith("actor/") else f"actor/{key}"
+                    if name != "actor/pg_loss":
+                        add(name, float(value) * token_share)
+            self.engine.step()
+            self._version += 1
+            grad_norm = self.engine.get_global_grad_norm()
+            add("actor/grad_norm", float(grad_norm) if grad_norm is not None else float("nan"))
+        sums["actor/lr"] = float(self.engine.get_lr()[0])
+        return sums
+
+    # ------------------------------------------------------------------ weights out
+
+    def full_state_dict(self) -> dict[str, np.ndarray] | None:
+        """Full float32 weights keyed by HF `state_dict()` names, on rank 0; None on other ranks.
+
+        Every rank must call it: under ZeRO-3 each parameter is all-gathered in turn (one at a time, so
+        peak memory is one full parameter beyond the shard).
+        """
+        import deepspeed
+
+        module = self.engine.module
+        keys = list(module.state_dict().keys())
+        out: dict[str, np.ndarray] = {}
+        seen: dict[int, np.ndarray] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) in seen:  # tied weights: one gather, every name
+                if self.rank == 0:
+                    out[name] = seen[id(param)]
+                continue
+            if self.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    value = param.detach().float().cpu().numpy().copy() if self.rank == 0 else None
+            else:
+                value = param.detach().float().cpu().numpy().copy() if self.rank == 0 else None
+            if self.rank == 0:
+                seen[id(param)] = out[name] = value
+        if self.rank != 0:
+            return None
+        state = module.state_dict()
+        for key in keys:  # persistent buffers are never partitioned
+            if key not in out:
+                out[key] = state[key].detach().cpu().numpy().copy()
+        return {key: out[key] for key in keys}
+
+    def save_hf(self, path: str, tokenizer_path: str | None = None) -> None:
+        """Write a folder `AutoModelForCausalLM.from_pretrained(path)` loads; every rank must call it.
+
+        Rank 0 writes into `path.tmp-<pid>` and renames it into place, so a crash never leaves a half
+        written model at `path`; an existing `path` is replaced.
+        """
+        import torch.distributed as dist
+
+        state = self.full_state_dict()
+        if self.rank == 0:
+            assert state is not None
+            _write_hf_folder(self.hf_config, state, path, tokenizer_path)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.barrier()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _write_hf_folder(
+    hf_config: Any, state: dict[str, np.ndarray], path: str, tokenizer_path: str | None
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.device("meta"):  # no random init: every weight comes from `state`
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False, assign=True
+    )
+    if unexpected or [k for k in missing if not _is_tied(model, k)]:
+        raise RuntimeError(
+            f"save_hf({path}): state dict mismatch, missing {missing}, unexpected {unexpected}"
+        )
+    model.save_pretrained(tmp)
+    if tokenizer_path is not None:
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(tmp)
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved policy to %s", path)
+
+
+def _is_tied(model: torch.nn.Module, key: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")

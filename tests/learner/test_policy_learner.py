@@ -1,0 +1,136 @@
+"""PolicyLearner in-process at world size 1 (ZeRO-2): logprobs, a GRPO step, weights out, save_hf."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import algo_cfg, hf_logprobs, learner_cfg, make_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _learner(model_path: str, port: int, **cfg):
+    from rlloop.learner.policy import PolicyLearner
+
+    return PolicyLearner(
+        model_path,
+        learner_cfg(**cfg),
+        algo_cfg(),
+        rank=0,
+        world_size=1,
+        master_addr="127.0.0.1",
+        master_port=port,
+        temperature=0.7,
+        train_batch_size=5,
+    )
+
+
+@pytest.fixture(scope="module")
+def dist_port():
+    """One process group for the module (DeepSpeed reuses it), destroyed at teardown."""
+    torch.set_num_threads(1)
+    yield _free_port()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _sequence_logprob(logprobs: np.ndarray, batch, row: int) -> float:
+    return float((logprobs[row] * batch.response_mask[row]).sum())
+
+
+def test_policy_learner_end_to_end(tiny_model_path, dist_port, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    learner = _learner(tiny_model_path, dist_port)
+    batch = make_batch(num_rows=5)
+    expected = hf_logprobs(tiny_model_path, batch, temperature=0.7)
+
+    # logprobs of policy and reference equal an unbatched HF forward (micro batches of 2, trimmed)
+    old = learner.compute_logprobs(batch, "policy")
+    ref = learner.compute_logprobs(batch, "ref")
+    assert old.shape == batch.input_ids.shape and old.dtype == np.float32
+    np.testing.assert_allclose(old, expected, atol=1e-5)
+    np.testing.assert_allclose(ref, expected, atol=1e-5)
+    assert np.all(old[:, 0] == 0) and np.all(old[batch.attention_mask == 0] == 0)
+
+    before = learner.full_state_dict()
+    hf_keys = set(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict())
+    assert set(before) == hf_keys
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in before.values())
+
+    # one GRPO step with advantage +1 on row 0, -1 on the others
+    batch.old_logprobs, batch.ref_logprobs = old, ref
+    metrics = learner.train_step(batch)
+    for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/kl_ref"):
+        assert key in metrics and np.isfinite(metrics[key]), (key, metrics)
+    assert metrics["actor/grad_norm"] > 0 and metrics["actor/lr"] == pytest.approx(1e-2)
+    # at ratio 1 the PPO loss is -mean advantage over response tokens
+    mask = batch.response_mask
+    assert metrics["actor/pg_loss"] == pytest.approx(-(batch.advantages * mask).sum() / mask.sum(), abs=1e-5)
+    assert metrics["actor/kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert learner.version == 1
+
+    new = learner.compute_logprobs(batch, "policy")
+    assert _sequence_logprob(new, batch, 0) > _sequence_logprob(old, batch, 0) + 1e-3
+    for row in range(1, len(batch)):
+        assert _sequence_logprob(new, batch, row) < _sequence_logprob(old, batch, row)
+    # the reference stays frozen
+    np.testing.assert_allclose(learner.compute_logprobs(batch, "ref"), ref, atol=1e-6)
+
+    after = learner.full_state_dict()
+    assert set(after) == hf_keys
+    changed = [k for k in hf_keys if not np.allclose(after[k], before[k])]
+    assert "lm_head.weight" in changed and len(changed) >= len(hf_keys) // 2
+
+    # save_hf: a folder from_pretrained loads, giving the updated policy's logprobs
+    out = tmp_path / "saved"
+    learner.save_hf(str(out))
+    learner.save_hf(str(out))  # replaces an existing folder
+    assert not list(tmp_path.glob("saved.*"))
+    np.testing.assert_allclose(hf_logprobs(str(out), batch, temperature=0.7), new, atol=1e-5)
+
+
+def test_micro_batching_does_not_change_the_update(tiny_model_path, dist_port):
+    """Micro batches of 1 row and of the whole batch give the same step (the losses add up exactly)."""
+    batch = make_batch(num_rows=4, seed=1)
+    results = []
+    for micro in (1, 4):
+        learner = _learner(tiny_model_path, dist_port, micro_batch_size=micro)
+        batch.old_logprobs = learner.compute_logprobs(batch)
+        batch.ref_logprobs = batch.old_logprobs
+        metrics = learner.train_step(batch)
+        results.append((metrics, learner.full_state_dict()))
+    (m1, w1), (m4, w4) = results
+    assert m1["actor/pg_loss"] == pytest.approx(m4["actor/pg_loss"], abs=1e-6)
+    assert m1["actor/grad_norm"] == pytest.approx(m4["actor/grad_norm"], rel=1e-4)
+    for key in w1:
+        # Adam's first step is ~lr * sign(g): entries with |g| near eps amplify float rounding of the sum
+        np.testing.assert_allclose(w1[key], w4[key], atol=1e-5, err_msg=key)
+
+
+def test_bad_arguments_name_the_culprit(tiny_model_path, dist_port):
+    from rlloop.learner.policy import PolicyLearner
+
+    with pytest.raises(ValueError, match="temperature"):
+        PolicyLearner(
+            tiny_model_path,
+            learner_cfg(),
+            algo_cfg(),
+            rank=0,
+            world_size=1,
+            master_addr="127.0.0.1",
+            master_port=dist_port,
+            temperature=0.0,
+        )
