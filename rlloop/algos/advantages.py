@@ -7,6 +7,7 @@ of each row [B], and returns (advantages, returns), both [B, T] and 0 outside th
 Notation: s_b = sum_t r_{b,t} (the row's score), G = a prompt's group of rows, mu_G / sigma_G the
 group's mean / unbiased std (as torch.std and verl), eps the stabiliser. A group of one row has no
 baseline, so every group-relative estimator gives it advantage 0 (it carries no comparative signal).
+Rows with no response token take no part in any statistic (they are padding, not samples).
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def compute_advantages(
     return advantages * mask, returns * mask
 
 
+def _has_tokens(mask: Tensor) -> Tensor:
+    """Rows with at least one response token [B] bool. Rows without (e.g. padding rows added to split a
+    batch evenly over ranks) are left out of every group and batch statistic."""
+    return mask.sum(-1) > 0
+
+
 def _scores(token_rewards: Tensor, mask: Tensor) -> Tensor:
     """s_b = sum_t r_{b,t} over response tokens -> [B]."""
     return masked_sum(token_rewards, mask, dim=-1)
@@ -102,7 +109,7 @@ def grpo(
 ) -> tuple[Tensor, Tensor]:
     """GRPO: A_b = (s_b - mu_G) / (sigma_G + eps), the same on every response token of row b."""
     s = _scores(token_rewards, mask)
-    mu, sigma, _ = group_mean_std(s, torch.ones_like(s), group_ids)
+    mu, sigma, _ = group_mean_std(s, _has_tokens(mask), group_ids)
     adv = ((s - mu) / (sigma + eps))[:, None] * mask
     return adv, adv
 
@@ -111,7 +118,7 @@ def grpo(
 def dr_grpo(token_rewards: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Dr. GRPO: A_b = s_b - mu_G (no std division, which up-weights near-solved/unsolved prompts)."""
     s = _scores(token_rewards, mask)
-    mu, _, _ = group_mean_std(s, torch.ones_like(s), group_ids)
+    mu, _, _ = group_mean_std(s, _has_tokens(mask), group_ids)
     adv = (s - mu)[:, None] * mask
     return adv, adv
 
@@ -120,7 +127,7 @@ def dr_grpo(token_rewards: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Ten
 def rloo(token_rewards: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """RLOO: A_b = s_b - mean_{j in G, j != b} s_j = (s_b - mu_G) * n / (n - 1); 0 for n = 1."""
     s = _scores(token_rewards, mask)
-    mu, _, n = group_mean_std(s, torch.ones_like(s), group_ids)
+    mu, _, n = group_mean_std(s, _has_tokens(mask), group_ids)
     adv = ((s - mu) * n / (n - 1).clamp(min=1))[:, None] * mask
     return adv, adv
 
@@ -144,7 +151,7 @@ def reinforce_pp_baseline(
     """REINFORCE++-baseline: a_b = s_b - mu_G on every response token, then whitened over the batch's
     response tokens (so, as in verl, longer rows weigh more in the batch statistics)."""
     s = _scores(token_rewards, mask)
-    mu, _, _ = group_mean_std(s, torch.ones_like(s), group_ids)
+    mu, _, _ = group_mean_std(s, _has_tokens(mask), group_ids)
     adv = masked_whiten((s - mu)[:, None] * mask, mask, eps)
     return adv, adv
 
@@ -187,12 +194,12 @@ def gdpo(
         if w.shape != (S,):
             raise ValueError(f"reward_weights has shape {tuple(w.shape)}, expected ({S},) (one per source)")
         check_finite("reward_weights", w)
+    has_tokens = _has_tokens(mask)
     summed = torch.zeros(B, dtype=comps.dtype, device=comps.device)
     for i in range(S):
         c = comps[:, i]
-        mu, sigma, _ = group_mean_std(c, torch.ones_like(c), group_ids)
+        mu, sigma, _ = group_mean_std(c, has_tokens, group_ids)
         summed = summed + w[i] * (c - mu) / (sigma + eps)
-    has_tokens = mask.sum(-1) > 0
     mean, std = masked_mean_std(summed, has_tokens)
     adv = ((summed - mean) / (std + eps))[:, None] * mask
     return adv, adv

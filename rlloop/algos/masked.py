@@ -2,8 +2,10 @@
 
 Conventions (all functions): masks are 0/1 (any dtype) and only positions with mask 1 count;
 standard deviations are unbiased (Bessel-corrected), as `torch.std` and verl's `masked_whiten`;
-a set of fewer than two elements has no spread, so its std is taken as 1 (its centred values are 0
-anyway, so anything divided by it stays 0).
+a set whose values all tie has exactly that value as mean (so it centres to exact zeros);
+a set of fewer than two elements, or whose values all tie, has no spread: its std is taken as 1 (its
+centred values are exactly 0 anyway, and a scale-only normalisation then leaves the values as they are
+instead of dividing them by eps).
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / total.clamp(min=1)
 
 
+def _snap_tied(mean: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """Where all values tie (max == min) the mean is that value exactly: a float mean like
+    (0.7 + 0.7 + 0.7) / 3 is off by 1e-16, which (x - mean) / (std + eps) would blow up to 1e-10 and a
+    later normalisation (GDPO's batch step) to O(1e-4) noise."""
+    return torch.where(hi == lo, hi, mean)
+
+
 def masked_mean_std(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased std of the mask-1 entries of `x` (any shape) -> two scalars."""
     mask = mask.to(x.dtype)
     n = mask.sum()
-    mean = masked_sum(x, mask) / n.clamp(min=1)
+    hi, lo = x.masked_fill(mask == 0, -torch.inf).max(), x.masked_fill(mask == 0, torch.inf).min()
+    mean = _snap_tied(masked_sum(x, mask) / n.clamp(min=1), hi, lo)
     var = masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)
-    std = torch.where(n >= 2, var.sqrt(), torch.ones_like(var))
+    std = torch.where((n >= 2) & (hi != lo), var.sqrt(), torch.ones_like(var))
     return mean, std
 
 
@@ -54,8 +64,17 @@ def group_mean_std(x: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Tensor, 
     zeros = torch.zeros(num_groups, dtype=x.dtype, device=x.device)
     count = zeros.index_add(0, inv, flat_m)
     mean = zeros.index_add(0, inv, flat_x * flat_m) / count.clamp(min=1)
+    hi = torch.full_like(zeros, -torch.inf).scatter_reduce(
+        0, inv, flat_x.masked_fill(flat_m == 0, -torch.inf), "amax"
+    )
+    lo = torch.full_like(zeros, torch.inf).scatter_reduce(
+        0, inv, flat_x.masked_fill(flat_m == 0, torch.inf), "amin"
+    )
+    mean = _snap_tied(mean, hi, lo)
     dev2 = zeros.index_add(0, inv, (flat_x - mean[inv]) ** 2 * flat_m)
-    std = torch.where(count >= 2, (dev2 / (count - 1).clamp(min=1)).sqrt(), torch.ones_like(count))
+    std = torch.where(
+        (count >= 2) & (hi != lo), (dev2 / (count - 1).clamp(min=1)).sqrt(), torch.ones_like(count)
+    )
     return (t[inv].reshape(x.shape) for t in (mean, std, count))  # type: ignore[return-value]
 
 
