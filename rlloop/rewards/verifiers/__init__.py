@@ -3,7 +3,7 @@
 Importing this package registers the built-in verifiers.
 """
 
-from rlloop.rewards.verifiers import custom, math  # noqa: F401  (registers the built-ins)
+from rlloop.rewards.verifiers import code, custom, format, math  # noqa: F401  (registers the built-ins)
 from rlloop.rewards.verifiers.base import (
     VerifyRequest,
     VerifyResult,
