@@ -1,0 +1,175 @@
+"""TDPRMTrainer on a tiny random Llama backbone: it learns to separate correct from wrong trajectories."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rlloop.rewards.prm.data import steps_to_example
+from rlloop.rewards.prm.td_trainer import TDPRMTrainer
+
+
+def tiny_llama_prm(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaModel
+
+    from rlloop.rewards.prm.model import ValueHeadModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return ValueHeadModel(LlamaModel(config))
+
+
+def toy_set(n: int, seed: int = 0) -> list[dict]:
+    """Half correct (final answer 42), half wrong (final answer 24, or a wrong middle step)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a = rng.randint(10, 40)
+        steps = [f"First we add {a} and {42 - a}.", "Then we add 2."][: rng.randint(1, 2)]
+        good = i % 2 == 0
+        steps.append("The answer is 42." if good else "The answer is 24.")
+        out.append(steps_to_example("Question: what is 12 + 30?\n\n", steps, float(good)))
+    return out
+
+
+def unpack(examples):
+    return (
+        [e["prompt_text"] for e in examples],
+        [e["response_text"] for e in examples],
+        [e["step_char_ends"] for e in examples],
+        [e["outcome"] for e in examples],
+    )
+
+
+@pytest.mark.parametrize("td", ["td0", "td_lambda"])
+def test_td_trainer_separates_correct_from_wrong(prm_tokenizer, td):
+    torch.set_num_threads(1)
+    trainer = TDPRMTrainer(
+        tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=3e-3, td=td, gamma=0.8, micro_batch_size=8
+    )
+    data = unpack(toy_set(16))
+    first = trainer.step(*data)
+    losses = [first["prm/loss"]]
+    for _ in range(24):
+        losses.append(trainer.step(*data)["prm/loss"])
+    final = trainer.evaluate(*data)
+    assert trainer.version == 25
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert final["prm/auroc"] > 0.8, final
+    assert final["prm/v_last_acc"] > 0.7, final
+    for key in ("prm/smoothness", "prm/bce", "prm/outcome_bce"):
+        assert key in final
+    for key in ("prm/loss", "prm/smoothness", "prm/v_last_acc", "prm/auroc", "prm/lr"):
+        assert key in first
+
+
+def test_encoding_matches_prm_scorer(prm_tokenizer, plain_lm_dir):
+    """The trainer reads logits at the same tokens the PRMScorer scores (so training and inference agree)."""
+    from rlloop.rewards.prm.service import PRMScorer
+
+    scorer = PRMScorer(plain_lm_dir)
+    trainer = TDPRMTrainer(scorer.model, scorer.tokenizer, lr=1e-3)
+    for e in toy_set(6):
+        ref = scorer.encode(e["prompt_text"], e["response_text"], e["step_char_ends"])
+        got = trainer.encode(e["prompt_text"], e["response_text"], e["step_char_ends"])
+        assert got.input_ids == ref.input_ids
+        assert got.step_positions == ref.step_positions
+        assert got.prompt_position == ref.prompt_position
+    # and the values it computes equal the scorer's
+    p, r, ends, _ = unpack(toy_set(4))
+    with torch.no_grad():
+        scorer.model.head.weight.normal_()
+    ours = trainer.step_values(p, r, ends)
+    theirs = [s["step_values"] for s in scorer.score(p, r, ends)]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_one_pass_equals_per_prefix_passes(prm_tokenizer):
+    """One forward over the trajectory gives each prefix's value, as k passes over the prefixes would."""
+    model = tiny_llama_prm(prm_tokenizer, seed=3)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    trainer = TDPRMTrainer(model, prm_tokenizer, lr=1e-3)
+    e = toy_set(1)[0]
+    one_pass = trainer.step_values([e["prompt_text"]], [e["response_text"]], [e["step_char_ends"]])[0]
+    for k, end in enumerate(e["step_char_ends"]):
+        prefix = e["response_text"][:end]
+        alone = trainer.step_values([e["prompt_text"]], [prefix], [[end]])[0]
+        assert alone[-1] == pytest.approx(one_pass[k], abs=1e-5)
+
+
+def test_ema_target_and_labels_mode(prm_tokenizer):
+    torch.set_num_threads(1)
+    data = toy_set(8)
+    p, r, ends, out = unpack(data)
+    trainer = TDPRMTrainer(tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=1e-3, td="td0", ema=0.9)
+    before = {k: v.clone() for k, v in trainer.target_model.state_dict().items()}
+    trainer.step(p, r, ends, out)
+    after = trainer.target_model.state_dict()
+    online = trainer.model.state_dict()
+    name = "head.weight"
+    assert torch.allclose(after[name], 0.9 * before[name] + 0.1 * online[name], atol=1e-6)
+    labels = [[o] * len(e) for o, e in zip(out, ends, strict=True)]
+    scalar = TDPRMTrainer(tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=1e-3, td="labels")
+    metrics = scalar.step(p, r, ends, out, step_labels=labels)
+    assert metrics["prm/loss"] > 0
+    with pytest.raises(ValueError, match="needs step_labels"):
+        scalar.step(p, r, ends, out)
+    with pytest.raises(ValueError, match="step_labels\\[0\\] has 1 entries"):
+        scalar.step(p, r, ends, out, step_labels=[[1.0]] * len(p))
+
+
+def test_zero_step_trajectory_is_named(prm_tokenizer):
+    trainer = TDPRMTrainer(tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=1e-3)
+    with pytest.raises(ValueError, match="trajectory 1: trajectory has zero steps"):
+        trainer.step(["Q\n\n", "Q\n\n"], ["a.", ""], [[2], []], [1.0, 0.0])
+
+
+def test_transition_step_learns_terminal_labels(prm_tokenizer):
+    torch.set_num_threads(1)
+    trainer = TDPRMTrainer(tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=3e-3, micro_batch_size=8)
+    rows = []
+    for good in (True, False) * 4:
+        final = "The answer is 42." if good else "The answer is 24."
+        rows.append(
+            dict(
+                question="what is 12 + 30?",
+                state="First we add.",
+                next_state="First we add.\n\n" + final,
+                rewards=[0.0],
+                label=float(good),
+                done=False,
+                next_mask=1.0,
+                n=1,
+            )
+        )
+        rows.append(
+            dict(
+                question="what is 12 + 30?",
+                state="First we add.\n\n" + final,
+                next_state=None,
+                rewards=[0.0],
+                label=float(good),
+                done=True,
+                next_mask=1.0,
+                n=1,
+            )
+        )
+    first = trainer.transition_step(rows)
+    for _ in range(15):
+        trainer.transition_step(rows)
+    final = trainer.transition_evaluate(rows)
+    assert final["prm/bce"] < first["prm/bce"]
+    assert final["prm/auroc"] > 0.9
