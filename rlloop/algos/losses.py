@@ -232,10 +232,10 @@ def compute_policy_loss(
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[labels]: logits [B, T, V], labels [B, T] long -> [B, T]."""
-    return (
-        torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1).to(logits.dtype)
-    )
+    """log softmax(logits)[labels]: logits [B, T, V], labels [B, T] long -> [B, T] (at least float32)."""
+    # bf16/fp16 logits are upcast: their log_softmax loses too much precision for a ratio exp(lp - old).
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return torch.log_softmax(x, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

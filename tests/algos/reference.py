@@ -50,7 +50,10 @@ def broadcast(per_row, mask):
 def whiten_tokens(mat, mask, eps):
     vals = [mat[b][t] for b, ts in enumerate(rows(mask)) for t in ts]
     mu, sd = mean_std(vals)
-    return [[(mat[b][t] - mu) / (sd + eps) if mask[b][t] else 0.0 for t in range(len(mask[b]))] for b in range(len(mask))]
+    return [
+        [(mat[b][t] - mu) / (sd + eps) if mask[b][t] else 0.0 for t in range(len(mask[b]))]
+        for b in range(len(mask))
+    ]
 
 
 # ----------------------------------------------------------------- advantages
@@ -206,8 +209,22 @@ def logit(v, c=1e-6):
     return math.log(v / (1 - v))
 
 
-def step_fusion(outcome, step_values, step_pos, step_mask, mask, gids, w_rule, w_prm, gamma, process, norm,
-                prompt_value, eps, whiten):
+def step_fusion(
+    outcome,
+    step_values,
+    step_pos,
+    step_mask,
+    mask,
+    gids,
+    w_rule,
+    w_prm,
+    gamma,
+    process,
+    norm,
+    prompt_value,
+    eps,
+    whiten,
+):
     B, T = len(mask), len(mask[0])
     rs = rows(mask)
     events = []  # per row: list of (position, raw process reward)

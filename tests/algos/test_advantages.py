@@ -37,7 +37,9 @@ def zero_outside_mask(batch, *tensors):
 
 
 def test_registry_has_every_estimator_of_the_issue():
-    assert {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo"} <= set(ADVANTAGES)
+    assert {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo"} <= set(
+        ADVANTAGES
+    )
 
 
 @SETTINGS
@@ -90,7 +92,12 @@ def test_gdpo_matches_reference(batch, num_sources):
 
 
 @SETTINGS
-@given(ragged_batches(holes=True), st.sampled_from([1.0, 0.95, 0.5]), st.sampled_from([1.0, 0.95, 0.0]), st.booleans())
+@given(
+    ragged_batches(holes=True),
+    st.sampled_from([1.0, 0.95, 0.5]),
+    st.sampled_from([1.0, 0.95, 0.0]),
+    st.booleans(),
+)
 def test_gae_matches_reference(batch, gamma, lam, whiten):
     adv, ret = run("gae", batch, values=batch.t(batch.values), gamma=gamma, lam=lam, whiten=whiten)
     exp_adv, exp_ret = ref.gae(batch.rewards, batch.values, batch.mask, gamma, lam, EPS, whiten)
@@ -143,7 +150,12 @@ def test_reinforce_pp_hand_worked():
     # tokens 0.25, 0.5, 1, 1: mean 0.6875, unbiased std 0.375.
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     adv, ret = compute_advantages(
-        "reinforce_pp", t([[0, 0, 1], [1, 0, 0]]), t([[1, 1, 1], [1, 0, 0]]), torch.tensor([0, 1]), gamma=0.5, eps=0.0
+        "reinforce_pp",
+        t([[0, 0, 1], [1, 0, 0]]),
+        t([[1, 1, 1], [1, 0, 0]]),
+        torch.tensor([0, 1]),
+        gamma=0.5,
+        eps=0.0,
     )
     close(ret, [[0.25, 0.5, 1.0], [1.0, 0, 0]])
     close(adv, [[-0.4375 / 0.375, -0.1875 / 0.375, 0.3125 / 0.375], [0.3125 / 0.375, 0, 0]])
@@ -167,7 +179,12 @@ def test_gdpo_hand_worked_keeps_reward_combinations_apart():
     mask = t([[1], [1], [1], [1]])
     comps = t([[1, 0], [0, 1], [1, 1], [1, 0]])
     adv, _ = compute_advantages(
-        "gdpo", torch.zeros(4, 1, dtype=torch.float64), mask, torch.tensor([0, 0, 1, 1]), eps=0.0, reward_components=comps
+        "gdpo",
+        torch.zeros(4, 1, dtype=torch.float64),
+        mask,
+        torch.tensor([0, 0, 1, 1]),
+        eps=0.0,
+        reward_components=comps,
     )
     close(adv, [[0], [0], [math.sqrt(1.5)], [-math.sqrt(1.5)]])
 
