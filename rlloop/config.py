@@ -38,16 +38,16 @@ class ModelConfig:
     path: Optional[str] = None  # HF folder or hub name; built-in models fill it on first use
     dtype: str = "float32"  # float32 | bfloat16
     # tiny / arith-small architecture (ignored for pretrained paths)
-    hidden_size: int = 256
+    hidden_size: int = 192
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 688
+    intermediate_size: int = 512
     vocab_size: int = 384
     max_position_embeddings: int = 256
     # arith-small pretraining (python -m rlloop.sft)
-    sft_steps: int = 1500
+    sft_steps: int = 300  # ~3 min on 2 cores; stopped early on purpose so RL has room to improve
     sft_batch_size: int = 64
-    sft_lr: float = 1e-3
+    sft_lr: float = 1.5e-3
     cache_dir: Optional[str] = None  # default $RLLOOP_CACHE or ~/.cache/rlloop
 
 
