@@ -305,7 +305,8 @@ def step_fusion(
         1, event_pos, event_norm * event_mask.to(dtype)
     )
     outcome_tokens = place_on_last_token(outcome_norm, response_mask)
-    step_ends = torch.zeros(B, T, dtype=torch.bool, device=device).scatter(1, pos, step_mask)
+    # scatter_add, not scatter: padded steps point at index 0 too and must not overwrite a real step end there
+    step_ends = torch.zeros(B, T, dtype=dtype, device=device).scatter_add(1, pos, step_mask.to(dtype)) > 0
     returns = w_rule * discounted_returns(
         outcome_tokens, rmask, gamma, step_ends
     ) + w_prm * discounted_returns(process_tokens, rmask, gamma, step_ends)

@@ -273,7 +273,7 @@ def step_fusion(
         if not rs[b]:
             continue
         r_tok = defaultdict(float)
-        for (p, _), v in zip(events[b], proc[b]):
+        for (p, _), v in zip(events[b], proc[b], strict=True):
             r_tok[p] += w_prm * v
         r_tok[rs[b][-1]] += w_rule * outc[b][0]
         g = 0.0
@@ -287,7 +287,7 @@ def step_fusion(
 def pearson(xs, ys):
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     sxx = sum((x - mx) ** 2 for x in xs)
     syy = sum((y - my) ** 2 for y in ys)
     return sxy / math.sqrt(sxx * syy) if sxx * syy > 1e-24 else float("nan")

@@ -194,7 +194,10 @@ def test_clipped_tokens_get_no_gradient():
 def test_kl_estimators_match_reference(batch, name, scale):
     lp, rf = noisy(batch, scale), noisy(batch, scale)
     out = kl_penalty(name, t(lp), t(rf))
-    close(out, [[ref.kl(name, a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(lp, rf)])
+    close(
+        out,
+        [[ref.kl(name, a, b) for a, b in zip(r1, r2, strict=True)] for r1, r2 in zip(lp, rf, strict=True)],
+    )
 
 
 def test_kl_hand_worked():
@@ -217,7 +220,7 @@ def test_k1_and_k3_are_unbiased_kl_estimators():
 @given(ragged_batches(), st.sampled_from(["k1", "k2", "k3"]), st.sampled_from(LOSS_AGG_MODES))
 def test_kl_in_loss_and_in_reward(batch, name, mode):
     lp, rf = noisy(batch, 0.5), noisy(batch, 0.5)
-    kl = [[ref.kl(name, a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(lp, rf)]
+    kl = [[ref.kl(name, a, b) for a, b in zip(r1, r2, strict=True)] for r1, r2 in zip(lp, rf, strict=True)]
     close(
         kl_loss(t(lp), t(rf), t(batch.mask), estimator=name, loss_agg=mode),
         ref.aggregate(kl, batch.mask, mode),
@@ -226,11 +229,12 @@ def test_kl_in_loss_and_in_reward(batch, name, mode):
         t(batch.rewards), t(lp), t(rf), t(batch.mask), kl_coef=0.1, estimator=name
     )
     expected = [
-        [r - 0.1 * k * m for r, k, m in zip(rr, kk, mm)] for rr, kk, mm in zip(batch.rewards, kl, batch.mask)
+        [r - 0.1 * k * m for r, k, m in zip(rr, kk, mm, strict=True)]
+        for rr, kk, mm in zip(batch.rewards, kl, batch.mask, strict=True)
     ]
     close(rewards, expected)
     live = [b for b, r in enumerate(batch.mask) if any(r)]
-    rows = [sum(k * m for k, m in zip(kl[b], batch.mask[b])) / sum(batch.mask[b]) for b in live]
+    rows = [sum(k * m for k, m in zip(kl[b], batch.mask[b], strict=True)) / sum(batch.mask[b]) for b in live]
     assert current == pytest.approx(sum(rows) / len(rows) if rows else 0.0)
 
 
