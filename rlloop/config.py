@@ -99,6 +99,10 @@ class RewardConfig:
     fusion: str = "outcome"  # outcome | step | token
     w_rule: float = 1.0
     w_prm: float = 0.0
+    w_token: float = 0.0  # fusion=token: weight of the per-token scorer (e.g. Q-RM)
+    token_norm: str = "none"  # fusion=token: none | std (Q-RM: divide by the std over response tokens)
+    step_process: str = "shaping"  # fusion=step: shaping (gamma*V_k - V_{k-1}, policy-invariant) | value (V_k)
+    step_norm: str = "group"  # fusion=step: normalise each source per group | batch | none
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
 
@@ -121,6 +125,12 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     use_ref: bool = True  # compute reference logprobs (needed for KL; logged even at kl_coef 0)
     tis_cap: Optional[float] = None  # truncated importance sampling against rollout logprobs
+    kl_target: Optional[float] = None  # adaptive KL coefficient toward this KL (None = fixed kl_coef)
+    kl_horizon: int = 10000  # adaptive KL: samples over which the coefficient may move by 20%
+    dynamic_sampling: bool = False  # drop groups whose rewards all tie (DAPO), rlloop.algos.sampling
+    dynamic_sampling_max_rounds: int = 0  # extra generation rounds to refill dropped groups (0 = drop only)
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens before max length (0 = off)
+    overlong_penalty: float = 1.0  # its size at max length
     ppo_epochs: int = 1
 
 
