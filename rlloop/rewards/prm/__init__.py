@@ -1,0 +1,1 @@
+"""Process reward models: the value-head PRM, its scoring service, and TD training."""

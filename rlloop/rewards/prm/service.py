@@ -1,0 +1,208 @@
+"""PRM scoring: values of every step of a trajectory from one forward pass, batched.
+
+`PRMScorer` is a plain class (tested without Ray); `PRMService` is its Ray actor, created on first access
+so that importing this module does not import Ray.
+
+The PRM tokenises with its OWN tokenizer: the prompt is encoded as is (with the tokenizer's special tokens,
+e.g. BOS) and the response after it without special tokens; the response's step ends, given as characters
+of the response text (`Rollout.step_char_ends`), are mapped to the PRM's tokens through its offsets. Encoding
+the two parts separately keeps the last prompt token free of response characters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rlloop.rewards.prm.model import ValueHeadModel, has_value_head, one_pass_step_logits
+from rlloop.rollout.steps import char_ends_to_token_ends, split_steps
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedTrajectory:
+    """A trajectory in the PRM's tokens: where the prompt ends and where each step ends."""
+
+    input_ids: list[int]  # prompt tokens then response tokens
+    prompt_position: int  # index of the last prompt token
+    step_positions: list[int]  # index of each step's end token (non-decreasing)
+
+
+class PRMScorer:
+    """Scores trajectories with a `ValueHeadModel`: V after the prompt and after every step.
+
+    model_path: a PRM folder (backbone + value head), or a plain causal LM (e.g. the policy's init), which
+    gets a fresh zero head (V = 0.5 everywhere: the untrained default) unless `require_value_head`.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        tokenizer_path: str | None = None,
+        require_value_head: bool = False,
+        dtype: str = "float32",
+        num_threads: int = 1,
+        batch_size: int = 32,
+        step_delimiter: str = "\n\n",
+        step_regex: str | None = None,
+    ):
+        from transformers import AutoTokenizer
+
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        t0 = time.perf_counter()
+        if has_value_head(model_path) or require_value_head:
+            self.model = ValueHeadModel.from_pretrained(model_path, dtype=dtype)
+        else:
+            logger.warning("PRM: %s has no value head; starting a fresh one (V = 0.5 everywhere)", model_path)
+            self.model = ValueHeadModel.from_backbone(model_path, dtype=dtype)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                f"PRM tokenizer at {tokenizer_path or model_path} is not a fast tokenizer (no offsets)"
+            )
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.batch_size = batch_size
+        self.step_delimiter = step_delimiter
+        self.step_regex = step_regex
+        self.version = 0
+        logger.info("PRM loaded from %s in %.1fs", model_path, time.perf_counter() - t0)
+
+    # ----- encoding --------------------------------------------------------------------------------
+
+    def encode(
+        self, prompt_text: str, response_text: str, step_char_ends: Sequence[int] | None = None
+    ) -> EncodedTrajectory:
+        """The trajectory in the PRM's tokens; step ends default to the steps found in `response_text`."""
+        if step_char_ends is None:
+            step_char_ends = [e for _, e in split_steps(response_text, self.step_delimiter, self.step_regex)]
+        prompt_ids = list(self.tokenizer(prompt_text)["input_ids"])
+        if not prompt_ids:
+            raise ValueError(
+                f"PRM: prompt {prompt_text[:40]!r} has no tokens (the prompt value is read at its end)"
+            )
+        if any(not 0 < c <= len(response_text) for c in step_char_ends):
+            raise ValueError(
+                f"PRM: step ends {list(step_char_ends)} outside the response text (length {len(response_text)})"
+            )
+        enc = self.tokenizer(response_text, add_special_tokens=False, return_offsets_mapping=True)
+        response_ids = list(enc["input_ids"])
+        ends = char_ends_to_token_ends(list(step_char_ends), enc["offset_mapping"]) if step_char_ends else []
+        start = len(prompt_ids)
+        return EncodedTrajectory(prompt_ids + response_ids, start - 1, [start + t for t in ends])
+
+    def collate(self, encoded: Sequence[EncodedTrajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded `(input_ids, attention_mask)`, both `[B, T]` int64."""
+        width = max(len(e.input_ids) for e in encoded)
+        input_ids = torch.full((len(encoded), width), int(self.pad_token_id), dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for r, e in enumerate(encoded):
+            input_ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+            attention_mask[r, : len(e.input_ids)] = 1
+        return input_ids, attention_mask
+
+    # ----- scoring ---------------------------------------------------------------------------------
+
+    def score(
+        self,
+        prompt_texts: Sequence[str],
+        response_texts: Sequence[str],
+        step_char_ends: Sequence[Sequence[int]] | None = None,
+    ) -> list[dict]:
+        """Per trajectory `{"prompt_value", "step_values", "step_logits"}`; V in (0, 1).
+
+        step_char_ends[i]: exclusive end characters of the steps of response i (as in
+        `Rollout.step_char_ends`); None finds them with this scorer's delimiter/regex. One forward pass
+        per trajectory, in right-padded batches of similar length.
+        """
+        if len(prompt_texts) != len(response_texts):
+            raise ValueError(f"PRM.score: {len(prompt_texts)} prompts but {len(response_texts)} responses")
+        if step_char_ends is not None and len(step_char_ends) != len(response_texts):
+            raise ValueError(
+                f"PRM.score: {len(step_char_ends)} step lists for {len(response_texts)} responses"
+            )
+        t0 = time.perf_counter()
+        encoded = []
+        for i, (p, r) in enumerate(zip(prompt_texts, response_texts, strict=True)):
+            try:
+                encoded.append(self.encode(p, r, None if step_char_ends is None else step_char_ends[i]))
+            except Exception as e:
+                raise ValueError(f"PRM.score: trajectory {i}: {e}") from e
+        results: list[dict | None] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        for b in range(0, len(order), self.batch_size):
+            rows = order[b : b + self.batch_size]
+            batch = [encoded[i] for i in rows]
+            input_ids, attention_mask = self.collate(batch)
+            positions = [[e.prompt_position, *e.step_positions] for e in batch]
+            logits = one_pass_step_logits(self.model, input_ids, attention_mask, positions)
+            for i, row in zip(rows, logits, strict=True):
+                values = torch.sigmoid(torch.tensor(row, dtype=torch.float64)).tolist()
+                results[i] = {"prompt_value": values[0], "step_values": values[1:], "step_logits": row[1:]}
+        logger.debug("PRM scored %d trajectories in %.2fs", len(encoded), time.perf_counter() - t0)
+        return results  # type: ignore[return-value]
+
+    def score_rollouts(self, rollouts: Sequence[Any]) -> list[dict]:
+        """`score` on `Rollout`s (prompt_text, text, step_char_ends)."""
+        return self.score(
+            [r.prompt_text for r in rollouts],
+            [r.text for r in rollouts],
+            [r.step_char_ends for r in rollouts],
+        )
+
+    # ----- weights ---------------------------------------------------------------------------------
+
+    def state_dict_numpy(self) -> dict[str, np.ndarray]:
+        """The whole PRM (`backbone.*`, `head.*`) as float32 numpy arrays (numpy has no bfloat16)."""
+        return {k: v.detach().to(torch.float32).cpu().numpy() for k, v in self.model.state_dict().items()}
+
+    def load_state_numpy(self, named_arrays: dict[str, np.ndarray], version: int | None = None) -> int:
+        """Load (a subset of) `state_dict_numpy()` names; returns the new version."""
+        state = self.model.state_dict()
+        unknown = [k for k in named_arrays if k not in state]
+        if unknown:
+            raise KeyError(f"PRM.load_state_numpy: names not in the PRM: {unknown[:5]}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")  # Ray's object store is read-only
+            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in named_arrays.items()}
+        for k, t in tensors.items():
+            if tuple(t.shape) != tuple(state[k].shape):
+                raise ValueError(
+                    f"PRM.load_state_numpy: {k} has shape {tuple(t.shape)}, expected {tuple(state[k].shape)}"
+                )
+        self.model.load_state_dict(tensors, strict=False)
+        self.version = self.version + 1 if version is None else int(version)
+        return self.version
+
+    def save(self, path: str) -> None:
+        """Write a PRM folder (backbone, value head, tokenizer) loadable by `PRMScorer(path)`."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def ping(self) -> bool:
+        return True
+
+
+_ACTORS: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # `PRMService` = ray.remote(PRMScorer), built on first use so Ray stays an optional import.
+    if name == "PRMService":
+        if name not in _ACTORS:
+            import ray
+
+            _ACTORS[name] = ray.remote(PRMScorer)
+        return _ACTORS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
