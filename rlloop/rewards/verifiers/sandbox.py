@@ -176,6 +176,21 @@ def _run(
     program: str, stdin: str, test: Optional[str], limits: SandboxLimits, python: str, drop: bool
 ) -> SandboxResult:
     run_dir = tempfile.mkdtemp(prefix="rlloop-sandbox-")  # 0700, ours: config, outputs, status
+    try:
+        return _run_in(run_dir, program, stdin, test, limits, python, drop)
+    finally:  # also when the worker's per-sample limit interrupts us
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_in(
+    run_dir: str,
+    program: str,
+    stdin: str,
+    test: Optional[str],
+    limits: SandboxLimits,
+    python: str,
+    drop: bool,
+) -> SandboxResult:
     workdir = os.path.join(run_dir, "work")
     os.mkdir(workdir, 0o700)
     uid = _UID_BASE + os.getpid() if drop else None
@@ -185,38 +200,35 @@ def _run(
     files = {
         name: os.path.join(run_dir, name) for name in ("main.py", "test.py", "stdin", "out", "err", "status")
     }
-    with open(files["main.py"], "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(program)
-    if test is not None:
-        with open(files["test.py"], "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(test)
-    with open(files["stdin"], "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(stdin)
+    for name, text in (("main.py", program), ("test.py", test), ("stdin", stdin)):
+        if text is not None:
+            with open(files[name], "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(text)
     nproc = limits.max_procs
     if uid is None:
         nproc += len(_uid_processes(os.getuid()))  # RLIMIT_NPROC counts every process of a shared uid
-    config = {
-        "program": files["main.py"],
-        "test": files["test.py"] if test is not None else None,
-        "workdir": workdir,
-        "uid": uid,
-        "cpu_s": limits.cpu_s,
-        "memory_mb": limits.memory_mb,
-        "fsize_kb": limits.output_kb,
-        "nproc": nproc,
-        "nofile": limits.max_open_files,
-        "isolate_network": limits.isolate_network,
-        "allow_subprocess": limits.allow_subprocess,
-        "audit_hook": limits.audit_hook,
-        "nonce": nonce,
-    }
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": workdir}
     start = time.monotonic()
     proc = None
     timed_out = False
     status = os.open(files["status"], os.O_WRONLY | os.O_CREAT, 0o600)  # the launcher's "ran to the end"
     try:
-        config["status_fd"] = status  # pass_fds keeps the number
+        config = {
+            "program": files["main.py"],
+            "test": files["test.py"] if test is not None else None,
+            "workdir": workdir,
+            "uid": uid,
+            "cpu_s": limits.cpu_s,
+            "memory_mb": limits.memory_mb,
+            "fsize_kb": limits.output_kb,
+            "nproc": nproc,
+            "nofile": limits.max_open_files,
+            "isolate_network": limits.isolate_network,
+            "allow_subprocess": limits.allow_subprocess,
+            "audit_hook": limits.audit_hook,
+            "nonce": nonce,
+            "status_fd": status,  # pass_fds keeps the number
+        }
         config_path = os.path.join(run_dir, "config.json")
         with os.fdopen(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(config, f)
@@ -244,20 +256,23 @@ def _run(
         os.close(status)
         _cleanup(proc, uid)
     duration = time.monotonic() - start
-    out_cap = limits.output_kb << 10
-    stdout = _read_capped(files["out"], out_cap)
+    stdout = _read_capped(files["out"], limits.output_kb << 10)
     stderr = _read_capped(files["err"], 64 << 10)
     status_text = _read_capped(files["status"], 4096)
-    shutil.rmtree(run_dir, ignore_errors=True)
     isolation = "uid" if uid is not None else "same-uid"
     first = status_text.splitlines()[0] if status_text else ""
     if first.startswith("ready"):
         isolation += "+" + (first.split()[1] if len(first.split()) > 1 else "no-netns")
     completed = nonce in status_text and not timed_out and proc is not None and proc.returncode == 0
     reason = "" if completed else _reason(proc, timed_out, stderr, limits)
-    return SandboxResult(
-        stdout, stderr, None if proc is None else proc.returncode, completed, reason, duration, isolation
-    )
+    returncode = None if proc is None else proc.returncode
+    return SandboxResult(stdout, stderr, returncode, completed, reason, duration, isolation)
+
+
+def warm_up(limits: SandboxLimits | None = None) -> str:
+    """Pick the interpreter now (a probe run or two), not inside the first sample's time limit."""
+    python, drop = _choose_interpreter(limits or SandboxLimits())
+    return f"{python} ({'unprivileged uid' if drop else 'same uid'})"
 
 
 def _cleanup(proc: Optional[subprocess.Popen], uid: Optional[int]) -> None:

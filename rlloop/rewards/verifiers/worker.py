@@ -75,6 +75,14 @@ class VerifierWorkerCore:
             opts = verifier_options(name, self.options, custom_fn)
             check_options(name, opts)
             self._fns[name] = (get_verifier(name), opts)
+        if "code" in self._fns:
+            from rlloop.rewards.verifiers.sandbox import SandboxLimits, warm_up
+
+            opts = self._fns["code"][1]
+            logger.info(
+                "code sandbox interpreter: %s",
+                warm_up(SandboxLimits(drop_privileges=opts.get("drop_privileges", True))),
+            )
         if "math" in self._fns:
             # math-verify's first call builds its parsers (~0.1-1 s): pay it here, not in a sample's limit.
             fn, opts = self._fns["math"]

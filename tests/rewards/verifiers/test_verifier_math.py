@@ -143,3 +143,15 @@ def test_worker_core_records_unrouted_source():
     core = VerifierWorkerCore(sources={"arith": "math"}, timeout_s=5)
     result = core.verify(VerifyRequest("x", "nope", "\\boxed{1}", "1"))
     assert result.score == 0.0 and "'nope'" in result.reason
+
+
+@pytest.mark.parametrize(
+    "answer,gold",
+    [("56", "56"), ("-3", "-3"), ("3", "-3"), ("007", "7"), ("+5", "5"), ("-0", "0"), ("12", "21")],
+)
+def test_integer_fast_path_agrees_with_math_verify(answer, gold):
+    from math_verify import parse, verify
+
+    fast = get_verifier("math")(VerifyRequest("i", "arith", f"\\boxed{{{answer}}}", gold)).score
+    slow = float(verify(parse(f"${gold}$"), parse(f"$\\boxed{{{answer}}}$")))
+    assert fast == slow
