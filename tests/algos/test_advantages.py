@@ -15,7 +15,7 @@ from . import reference as ref
 from .strategies import ragged_batches
 
 torch.set_num_threads(1)
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=25, deadline=None)
 EPS = 1e-6
 
 

@@ -22,7 +22,7 @@ from rlloop.algos import (
 from . import reference as ref
 
 torch.set_num_threads(1)
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=25, deadline=None)
 T64 = torch.float64
 EPS = 1e-6
 

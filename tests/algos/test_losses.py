@@ -30,7 +30,7 @@ from . import reference as ref
 from .strategies import ragged_batches
 
 torch.set_num_threads(1)
-SETTINGS = settings(max_examples=30, deadline=None)
+SETTINGS = settings(max_examples=25, deadline=None)
 T64 = torch.float64
 
 

@@ -15,7 +15,7 @@ from rlloop.algos import filter_tied_groups, overlong_penalty, select_groups
 
 from . import reference as ref
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=25, deadline=None)
 
 
 @SETTINGS
