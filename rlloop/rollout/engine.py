@@ -101,6 +101,7 @@ class HFEngine(RolloutEngine):
         num_threads: int = 1,
         seed: int = 0,
         max_batch_size: int = 64,
+        device: str = "cpu",
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
     ):
@@ -113,7 +114,8 @@ class HFEngine(RolloutEngine):
         t0 = time.perf_counter()
         self.model_path = model_path
         self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
         self.max_batch_size = max_batch_size
         self.eos_token_ids = self._eos_ids(eos_token_id)
         if not self.eos_token_ids:
@@ -212,16 +214,16 @@ class HFEngine(RolloutEngine):
         )
         with torch.no_grad():
             result = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
                 generation_config=gen_config,
                 logits_processor=processors,
             )
         sequences = result.sequences if hasattr(result, "sequences") else result
-        new_tokens = sequences[:, width:]
-        capture.take(new_tokens[:, -1])
+        new_tokens = sequences[:, width:].cpu()
+        capture.take(sequences[:, -1])
         logprobs = (
-            torch.stack(capture.chosen, dim=1)
+            torch.stack(capture.chosen, dim=1).cpu()
             if capture.chosen
             else torch.zeros_like(new_tokens, dtype=torch.float)
         )

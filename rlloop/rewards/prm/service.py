@@ -51,6 +51,7 @@ class PRMScorer:
         dtype: str = "float32",
         num_threads: int = 1,
         batch_size: int = 32,
+        device: str = "cpu",
         step_delimiter: str = "\n\n",
         step_regex: str | None = None,
     ):
@@ -64,7 +65,8 @@ class PRMScorer:
         else:
             logger.warning("PRM: %s has no value head; starting a fresh one (V = 0.5 everywhere)", model_path)
             self.model = ValueHeadModel.from_backbone(model_path, dtype=dtype)
-        self.model.eval()
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
@@ -146,7 +148,9 @@ class PRMScorer:
             batch = [encoded[i] for i in rows]
             input_ids, attention_mask = self.collate(batch)
             positions = [[e.prompt_position, *e.step_positions] for e in batch]
-            logits = one_pass_step_logits(self.model, input_ids, attention_mask, positions)
+            logits = one_pass_step_logits(
+                self.model, input_ids.to(self.device), attention_mask.to(self.device), positions
+            )
             for i, row in zip(rows, logits, strict=True):
                 values = torch.sigmoid(torch.tensor(row, dtype=torch.float64)).tolist()
                 results[i] = {"prompt_value": values[0], "step_values": values[1:], "step_logits": row[1:]}
