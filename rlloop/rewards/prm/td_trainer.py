@@ -253,6 +253,27 @@ class TDPRMTrainer:
             metrics["prm/grad_norm"] = grad_norm
         return metrics
 
+    def step_rollouts(self, rollouts: Sequence, outcome_source: str | None = None) -> dict[str, float]:
+        """`step` on `rlloop.types.Rollout`s with verified outcomes (the online actor-critic update).
+
+        The outcome is `r.outcome[outcome_source]`, or the mean of all `r.outcome` scores when None;
+        rollouts without steps (empty responses) or without an outcome are skipped.
+        """
+        keep, outcomes = [], []
+        for r in rollouts:
+            scores = r.outcome if outcome_source is None else {outcome_source: r.outcome.get(outcome_source)}
+            scores = [v for v in scores.values() if v is not None]
+            if r.step_char_ends and scores:
+                keep.append(r)
+                outcomes.append(min(1.0, max(0.0, sum(scores) / len(scores))))
+        if not keep:
+            return {"prm/skipped": float(len(rollouts))}
+        metrics = self.step(
+            [r.prompt_text for r in keep], [r.text for r in keep], [r.step_char_ends for r in keep], outcomes
+        )
+        metrics["prm/skipped"] = float(len(rollouts) - len(keep))
+        return metrics
+
     def _targets(self, values, mask, outcome, input_ids, attention_mask, positions, labels, rewards):
         if self.td == "labels":
             return self._pad_rows(labels, mask, "step_labels")

@@ -173,3 +173,58 @@ def test_transition_step_learns_terminal_labels(prm_tokenizer):
     final = trainer.transition_evaluate(rows)
     assert final["prm/bce"] < first["prm/bce"]
     assert final["prm/auroc"] > 0.9
+
+
+def test_online_updates_drive_the_scorer(plain_lm_dir):
+    """Online mode: the trainer updates the PRMScorer's own model, so its next scores reflect the TD steps."""
+    from rlloop.rewards.prm.service import PRMScorer
+    from rlloop.types import Rollout
+
+    torch.set_num_threads(1)
+    scorer = PRMScorer(plain_lm_dir)
+    trainer = TDPRMTrainer(scorer.model, scorer.tokenizer, lr=3e-3, td="td0", micro_batch_size=8)
+    rollouts = []
+    for i, e in enumerate(toy_set(16)):
+        rollouts.append(
+            Rollout(
+                uid=f"p/{i}",
+                group="p",
+                prompt_ids=[],
+                response_ids=[],
+                rollout_logprobs=[],
+                step_ends=[],
+                step_char_ends=e["step_char_ends"],
+                text=e["response_text"],
+                prompt_text=e["prompt_text"],
+                finish_reason="stop",
+                policy_version=0,
+                outcome={"math": e["outcome"]},
+            )
+        )
+    rollouts.append(
+        Rollout(
+            uid="p/empty",
+            group="p",
+            prompt_ids=[],
+            response_ids=[],
+            rollout_logprobs=[],
+            step_ends=[],
+            step_char_ends=[],
+            text="",
+            prompt_text="Q",
+            finish_reason="length",
+            policy_version=0,
+            outcome={"math": 0.0},
+        )
+    )
+    before = scorer.score_rollouts(rollouts[:-1])
+    for _ in range(20):
+        m = trainer.step_rollouts(rollouts)
+    assert m["prm/skipped"] == 1.0 and trainer.version == 20
+    after = scorer.score_rollouts(rollouts[:-1])
+    assert before[0]["step_values"] != after[0]["step_values"]
+    from rlloop.algos.td import auroc
+
+    last = torch.tensor([s["step_values"][-1] for s in after])
+    labels = torch.tensor([r.outcome["math"] for r in rollouts[:-1]])
+    assert auroc(last, labels) > 0.8
