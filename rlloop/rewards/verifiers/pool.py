@@ -265,23 +265,30 @@ class VerifierPool:
                 pass
 
     def _pump(self) -> None:
+        while not self._stop:
+            try:
+                self._pump_once()
+            except Exception:  # a bug here must not silently stall every collect(): log, back off, go on
+                logger.exception("VerifierPool dispatch loop error")
+                time.sleep(0.5)
+
+    def _pump_once(self) -> None:
         import ray
 
-        while not self._stop:
-            with self._lock:
-                self._dispatch()
-                refs = [c.ref for w in self._workers for c in w.calls]
-                refs += [w.ready_ref for w in self._workers if not w.ready]
-                if not refs:
-                    self._lock.wait(timeout=0.1)
-                    continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
-            if ready:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            with self._lock:
-                self._handle(set(ready))
-                self._check_deadlines()
-                self._lock.notify_all()
+        with self._lock:
+            self._dispatch()
+            refs = [c.ref for w in self._workers for c in w.calls]
+            refs += [w.ready_ref for w in self._workers if not w.ready]
+            if not refs:
+                self._lock.wait(timeout=0.1)
+                return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        with self._lock:
+            self._handle(set(ready))
+            self._check_deadlines()
+            self._lock.notify_all()
 
     def _dispatch(self) -> None:
         now = time.monotonic()
