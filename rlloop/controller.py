@@ -244,7 +244,10 @@ class Trainer:
         return [ro for p in prompts for ro in by_group[p["uid"]]]
 
     def verify(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """Attach verifier scores to each rollout (`outcome`), return failure counts."""
+        """Attach verifier scores to each rollout (`outcome`).
+
+        Returns the fraction of samples that scored 0 with a reason (no answer found, timeout, crash).
+        """
         from rlloop.rewards.verifiers.base import VerifyRequest
 
         requests = [
@@ -263,7 +266,7 @@ class Trainer:
             ro.outcome = {"correct": float(res.score), **{k: float(v) for k, v in res.scores.items()}}
             ro.outcome_info = {"reason": res.reason} if res.reason else {}
             failed += bool(res.reason)
-        return {"verifier/failed_frac": failed / max(len(rollouts), 1)}
+        return {"verifier/unscored_frac": failed / max(len(rollouts), 1)}
 
     def fuse(self, rollouts: list[Rollout], prm_out: list[dict] | None) -> tuple[np.ndarray, dict[str, float]]:
         """Per-rollout fused reward (fusion=outcome) and per-source statistics."""

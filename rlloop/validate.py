@@ -12,8 +12,29 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"config {key}={value!r}: {why}")
 
 
+def check_keys(cfg: Any, schema: type, prefix: str = "") -> None:
+    """Every key of `cfg` must be a field of the dataclass `schema` (Hydra lets `+key=...` through)."""
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"config key {name!r} is unknown; {prefix or 'the root'} takes {sorted(fields)}")
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(cfg[key], DictConfig):
+            check_keys(cfg[key], sub, f"{name}.")
+
+
 def validate_config(cfg: Any) -> None:
-    """Raise ConfigError naming the first impossible value in `cfg` (a composed rlloop Config)."""
+    """Raise ConfigError naming the first unknown key or impossible value in `cfg` (a composed Config)."""
+    from rlloop.config import Config
+
+    check_keys(cfg, Config)
     from rlloop.algos.advantages import ADVANTAGES
     from rlloop.algos.losses import POLICY_LOSSES
     from rlloop.tracking import BACKENDS

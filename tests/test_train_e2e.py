@@ -9,7 +9,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, run_cli
+
+# A random tiny model never answers right, so every GRPO advantage would be 0 and nothing could change.
+# A TRL-style length reward from the verifier fixtures (wired by config alone) gives a real signal.
+FIXTURES = str(ROOT / "tests" / "rewards" / "verifiers")
+LENGTH_REWARD = ["reward.verifier.sources={arith:custom}", "reward.verifier.custom_fn=reward_fixtures:trl_len_reward"]
 
 REQUIRED_KEYS = {
     "step",
@@ -34,12 +39,14 @@ def test_two_steps_through_every_actor(tmp_path, zero_stage):
     out = tmp_path / "run"
     proc = run_cli(
         [*TINY_RUN, "trainer.total_steps=2", f"learner.zero_stage={zero_stage}", "learner.world_size=2",
-         "reward=tdrm", f"hydra.run.dir={out}"]
+         "reward=tdrm", *LENGTH_REWARD, f"hydra.run.dir={out}"],
+        env={"PYTHONPATH": FIXTURES},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "reward/total" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
+    assert any(r["reward/total"] > 0 for r in train_rows)
     for r in train_rows:
         missing = REQUIRED_KEYS - r.keys()
         assert not missing, f"metrics.jsonl lacks {missing}"
