@@ -102,16 +102,69 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
+def _incremental_offsets(
+    tokenizer, ids: list[int], text: str, decode_kwargs: dict
+) -> list[tuple[int, int]] | None:
+    """Per-token spans by incremental detokenisation over a short window (as vLLM streams text).
+
+    The window's new characters are matched against the final `text`: what matches is emitted by the
+    current token; an incomplete multi-byte character (U+FFFD in the window, the real character in
+    `text`) waits for the token that completes it. Linear in len(ids); gives the same spans as decoding
+    every prefix whenever decoding is prefix-stable. Returns None where it cannot tell (the caller then
+    decodes every prefix).
+    """
+    offsets: list[tuple[int, int]] = []
+    pos = prefix_offset = read_offset = 0
+    pending = 0  # characters beyond the window's settled text already emitted
+    prefix_text = ""
+    for i in range(len(ids)):
+        new_text = tokenizer.decode(ids[prefix_offset : i + 1], **decode_kwargs)
+        if not new_text.startswith(prefix_text):
+            return None
+        delta = new_text[len(prefix_text) :]
+        window_pos = pos - pending
+        matched = _common_prefix_len(delta, text[window_pos : window_pos + len(delta)])
+        emit = max(matched - pending, 0)
+        offsets.append((pos, pos + emit))
+        pos += emit
+        # Slide the window only past a complete, valid character: U+FFFD may still merge with later
+        # bytes (lossy UTF-8 replaces a maximal invalid run, whose extent depends on what follows).
+        if matched == len(delta) and not delta.endswith("\ufffd"):
+            prefix_offset, read_offset = read_offset, i + 1
+            prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], **decode_kwargs)
+            pending = 0
+        else:
+            pending = max(pending, matched)
+    return offsets if pos == len(text) else None
+
+
+def _prefix_offsets(tokenizer, ids: list[int], text: str, decode_kwargs: dict) -> list[tuple[int, int]]:
+    """Per-token spans from decoding every prefix (quadratic; the always-correct last resort)."""
+    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], **decode_kwargs)
+    offsets = []
+    prev = 0
+    for prefix in prefixes:
+        if text.startswith(prefix):
+            end = len(prefix)
+        else:  # a partial multi-byte character decodes to U+FFFD; keep only the part that matches
+            end = _common_prefix_len(prefix, text)
+        end = max(end, prev)
+        offsets.append((prev, end))
+        prev = end
+    return offsets
+
+
 def decode_with_offsets(
     tokenizer, token_ids: Sequence[int], *, skip_special_tokens: bool = True
 ) -> tuple[str, list[tuple[int, int]]]:
     """Decode `token_ids` and give each token its `(start, end)` character span in the decoded text.
 
     Fast path: if re-tokenising the text gives back the same (non-special) ids, the tokenizer's own
-    offsets are used. Otherwise (sampled ids are often not the canonical tokenisation) each prefix is
-    decoded and token i covers the characters its prefix adds; a token holding only part of a multi-byte
-    character adds nothing (empty span) and the token that completes it gets the character. Special
-    tokens skipped in the text get empty spans at their position.
+    offsets are used. Otherwise (sampled ids are often not the canonical tokenisation) token i covers the
+    characters it adds to the decoded text, found by incremental detokenisation (linear; checked against
+    the full text) or, failing that, by decoding every prefix (quadratic). A token holding only part of
+    a multi-byte character adds nothing (empty span) and the token that completes it gets the character.
+    Special tokens skipped in the text get empty spans at their position.
     """
     ids = [int(t) for t in token_ids]
     special = set(tokenizer.all_special_ids) if skip_special_tokens else set()
@@ -125,17 +178,9 @@ def decode_with_offsets(
         if list(enc["input_ids"]) == kept_ids:
             kept_offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
     if kept_offsets is None:
-        prefixes = tokenizer.batch_decode([kept_ids[: i + 1] for i in range(len(kept_ids))], **decode_kwargs)
-        kept_offsets = []
-        prev = 0
-        for prefix in prefixes:
-            if text.startswith(prefix):
-                end = len(prefix)
-            else:  # a partial multi-byte character decodes to U+FFFD; keep only the part that matches
-                end = _common_prefix_len(prefix, text)
-            end = max(end, prev)
-            kept_offsets.append((prev, end))
-            prev = end
+        kept_offsets = _incremental_offsets(tokenizer, kept_ids, text, decode_kwargs)
+    if kept_offsets is None:
+        kept_offsets = _prefix_offsets(tokenizer, kept_ids, text, decode_kwargs)
     offsets: list[tuple[int, int]] = []
     k = 0
     pos = 0

@@ -181,3 +181,24 @@ def test_bpe_multibyte_character_split_over_tokens_does_not_crash(bpe_tokenizer)
         assert len(token_ends) == 1 and token_ends[0] < cut
     _, offsets = decode_with_offsets(tok, ids)
     assert find_step_ends("ok ✓", offsets)[0] == [len(ids) - 1]
+
+
+def test_incremental_offsets_equal_prefix_decoding_on_random_ids(bpe_tokenizer):
+    """The linear incremental detokeniser agrees with decoding every prefix, even on byte garbage
+    (random ids split multi-byte characters and leave invalid UTF-8 that decodes to U+FFFD)."""
+    import random
+
+    from rlloop.rollout.steps import _incremental_offsets, _prefix_offsets
+
+    tok = bpe_tokenizer
+    kw = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    rng = random.Random(0)
+    saw_replacement = False
+    for _ in range(200):
+        ids = [rng.randrange(2, len(tok)) for _ in range(rng.choice([1, 3, 10, 40]))]
+        text = tok.decode(ids, **kw)
+        saw_replacement |= "\ufffd" in text
+        incremental = _incremental_offsets(tok, ids, text, kw)
+        assert incremental is not None, ids
+        assert incremental == _prefix_offsets(tok, ids, text, kw), ids
+    assert saw_replacement
