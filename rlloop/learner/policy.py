@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from typing import Any
 
 import numpy as np
@@ -140,16 +141,20 @@ class PolicyLearner:
         torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
 
+        timings = {"start": time.perf_counter()}
         import deepspeed
         from deepspeed.accelerator import get_accelerator
         from transformers import AutoModelForCausalLM
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         accel = get_accelerator()
+        timings["import"] = time.perf_counter()
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
         self.device = torch.device(accel.current_device_name())
+        timings["init_distributed"] = time.perf_counter()
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        timings["load model"] = time.perf_counter()
         self.hf_config = model.config
         self.ref_model: torch.nn.Module | None = None
         if self.algo_cfg.get("use_ref", False):
@@ -175,14 +180,23 @@ class PolicyLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         # Dropout off in every forward, so logprobs of the update match the old/ref logprobs at ratio 1.
         self.engine.eval()
+        timings["deepspeed.initialize"] = time.perf_counter()
+        phases = list(timings)
+        # seconds per init phase, for the group's start-up log
+        self.init_timings = {
+            b: round(timings[b] - timings[a], 2) for a, b in zip(phases, phases[1:], strict=False)
+        }
         logger.info(
-            "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s",
+            "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s (%s)",
             rank,
             world_size,
             self.zero_stage,
             self.micro_batch_size,
             grad_accum,
             ds_config["bf16"]["enabled"],
+            ", ".join(
+                f"{b} {timings[b] - timings[a]:.1f} s" for a, b in zip(phases, phases[1:], strict=False)
+            ),
         )
 
     # ------------------------------------------------------------------ forward passes
@@ -203,8 +217,9 @@ class PolicyLearner:
 
     def _inputs(self, batch: Any, rows: slice) -> tuple[torch.Tensor, torch.Tensor, int]:
         num_cols = used_length(batch.attention_mask[rows])
-        ids = torch.as_tensor(batch.input_ids[rows, :num_cols], dtype=torch.long, device=self.device)
-        att = torch.as_tensor(batch.attention_mask[rows, :num_cols], dtype=torch.long, device=self.device)
+        # torch.tensor copies: arrays from Ray's object store are read-only
+        ids = torch.tensor(batch.input_ids[rows, :num_cols], dtype=torch.long, device=self.device)
+        att = torch.tensor(batch.attention_mask[rows, :num_cols], dtype=torch.long, device=self.device)
         return ids, att, num_cols
 
     def _forward(self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
@@ -254,7 +269,7 @@ class PolicyLearner:
         tis_cap = algo.get("tis_cap")
         ppo_epochs = int(algo.get("ppo_epochs", 1))
 
-        mask = torch.as_tensor(batch.response_mask, dtype=torch.float32)
+        mask = torch.tensor(batch.response_mask, dtype=torch.float32)
         total_tokens = float(mask.sum())
         slices = micro_slices(len(batch), self.micro_batch_size)
         lengths = [used_length(batch.attention_mask[rows]) for rows in slices]
@@ -263,9 +278,7 @@ class PolicyLearner:
         ]
 
         def arr(x: np.ndarray | None, rows: slice, n: int) -> torch.Tensor | None:
-            return (
-                None if x is None else torch.as_tensor(x[rows, :n], dtype=torch.float32, device=self.device)
-            )
+            return None if x is None else torch.tensor(x[rows, :n], dtype=torch.float32, device=self.device)
 
         sums: dict[str, float] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -131,3 +132,39 @@ def ray_cluster():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dist_port():
+    """A free port for in-process world-size-1 learners. DeepSpeed reuses one process group for every
+    learner of the session (it caches groups, so a re-created one breaks it); destroyed at the end."""
+    import torch
+
+    torch.set_num_threads(1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    yield port
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def inprocess_learner(
+    model_path: str, port: int, *, algo: dict | None = None, temperature: float = 0.7, **cfg
+):
+    """PolicyLearner at world size 1 in this process (ZeRO-2 unless cfg says otherwise)."""
+    from rlloop.learner.policy import PolicyLearner
+
+    return PolicyLearner(
+        model_path,
+        learner_cfg(**cfg),
+        algo or algo_cfg(),
+        rank=0,
+        world_size=1,
+        master_addr="127.0.0.1",
+        master_port=port,
+        temperature=temperature,
+        train_batch_size=5,
+    )

@@ -2,48 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
-import torch
 
-from .conftest import algo_cfg, hf_logprobs, learner_cfg, make_batch
+from .conftest import algo_cfg, hf_logprobs, inprocess_learner, learner_cfg, make_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _learner(model_path: str, port: int, **cfg):
-    from rlloop.learner.policy import PolicyLearner
-
-    return PolicyLearner(
-        model_path,
-        learner_cfg(**cfg),
-        algo_cfg(),
-        rank=0,
-        world_size=1,
-        master_addr="127.0.0.1",
-        master_port=port,
-        temperature=0.7,
-        train_batch_size=5,
-    )
-
-
-@pytest.fixture(scope="module")
-def dist_port():
-    """One process group for the module (DeepSpeed reuses it), destroyed at teardown."""
-    torch.set_num_threads(1)
-    yield _free_port()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _sequence_logprob(logprobs: np.ndarray, batch, row: int) -> float:
@@ -53,7 +17,7 @@ def _sequence_logprob(logprobs: np.ndarray, batch, row: int) -> float:
 def test_policy_learner_end_to_end(tiny_model_path, dist_port, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    learner = _learner(tiny_model_path, dist_port)
+    learner = inprocess_learner(tiny_model_path, dist_port)
     batch = make_batch(num_rows=5)
     expected = hf_logprobs(tiny_model_path, batch, temperature=0.7)
 
@@ -107,7 +71,7 @@ def test_micro_batching_does_not_change_the_update(tiny_model_path, dist_port):
     batch = make_batch(num_rows=4, seed=1)
     results = []
     for micro in (1, 4):
-        learner = _learner(tiny_model_path, dist_port, micro_batch_size=micro)
+        learner = inprocess_learner(tiny_model_path, dist_port, micro_batch_size=micro)
         batch.old_logprobs = learner.compute_logprobs(batch)
         batch.ref_logprobs = batch.old_logprobs
         metrics = learner.train_step(batch)

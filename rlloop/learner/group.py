@@ -1,0 +1,290 @@
+"""The policy learner's Ray side: one actor per DeepSpeed rank, packed in a placement group.
+
+`LearnerActor` is a thin shell over `rlloop.learner.policy.PolicyLearner`; `LearnerGroup` shards
+batches over the ranks, gathers results, and turns a hung or dead rank into an error that names the
+rank and the method it was running.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlloop.types import Batch
+
+logger = logging.getLogger(__name__)
+
+
+class LearnerError(RuntimeError):
+    """A learner rank failed, died or timed out; the message names the rank and the method."""
+
+
+class LearnerActor:
+    """Ray shell: builds the PolicyLearner on `setup` and forwards calls to it."""
+
+    def __init__(self) -> None:
+        self.learner: Any = None
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return int(sock.getsockname()[1])
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        from rlloop.learner.policy import PolicyLearner
+
+        self.learner = PolicyLearner(*args, **kwargs)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        attr = getattr(self.learner, method)
+        return attr(*args, **kwargs) if callable(attr) else attr
+
+
+def pad_rows(batch: Batch, multiple: int) -> tuple[Batch, int]:
+    """Pad `batch` to a multiple of `multiple` rows by repeating its last rows with response_mask 0.
+
+    Returns (padded batch, original number of rows); padded rows train on nothing and are dropped from
+    outputs.
+    """
+    n = len(batch)
+    if n == 0:
+        raise ValueError("LearnerGroup: empty batch")
+    extra = (-n) % multiple
+    if extra == 0:
+        return batch, n
+    index = np.concatenate([np.arange(n), np.arange(n - extra, n) % n])
+    padded = batch.select(index)
+    padded.response_mask = padded.response_mask.copy()
+    padded.response_mask[n:] = 0
+    return padded, n
+
+
+def shard_slices(num_rows: int, world_size: int) -> list[slice]:
+    """Contiguous equal shards (num_rows must be a multiple of world_size)."""
+    per_rank = num_rows // world_size
+    return [slice(r * per_rank, (r + 1) * per_rank) for r in range(world_size)]
+
+
+def rank_loss_scales(
+    response_mask: np.ndarray, num_real: int, shards: list[slice], loss_agg: str
+) -> list[float]:
+    """Per-rank loss multipliers so that DeepSpeed's mean of rank losses is the global batch loss.
+
+    DeepSpeed averages gradients over ranks: grad = 1/W sum_r grad L_r. With L_r scaled by
+    W * agg(1[rows of r], mask_global) / agg(1, mask_r) (see micro_batch_weight), the sum is the loss of
+    the whole (unpadded) batch, whatever the token counts per rank. response_mask: [B_padded, T].
+    """
+    import torch
+
+    from rlloop.algos.losses import aggregate_loss
+
+    world_size = len(shards)
+    mask = torch.as_tensor(response_mask, dtype=torch.float32)
+    real = mask[:num_real]
+    scales = []
+    for rows in shards:
+        indicator = torch.zeros_like(real)
+        indicator[rows] = 1.0  # padding rows (>= num_real) fall outside
+        whole = float(aggregate_loss(indicator, real, loss_agg))
+        own = float(aggregate_loss(torch.ones_like(mask[rows]), mask[rows], loss_agg))
+        scales.append(world_size * whole / own if own != 0.0 and np.isfinite(own) else 0.0)
+    return scales
+
+
+def merge_rank_metrics(
+    results: list[dict[str, float]], scales: list[float], tokens: list[float]
+) -> dict[str, float]:
+    """Whole-batch metrics from per-rank ones.
+
+    actor/pg_loss: mean over ranks of loss_r * scale_r (= the global loss, see rank_loss_scales);
+    grad_norm and lr are global already (plain mean); per-token statistics: token-weighted mean.
+    """
+    total = sum(tokens)
+    merged = {}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        if key == "actor/pg_loss":
+            merged[key] = float(np.mean([v * s for v, s in zip(values, scales, strict=True)]))
+        elif key in ("actor/grad_norm", "actor/lr") or total == 0:
+            merged[key] = float(np.mean(values))
+        else:
+            merged[key] = float(sum(v * t for v, t in zip(values, tokens, strict=True)) / total)
+    return merged
+
+
+class LearnerGroup:
+    """`learner_cfg["world_size"]` PolicyLearner ranks as Ray actors in one PACK placement group."""
+
+    def __init__(
+        self,
+        model_path: str,
+        learner_cfg: dict,
+        algo_cfg: dict,
+        *,
+        temperature: float,
+        train_batch_size: int,
+        seed: int = 0,
+        num_cpus_per_rank: float = 0.5,
+        timeout_s: float = 600,
+    ) -> None:
+        self.world_size = int(learner_cfg["world_size"])
+        if self.world_size < 1:
+            raise ValueError(f"learner.world_size must be >= 1, got {self.world_size}")
+        self.learner_cfg, self.algo_cfg = dict(learner_cfg), dict(algo_cfg)
+        self.timeout_s = float(timeout_s)
+        self.version = 0
+        self.pg = placement_group([{"CPU": num_cpus_per_rank}] * self.world_size, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            remove_placement_group(self.pg)
+            raise LearnerError(
+                f"LearnerGroup: placement group of {self.world_size} x {num_cpus_per_rank} CPU not ready "
+                f"within {self.timeout_s:.0f} s (cluster resources: {ray.available_resources()})"
+            ) from err
+        actor_cls = ray.remote(LearnerActor)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=num_cpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=rank
+                ),
+                name=None,
+            ).remote()
+            for rank in range(self.world_size)
+        ]
+        try:
+            # Rank 0 hosts the torch.distributed store: its node's address, a port free there.
+            master_addr, free_port = self._gather(
+                [self.actors[0].node_ip.remote(), self.actors[0].free_port.remote()], "node_ip", ranks=[0, 0]
+            )
+            if self.world_size == 1:
+                master_addr = "127.0.0.1"
+            master_port = int(learner_cfg.get("master_port") or 0) or free_port
+            start = time.perf_counter()
+            self._gather(
+                [
+                    actor.setup.remote(
+                        model_path,
+                        self.learner_cfg,
+                        self.algo_cfg,
+                        rank=rank,
+                        world_size=self.world_size,
+                        master_addr=master_addr,
+                        master_port=master_port,
+                        temperature=temperature,
+                        train_batch_size=train_batch_size,
+                        seed=seed,
+                    )
+                    for rank, actor in enumerate(self.actors)
+                ],
+                "setup",
+            )
+        except Exception:
+            self.shutdown()
+            raise
+        logger.info(
+            "learner group up: %d ranks, ZeRO-%s, %s:%d, %.1f s; rank 0 init phases %s",
+            self.world_size,
+            learner_cfg.get("zero_stage"),
+            master_addr,
+            master_port,
+            time.perf_counter() - start,
+            self._gather([self.actors[0].call.remote("init_timings")], "init_timings")[0],
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _gather(self, refs: list[ray.ObjectRef], method: str, ranks: list[int] | None = None) -> list[Any]:
+        """Results of `refs` (one per rank) in order; the first failure or a timeout raises LearnerError."""
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        rank_of = {ref: rank for ref, rank in zip(refs, ranks, strict=True)}
+        pending = list(refs)
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                names = ", ".join(f"rank {rank_of[r]}" for r in pending)
+                raise LearnerError(
+                    f"learner {names} running {method!r}: no answer within {self.timeout_s:.0f} s"
+                )
+            for ref in ready:
+                try:
+                    ray.get(ref, timeout=self.timeout_s)
+                except RayActorError as err:
+                    raise LearnerError(f"learner rank {rank_of[ref]} died running {method!r}: {err}") from err
+                except RayTaskError as err:
+                    cause = getattr(err, "cause", None) or err  # the rank's own exception; traceback chained
+                    raise LearnerError(
+                        f"learner rank {rank_of[ref]} failed running {method!r}: {type(cause).__name__}: {cause}"
+                    ) from err
+        return ray.get(refs, timeout=self.timeout_s)
+
+    def _call_all(self, method: str, per_rank_args: list[tuple] | None = None, **kwargs: Any) -> list[Any]:
+        refs = [
+            actor.call.remote(method, *(per_rank_args[rank] if per_rank_args else ()), **kwargs)
+            for rank, actor in enumerate(self.actors)
+        ]
+        return self._gather(refs, method)
+
+    # ------------------------------------------------------------------ API
+
+    def compute_logprobs(self, batch: Batch, which: str = "policy") -> np.ndarray:
+        """[B, T] float32 logprobs of `batch` (rows sharded evenly over the ranks, results in order)."""
+        padded, n = pad_rows(batch, self.world_size)
+        shards = shard_slices(len(padded), self.world_size)
+        parts = self._call_all("compute_logprobs", [(padded.select(s), which) for s in shards])
+        return np.concatenate(parts, axis=0)[:n]
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One update (ppo_epochs optimizer steps) on `batch`; returns metrics of the whole batch."""
+        padded, n = pad_rows(batch, self.world_size)
+        shards = shard_slices(len(padded), self.world_size)
+        scales = rank_loss_scales(
+            padded.response_mask, n, shards, self.algo_cfg.get("loss_agg", "token-mean")
+        )
+        results = self._call_all(
+            "train_step", [(padded.select(s), scale) for s, scale in zip(shards, scales, strict=True)]
+        )
+        self.version = int(self._gather([self.actors[0].call.remote("version")], "version")[0])
+        return merge_rank_metrics(results, scales, [float(padded.response_mask[s].sum()) for s in shards]) | {
+            "actor/policy_version": float(self.version)
+        }
+
+    def state_dict_ref(self) -> ray.ObjectRef:
+        """ObjectRef of rank 0's full numpy state dict; every rank takes part in the gather.
+
+        The reference is the actor's return value, stored once in the object store and shared by every
+        rollout worker that gets it. Pair it with `self.version` for versioned weight sync.
+        """
+        refs = [actor.call.remote("full_state_dict") for actor in self.actors]
+        self._gather(refs, "full_state_dict")
+        return refs[0]
+
+    def save_hf(self, path: str, tokenizer_path: str | None = None) -> None:
+        self._call_all("save_hf", [(path, tokenizer_path)] * self.world_size)
+
+    def shutdown(self) -> None:
+        for actor in getattr(self, "actors", []):
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead
+                pass
+        self.actors = []
+        if getattr(self, "pg", None) is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
