@@ -76,16 +76,13 @@ class StepTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
-def answer_step_value(rollout: Rollout, prompt_value: float) -> float:
-    """V of the prefix before the first step containing `\\boxed` (TDRM's release); the whole completion if none."""
-    values = rollout.step_values or []
-    if not values:
-        return prompt_value
+def answer_step(rollout: Rollout) -> int:
+    """Index of the first step containing `\\boxed` (TDRM's answer step), or -1 when there is none."""
     starts = [0, *rollout.step_char_ends[:-1]]
     for k, (s, e) in enumerate(zip(starts, rollout.step_char_ends)):
         if "\\boxed" in rollout.text[s:e]:
-            return prompt_value if k == 0 else values[k - 1]
-    return values[-1]
+            return k
+    return -1
 
 
 def build_batch(rollouts: list[Rollout], pad_id: int) -> Batch:
@@ -220,7 +217,9 @@ class Trainer:
             self._prompt_cache[s.uid] = cached
         return cached
 
-    def generate(self, samples: list[Sample], *, n: int, temperature: float, seed: int | None) -> list[Rollout]:
+    def generate(
+        self, samples: list[Sample], *, n: int, temperature: float, seed: int | None
+    ) -> list[Rollout]:
         """Split prompts over the rollout workers; rollouts come back grouped in prompt order."""
         r = self.cfg.rollout
         prompts = [self._prompt(s) for s in samples]
@@ -243,11 +242,9 @@ class Trainer:
                 by_group.setdefault(ro.group, []).append(ro)
         return [ro for p in prompts for ro in by_group[p["uid"]]]
 
-    def verify(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """Attach verifier scores to each rollout (`outcome`).
-
-        Returns the fraction of samples that scored 0 with a reason (no answer found, timeout, crash).
-        """
+    def verify(self, rollouts: list[Rollout]) -> None:
+        """Attach verifier scores to each rollout (`outcome`); a 0 with a reason (no answer found,
+        timeout, crash) keeps the reason in `outcome_info`."""
         from rlloop.rewards.verifiers.base import VerifyRequest
 
         requests = [
@@ -260,73 +257,135 @@ class Trainer:
             )
             for ro in rollouts
         ]
-        results = self.verifier.score(requests)
-        failed = 0
-        for ro, res in zip(rollouts, results):
+        for ro, res in zip(rollouts, self.verifier.score(requests)):
             ro.outcome = {"correct": float(res.score), **{k: float(v) for k, v in res.scores.items()}}
             ro.outcome_info = {"reason": res.reason} if res.reason else {}
-            failed += bool(res.reason)
-        return {"verifier/unscored_frac": failed / max(len(rollouts), 1)}
 
-    def fuse(self, rollouts: list[Rollout], prm_out: list[dict] | None) -> tuple[np.ndarray, dict[str, float]]:
-        """Per-rollout fused reward (fusion=outcome) and per-source statistics."""
-        from rlloop.algos.fusion import fusion_stats, outcome_fusion
+    def score(self, rollouts: list[Rollout], batch: Batch, prm_out: list[dict] | None) -> dict[str, float]:
+        """Fuse verifier and PRM scores into batch.token_rewards / advantages / returns.
 
-        rw = self.cfg.reward
-        outcome = torch.tensor([ro.outcome["correct"] for ro in rollouts], dtype=torch.float32)
-        prm_value = None
-        if prm_out is not None:
-            for ro, out in zip(rollouts, prm_out):
-                ro.step_values = list(out["step_values"])
-            prm_value = torch.tensor(
-                [answer_step_value(ro, out["prompt_value"]) for ro, out in zip(rollouts, prm_out)],
-                dtype=torch.float32,
-            )
-        if rw.fusion != "outcome":
-            raise RlloopError(f"reward.fusion={rw.fusion!r} is not wired into the training loop yet; use outcome")
-        total = outcome_fusion(outcome, prm_value, w_rule=rw.w_rule, w_prm=rw.w_prm, g=rw.prm.g)
-        components = {"rule": outcome}
-        if prm_value is not None:
-            components["prm"] = prm_value
-        stats = fusion_stats(components, outcome)
-        return total.numpy(), stats
-
-    def advantages(self, batch: Batch, scores: np.ndarray, groups: list[str]) -> None:
-        """Fill batch.advantages / batch.returns with the configured estimator."""
+        reward.fusion=outcome: one scalar per rollout, R = w_rule*outcome + w_prm*g(V before the answer
+        step) (TDRM's release), placed on the last token, then the configured advantage estimator.
+        reward.fusion=step: PRM step rewards at each step's last token plus the outcome at the last
+        token, each normalised on its own (rlloop.algos.fusion.step_fusion).
+        Returns metrics: per-source statistics and the mean fused reward (`reward/total`).
+        """
         from rlloop.algos.advantages import compute_advantages
-        from rlloop.algos.fusion import place_on_last_token
-
-        a = self.cfg.algo
-        mask = torch.from_numpy(batch.response_mask)
-        token_rewards = place_on_last_token(torch.from_numpy(scores), mask)
-        index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-        group_ids = torch.tensor([index[g] for g in groups], dtype=torch.long)
-        adv, ret = compute_advantages(
-            a.advantage, token_rewards, mask, group_ids, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
+        from rlloop.algos.fusion import (
+            outcome_fusion,
+            place_on_last_token,
+            step_fusion,
+            value_before_answer_step,
         )
-        batch.token_rewards = token_rewards.numpy()
+        from rlloop.algos.sampling import overlong_penalty
+
+        rw, a = self.cfg.reward, self.cfg.algo
+        mask = torch.from_numpy(batch.response_mask)
+        group_ids = group_index([ro.group for ro in rollouts])
+        outcome = torch.tensor([ro.outcome["correct"] for ro in rollouts], dtype=torch.float32)
+        metrics: dict[str, float] = {}
+        if a.overlong_buffer > 0:
+            lengths = torch.tensor([len(ro.response_ids) for ro in rollouts])
+            penalty = overlong_penalty(
+                lengths, self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty
+            )
+            outcome = outcome + penalty
+            metrics["reward/overlong_penalty"] = float(penalty.mean())
+        steps = self._step_tensors(rollouts, prm_out) if prm_out is not None else None
+        if rw.fusion == "outcome":
+            prm_value = None
+            if steps is not None:
+                prm_value = value_before_answer_step(
+                    steps["values"], steps["mask"], steps["answer_step"], steps["prompt_value"]
+                )
+                metrics["reward/prm_value"] = float(prm_value.mean())
+            total = outcome_fusion(
+                outcome, prm_value, w_rule=rw.w_rule, w_prm=rw.w_prm, g=rw.prm.g, metrics=metrics
+            )
+            token_rewards = place_on_last_token(total, mask)
+            adv, ret = compute_advantages(
+                a.advantage, token_rewards, mask, group_ids, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
+            )
+        elif rw.fusion == "step":
+            if steps is None:
+                raise RlloopError("reward.fusion=step needs the PRM: set reward.prm.enabled=true")
+            positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
+            adv, ret = step_fusion(
+                outcome,
+                steps["values"],
+                positions * steps["mask"],
+                steps["mask"],
+                mask,
+                group_ids,
+                w_rule=rw.w_rule,
+                w_prm=rw.w_prm,
+                gamma=a.gamma,
+                process=rw.step_process,
+                norm=rw.step_norm,
+                prompt_value=steps["prompt_value"],
+                eps=a.adv_eps,
+                metrics=metrics,
+            )
+            token_rewards = place_on_last_token(outcome, mask)
+            total = outcome
+        else:
+            raise RlloopError(
+                f"reward.fusion={rw.fusion!r} needs a token-reward source, which is not configured"
+            )
+        batch.token_rewards = token_rewards.numpy().astype(np.float32)
         batch.advantages = adv.numpy().astype(np.float32)
         batch.returns = ret.numpy().astype(np.float32)
+        metrics["reward/total"] = float(total.mean())
+        return metrics
+
+    @staticmethod
+    def _step_tensors(rollouts: list[Rollout], prm_out: list[dict]) -> dict[str, torch.Tensor]:
+        """Padded [B, K] step values/ends/mask, prompt values [B] and the answer step [B] (-1: none)."""
+        B, K = len(rollouts), max(1, max(len(o["step_values"]) for o in prm_out))
+        values = torch.zeros(B, K)
+        ends = torch.zeros(B, K, dtype=torch.long)
+        step_mask = torch.zeros(B, K)
+        answer_steps = torch.full((B,), -1, dtype=torch.long)
+        for b, (ro, out) in enumerate(zip(rollouts, prm_out)):
+            v = out["step_values"]
+            if len(v) != len(ro.step_ends):
+                raise RuntimeError(
+                    f"rollout {ro.uid}: PRM returned {len(v)} step values for {len(ro.step_ends)} steps"
+                )
+            ro.step_values = list(v)
+            values[b, : len(v)] = torch.tensor(v, dtype=torch.float32)
+            ends[b, : len(v)] = torch.tensor(ro.step_ends, dtype=torch.long)
+            step_mask[b, : len(v)] = 1.0
+            answer_steps[b] = answer_step(ro)
+        prompt_value = torch.tensor([float(o["prompt_value"]) for o in prm_out])
+        return {
+            "values": values,
+            "ends": ends,
+            "mask": step_mask,
+            "answer_step": answer_steps,
+            "prompt_value": prompt_value,
+        }
 
     def sync_weights(self) -> None:
         ref = self.learner.state_dict_ref()
         self.policy_version += 1
         versions = self._get(
-            [w.update_weights.remote(ref, self.policy_version) for w in self.workers], "rollout workers update_weights"
+            [w.update_weights.remote(ref, self.policy_version) for w in self.workers],
+            "rollout workers update_weights",
         )
         if any(v != self.policy_version for v in versions):
-            raise RuntimeError(f"weight sync: workers report versions {versions}, expected {self.policy_version}")
+            raise RuntimeError(
+                f"weight sync: workers report versions {versions}, expected {self.policy_version}"
+            )
 
     # ---------------------------------------------------------------- the loop
-    def train_step(self) -> dict[str, float]:
-        cfg, timer = self.cfg, StepTimer()
-        t_step = time.perf_counter()
-        samples = self.stream.take(cfg.rollout.prompts_per_step)
+    def _sample_round(
+        self, samples: list[Sample], timer: StepTimer, seed: int
+    ) -> tuple[list[Rollout], list[dict] | None]:
+        """Generate n samples per prompt, then verify while the PRM scores them."""
+        r = self.cfg.rollout
         with timer.phase("generate"):
-            rollouts = self.generate(
-                samples, n=cfg.rollout.n, temperature=cfg.rollout.temperature, seed=cfg.trainer.seed * 7919 + self.step
-            )
-        # The PRM scores while the verifier pool checks answers.
+            rollouts = self.generate(samples, n=r.n, temperature=r.temperature, seed=seed)
         prm_ref = None
         if self.prm is not None:
             prm_ref = self.prm.score.remote(
@@ -335,12 +394,72 @@ class Trainer:
                 [ro.step_char_ends for ro in rollouts],
             )
         with timer.phase("verify"):
-            verify_stats = self.verify(rollouts)
+            self.verify(rollouts)
         with timer.phase("prm"):
             prm_out = self._get(prm_ref, "PRM service score") if prm_ref is not None else None
-        scores, fusion_metrics = self.fuse(rollouts, prm_out)
+        return rollouts, prm_out
+
+    def collect(self, timer: StepTimer) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
+        """One step's rollouts; with algo.dynamic_sampling, groups whose outcomes all tie are dropped
+        and refilled by up to dynamic_sampling_max_rounds extra rounds (DAPO)."""
+        from rlloop.algos.sampling import filter_tied_groups, select_groups
+
+        cfg, a = self.cfg, self.cfg.algo
+        want = cfg.rollout.prompts_per_step
+        seed = cfg.trainer.seed * 7919 + self.step * 101
+        rollouts, prm_out = self._sample_round(self.stream.take(want), timer, seed)
+        if not a.dynamic_sampling:
+            return rollouts, prm_out, {}
+        kept_ro: list[Rollout] = []
+        kept_prm: list[dict] = []
+        drawn = dropped = 0
+        for round_ in range(a.dynamic_sampling_max_rounds + 1):
+            if round_ > 0:
+                missing = want - len({ro.group for ro in kept_ro})
+                if missing <= 0:
+                    break
+                rollouts, prm_out = self._sample_round(self.stream.take(missing), timer, seed + round_)
+            group_ids = group_index([ro.group for ro in rollouts])
+            outcome = torch.tensor([ro.outcome["correct"] for ro in rollouts])
+            keep, _ = filter_tied_groups(outcome, group_ids, keep_singletons=False)
+            n_groups = len(set(group_ids.tolist()))
+            drawn += n_groups
+            dropped += n_groups - len(set(group_ids[keep].tolist()))
+            idx = keep.nonzero().flatten().tolist()
+            kept_ro += [rollouts[i] for i in idx]
+            if prm_out is not None:
+                kept_prm += [prm_out[i] for i in idx]
+        if kept_ro:
+            rows = select_groups(
+                torch.ones(len(kept_ro), dtype=torch.bool), group_index([ro.group for ro in kept_ro]), want
+            )
+            kept_ro = [kept_ro[i] for i in rows.tolist()]
+            kept_prm = [kept_prm[i] for i in rows.tolist()] if kept_prm else []
+        stats = {
+            "dynamic_sampling/dropped_frac": dropped / max(drawn, 1),
+            "dynamic_sampling/groups": float(len({ro.group for ro in kept_ro})),
+        }
+        return kept_ro, (kept_prm if prm_out is not None else None), stats
+
+    def train_step(self) -> dict[str, float]:
+        cfg, timer = self.cfg, StepTimer()
+        t_step = time.perf_counter()
+        rollouts, prm_out, sampling_stats = self.collect(timer)
+        self.step += 1
+        base = {"prompts_seen": float(self.stream_seen()), **sampling_stats}
+        if not rollouts:
+            # Every group tied and no refill found a signal: nothing to learn from this step.
+            logger.warning("step %d: every group's rewards tie; skipping the update", self.step)
+            timer.seconds["step"] = time.perf_counter() - t_step
+            return {
+                **base,
+                "reward/total": float("nan"),
+                "accuracy": float("nan"),
+                "skipped": 1.0,
+                **timer.metrics(),
+            }
         batch = build_batch(rollouts, self.pad_id)
-        self.advantages(batch, scores, [ro.group for ro in rollouts])
+        fusion_metrics = self.score(rollouts, batch, prm_out)
         with timer.phase("logprobs"):
             batch.old_logprobs = self.learner.compute_logprobs(batch, "policy")
             if cfg.algo.use_ref:
@@ -349,13 +468,13 @@ class Trainer:
             learner_metrics = self.learner.train_step(batch)
         with timer.phase("sync"):
             self.sync_weights()
-        self.step += 1
         timer.seconds["step"] = time.perf_counter() - t_step
         lengths = np.array([len(ro.response_ids) for ro in rollouts], dtype=np.float32)
         mask = batch.response_mask > 0
         mismatch = np.abs(batch.old_logprobs - batch.rollout_logprobs)[mask]
-        metrics = {
-            "reward/total": float(scores.mean()),
+        self._last_rollouts = rollouts
+        return {
+            **base,
             "reward/rule": float(np.mean([ro.outcome["correct"] for ro in rollouts])),
             "accuracy": float(np.mean([ro.outcome["correct"] >= 1.0 for ro in rollouts])),
             "response_length/mean": float(lengths.mean()),
@@ -364,17 +483,16 @@ class Trainer:
             "rollout/logprob_mismatch": float(mismatch.mean()) if mismatch.size else 0.0,
             "kl": float(learner_metrics.get("actor/kl_ref", 0.0)),
             "entropy": float(learner_metrics.get("actor/entropy", float("nan"))),
-            "prompts_seen": float(self.step * cfg.rollout.prompts_per_step),
+            "verifier/unscored_frac": float(np.mean([bool(ro.outcome_info) for ro in rollouts])),
             **{f"reward/{k}": v for k, v in _extra_scores(rollouts).items()},
-            **{f"fusion/{k}": v for k, v in fusion_metrics.items()},
-            **verify_stats,
+            **fusion_metrics,
             **learner_metrics,
             **timer.metrics(),
         }
-        if prm_out is not None:
-            metrics["reward/prm_value"] = float(np.mean([answer_step_value(ro, o["prompt_value"]) for ro, o in zip(rollouts, prm_out)]))
-        self._last_rollouts = rollouts
-        return metrics
+
+    def stream_seen(self) -> int:
+        """Training prompts drawn so far (refill rounds included)."""
+        return self.stream.epoch * len(self.stream.samples) + self.stream.pos
 
     def evaluate(self) -> dict[str, float]:
         """Greedy (or eval_temperature) accuracy on the held-out set with the current policy."""
@@ -396,11 +514,21 @@ class Trainer:
         rows = []
         for ro in getattr(self, "_last_rollouts", [])[:4]:
             rows.append(
-                [ro.uid, ro.prompt_text[-200:], ro.text, ro.ground_truth, ro.outcome.get("correct"), ro.step_values]
+                [
+                    ro.uid,
+                    ro.prompt_text[-200:],
+                    ro.text,
+                    ro.ground_truth,
+                    ro.outcome.get("correct"),
+                    ro.step_values,
+                ]
             )
         if rows:
             tracker.log_table(
-                "samples", ["uid", "prompt", "response", "ground_truth", "correct", "step_values"], rows, self.step
+                "samples",
+                ["uid", "prompt", "response", "ground_truth", "correct", "step_values"],
+                rows,
+                self.step,
             )
 
     def run(self) -> dict[str, Any]:
@@ -411,7 +539,9 @@ class Trainer:
         from rlloop.tracking import Tracker, redact
 
         cfg = self.cfg
-        tracker = Tracker(list(cfg.logger), self.out_dir, config=redact(to_dict(cfg)), wandb_cfg=to_dict(cfg.wandb))
+        tracker = Tracker(
+            list(cfg.logger), self.out_dir, config=redact(to_dict(cfg)), wandb_cfg=to_dict(cfg.wandb)
+        )
         summary: dict[str, Any] = {"out_dir": str(self.out_dir), "model_path": self.model_path}
         try:
             if cfg.trainer.eval_before:
@@ -454,6 +584,12 @@ class Trainer:
         for actor in [*getattr(self, "workers", []), getattr(self, "prm", None)]:
             if actor is not None:
                 ray.kill(actor)
+
+
+def group_index(groups: list[str]) -> torch.Tensor:
+    """Integer group ids [B] (in order of first appearance) for prompt uids."""
+    index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    return torch.tensor([index[g] for g in groups], dtype=torch.long)
 
 
 def _extra_scores(rollouts: list[Rollout]) -> dict[str, float]:

@@ -30,7 +30,9 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, *, title: str = "rll
     ax.grid(alpha=0.3)
     ax = axes[1]
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy")
+        ax.plot(
+            [r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy"
+        )
     ax.set_xlabel("RL step")
     ax.set_ylim(0, 1)
     ax.set_title("held-out evaluation (greedy)")

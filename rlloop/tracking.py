@@ -20,7 +20,8 @@ def redact(obj: Any) -> Any:
     """A copy of a nested dict/list with values under secret-looking keys replaced by '***'."""
     if isinstance(obj, dict):
         return {
-            k: ("***" if any(m in str(k).lower() for m in _SECRET_MARKERS) else redact(v)) for k, v in obj.items()
+            k: ("***" if any(m in str(k).lower() for m in _SECRET_MARKERS) else redact(v))
+            for k, v in obj.items()
         }
     if isinstance(obj, list):
         return [redact(v) for v in obj]
@@ -85,7 +86,9 @@ class Tracker:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         if "console" in self.backends:
-            shown = {k: v for k, v in row.items() if k != "step" and not k.startswith("time/") or k == "time/step"}
+            shown = {
+                k: v for k, v in row.items() if k != "step" and not k.startswith("time/") or k == "time/step"
+            }
             logger.info(
                 "step %d | %s",
                 step,

@@ -24,7 +24,9 @@ def check_keys(cfg: Any, schema: type, prefix: str = "") -> None:
     for key in cfg.keys():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"config key {name!r} is unknown; {prefix or 'the root'} takes {sorted(fields)}")
+            raise ConfigError(
+                f"config key {name!r} is unknown; {prefix or 'the root'} takes {sorted(fields)}"
+            )
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub) and isinstance(cfg[key], DictConfig):
             check_keys(cfg[key], sub, f"{name}.")
@@ -59,22 +61,32 @@ def validate_config(cfg: Any) -> None:
     _require(lr.world_size >= 1, "learner.world_size", lr.world_size, "must be >= 1")
     _require(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "must be 0, 1, 2 or 3")
     _require(lr.micro_batch_size >= 1, "learner.micro_batch_size", lr.micro_batch_size, "must be >= 1")
-    _require(a.advantage in ADVANTAGES, "algo.advantage", a.advantage, f"unknown; choose from {sorted(ADVANTAGES)}")
     _require(
-        a.policy_loss in POLICY_LOSSES, "algo.policy_loss", a.policy_loss, f"unknown; choose from {sorted(POLICY_LOSSES)}"
+        a.advantage in ADVANTAGES, "algo.advantage", a.advantage, f"unknown; choose from {sorted(ADVANTAGES)}"
+    )
+    _require(
+        a.policy_loss in POLICY_LOSSES,
+        "algo.policy_loss",
+        a.policy_loss,
+        f"unknown; choose from {sorted(POLICY_LOSSES)}",
     )
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
-    _require(rw.fusion in ("outcome", "step", "token"), "reward.fusion", rw.fusion, "choose outcome, step or token")
+    _require(
+        rw.fusion in ("outcome", "step", "token"), "reward.fusion", rw.fusion, "choose outcome, step or token"
+    )
     _require(0 <= rw.w_prm <= 1, "reward.w_prm", rw.w_prm, "must be in [0, 1]")
     _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
-    _require(
-        rw.w_prm == 0 or rw.prm.enabled, "reward.w_prm", rw.w_prm, "is > 0 but reward.prm.enabled=false"
-    )
+    _require(rw.w_prm == 0 or rw.prm.enabled, "reward.w_prm", rw.w_prm, "is > 0 but reward.prm.enabled=false")
     _require(rw.prm.g in ("logit", "sigmoid"), "reward.prm.g", rw.prm.g, "choose logit or sigmoid")
-    _require(rw.verifier.num_workers >= 1, "reward.verifier.num_workers", rw.verifier.num_workers, "must be >= 1")
+    _require(
+        rw.verifier.num_workers >= 1, "reward.verifier.num_workers", rw.verifier.num_workers, "must be >= 1"
+    )
     _require(rw.verifier.timeout_s > 0, "reward.verifier.timeout_s", rw.verifier.timeout_s, "must be > 0")
     bad = [b for b in cfg.logger if b not in BACKENDS]
     _require(not bad, "logger", list(cfg.logger), f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
     _require(
-        cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", cfg.wandb.mode, "choose offline, online or disabled"
+        cfg.wandb.mode in ("offline", "online", "disabled"),
+        "wandb.mode",
+        cfg.wandb.mode,
+        "choose offline, online or disabled",
     )

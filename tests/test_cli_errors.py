@@ -97,7 +97,13 @@ def test_bad_dataset_names_file_and_row(tmp_path, rows, culprit):
     data = tmp_path / "train.jsonl"
     _write(data, rows)
     proc = run_cli(
-        [*TINY_RUN, "task=file", f"task.train_path={data}", f"task.test_path={data}", f"hydra.run.dir={tmp_path / 'o'}"],
+        [
+            *TINY_RUN,
+            "task=file",
+            f"task.train_path={data}",
+            f"task.test_path={data}",
+            f"hydra.run.dir={tmp_path / 'o'}",
+        ],
         timeout=180,
     )
     out = proc.stdout + proc.stderr

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rlloop.controller import PromptStream, answer_step_value, build_batch
+from rlloop.controller import PromptStream, Trainer, answer_step, build_batch, group_index
 from rlloop.errors import RlloopError
 from rlloop.tracking import Tracker, read_metrics, redact
 from rlloop.types import Rollout, Sample
@@ -35,9 +35,18 @@ def test_prompt_stream_rejects_empty():
 
 def _rollout(prompt, response, text="", char_ends=(), values=None):
     return Rollout(
-        uid="g/0", group="g", prompt_ids=prompt, response_ids=response,
-        rollout_logprobs=[-0.5] * len(response), step_ends=[], step_char_ends=list(char_ends), text=text,
-        prompt_text="p", finish_reason="stop", policy_version=0, step_values=values,
+        uid="g/0",
+        group="g",
+        prompt_ids=prompt,
+        response_ids=response,
+        rollout_logprobs=[-0.5] * len(response),
+        step_ends=[],
+        step_char_ends=list(char_ends),
+        text=text,
+        prompt_text="p",
+        finish_reason="stop",
+        policy_version=0,
+        step_values=values,
     )
 
 
@@ -50,15 +59,31 @@ def test_build_batch_layout_is_right_padded_and_aligned():
     assert len(batch.select(np.array([1]))) == 1
 
 
-def test_answer_step_value_reads_the_prefix_before_the_boxed_step():
+def test_answer_step_and_the_value_before_it():
     text = "a = 1\n\nb = 2\n\nso \\boxed{3}"
-    ends = [5, 12, len(text)]
-    ro = _rollout([1], [2], text=text, char_ends=ends, values=[0.1, 0.2, 0.9])
-    assert answer_step_value(ro, prompt_value=0.5) == pytest.approx(0.2)
-    first = _rollout([1], [2], text="\\boxed{3}", char_ends=[9], values=[0.7])
-    assert answer_step_value(first, prompt_value=0.5) == pytest.approx(0.5)
-    none = _rollout([1], [2], text="a\n\nb", char_ends=[1, 4], values=[0.3, 0.4])
-    assert answer_step_value(none, prompt_value=0.5) == pytest.approx(0.4)
+    ro = _rollout([1], [2, 3, 4], text=text, char_ends=[5, 12, len(text)])
+    ro.step_ends = [0, 1, 2]
+    first = _rollout([1], [2], text="\\boxed{3}", char_ends=[9])
+    first.step_ends = [0]
+    none = _rollout([1], [2, 3], text="a\n\nb", char_ends=[1, 4])
+    none.step_ends = [0, 1]
+    assert [answer_step(r) for r in (ro, first, none)] == [2, 0, -1]
+    prm_out = [
+        {"prompt_value": 0.5, "step_values": [0.1, 0.2, 0.9]},
+        {"prompt_value": 0.4, "step_values": [0.7]},
+        {"prompt_value": 0.5, "step_values": [0.3, 0.6]},
+    ]
+    steps = Trainer._step_tensors([ro, first, none], prm_out)
+    from rlloop.algos.fusion import value_before_answer_step
+
+    v = value_before_answer_step(steps["values"], steps["mask"], steps["answer_step"], steps["prompt_value"])
+    # TDRM: V of the prefix before the answer step; the prompt's V if the answer is step 0; the last V if none.
+    assert v.tolist() == pytest.approx([0.2, 0.4, 0.6])
+    assert steps["mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert group_index(["b", "a", "b"]).tolist() == [0, 1, 0]
+    bad = [{"prompt_value": 0.5, "step_values": [0.1]}, *prm_out[1:]]
+    with pytest.raises(RuntimeError, match="g/0"):
+        Trainer._step_tensors([ro, first, none], bad)
 
 
 def test_tracker_writes_jsonl_and_redacts_secrets(tmp_path):

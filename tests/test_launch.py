@@ -33,9 +33,19 @@ def test_ray_job_submit_runs_one_step(tmp_path):
         "WANDB_MODE": "disabled",
     }
     proc = subprocess.run(
-        ["bash", "launch/local_job.sh", *TINY_RUN, "trainer.total_steps=1", "learner.world_size=1",
-         "trainer.eval_before=false"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            "bash",
+            "launch/local_job.sh",
+            *TINY_RUN,
+            "trainer.total_steps=1",
+            "learner.world_size=1",
+            "trainer.eval_before=false",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log

@@ -14,7 +14,10 @@ from tests.conftest import ROOT, TINY_RUN, run_cli
 # A random tiny model never answers right, so every GRPO advantage would be 0 and nothing could change.
 # A TRL-style length reward from the verifier fixtures (wired by config alone) gives a real signal.
 FIXTURES = str(ROOT / "tests" / "rewards" / "verifiers")
-LENGTH_REWARD = ["reward.verifier.sources={arith:custom}", "reward.verifier.custom_fn=reward_fixtures:trl_len_reward"]
+LENGTH_REWARD = [
+    "reward.verifier.sources={arith:custom}",
+    "reward.verifier.custom_fn=reward_fixtures:trl_len_reward",
+]
 
 REQUIRED_KEYS = {
     "step",
@@ -38,8 +41,15 @@ REQUIRED_KEYS = {
 def test_two_steps_through_every_actor(tmp_path, zero_stage):
     out = tmp_path / "run"
     proc = run_cli(
-        [*TINY_RUN, "trainer.total_steps=2", f"learner.zero_stage={zero_stage}", "learner.world_size=2",
-         "reward=tdrm", *LENGTH_REWARD, f"hydra.run.dir={out}"],
+        [
+            *TINY_RUN,
+            "trainer.total_steps=2",
+            f"learner.zero_stage={zero_stage}",
+            "learner.world_size=2",
+            "reward=tdrm",
+            *LENGTH_REWARD,
+            f"hydra.run.dir={out}",
+        ],
         env={"PYTHONPATH": FIXTURES},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -66,6 +76,8 @@ def test_two_steps_through_every_actor(tmp_path, zero_stage):
     model_path = json.loads((out / "summary.json").read_text())["model_path"]
     init = load_file(f"{model_path}/model.safetensors")
     trained = model.state_dict()
-    changed = [k for k, v in init.items() if k in trained and not torch.allclose(v.float(), trained[k].float())]
+    changed = [
+        k for k, v in init.items() if k in trained and not torch.allclose(v.float(), trained[k].float())
+    ]
     assert len(changed) >= len(init) // 2, f"only {len(changed)}/{len(init)} tensors changed"
     assert (out / "training.png").stat().st_size > 1000
