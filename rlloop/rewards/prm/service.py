@@ -40,6 +40,7 @@ class PRMScorer:
 
     model_path: a PRM folder (backbone + value head), or a plain causal LM (e.g. the policy's init), which
     gets a fresh zero head (V = 0.5 everywhere: the untrained default) unless `require_value_head`.
+    max_length: longest PRM input in tokens; longer trajectories lose prompt tokens from the left.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class PRMScorer:
         device: str = "cpu",
         step_delimiter: str = "\n\n",
         step_regex: str | None = None,
+        max_length: int | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -78,6 +80,7 @@ class PRMScorer:
         self.batch_size = batch_size
         self.step_delimiter = step_delimiter
         self.step_regex = step_regex
+        self.max_length = max_length
         self.version = 0
         logger.info("PRM loaded from %s in %.1fs", model_path, time.perf_counter() - t0)
 
@@ -101,6 +104,15 @@ class PRMScorer:
         enc = self.tokenizer(response_text, add_special_tokens=False, return_offsets_mapping=True)
         response_ids = list(enc["input_ids"])
         ends = char_ends_to_token_ends(list(step_char_ends), enc["offset_mapping"]) if step_char_ends else []
+        if self.max_length is not None and len(prompt_ids) + len(response_ids) > self.max_length:
+            # Truncate the prompt from the left (as TDRM does); the response is what gets scored.
+            keep = self.max_length - len(response_ids)
+            if keep < 1:
+                raise ValueError(
+                    f"PRM: response of {len(response_ids)} tokens leaves no room for the prompt "
+                    f"within max_length={self.max_length}"
+                )
+            prompt_ids = prompt_ids[-keep:]
         start = len(prompt_ids)
         return EncodedTrajectory(prompt_ids + response_ids, start - 1, [start + t for t in ends])
 

@@ -153,3 +153,20 @@ def test_bad_inputs_name_the_culprit(scorer):
         scorer.score(PROMPTS[:2], RESPONSES[:1])
     with pytest.raises(ValueError, match="trajectory 1"):
         scorer.score(PROMPTS[:2], RESPONSES[:2], [[5], [999]])
+
+
+def test_max_length_truncates_the_prompt_from_the_left(prm_dir):
+    full = PRMScorer(prm_dir)
+    p, r = PROMPTS[0], RESPONSES[0]
+    enc = full.encode(p, r)
+    response_len = len(enc.input_ids) - enc.prompt_position - 1
+    short = PRMScorer(prm_dir, max_length=response_len + 3)
+    cut = short.encode(p, r)
+    assert len(cut.input_ids) == response_len + 3 and cut.input_ids == enc.input_ids[-(response_len + 3) :]
+    assert cut.prompt_position == 2
+    res = short.score([p], [r])[0]
+    # values are those of the truncated sequence, read at the same tokens
+    for pos, v in zip(cut.step_positions, res["step_values"], strict=True):
+        assert value_of_prefix(short.model, cut.input_ids[: pos + 1]) == pytest.approx(v, abs=1e-5)
+    with pytest.raises(ValueError, match="max_length=4"):
+        PRMScorer(prm_dir, max_length=4).score([p], [r])
