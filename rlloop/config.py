@@ -64,6 +64,7 @@ class RolloutConfig:
     step_regex: Optional[str] = None  # overrides step_delimiter when set
     num_threads: int = 1  # torch threads per worker
     eval_temperature: float = 0.0  # 0 = greedy
+    max_batch_size: int = 64  # sequences per HF generate call (rows sorted by prompt length)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class PRMConfig:
     gamma: float = 0.8
     td: str = "td0"  # td0 | nstep | td_lambda
     num_threads: int = 1
+    max_length: Optional[int] = None  # PRM input tokens; longer trajectories lose prompt tokens on the left
 
 
 @dataclass
