@@ -1,0 +1,63 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlloop.config import ModelConfig, TaskConfig
+from rlloop.models import resolve_model
+from rlloop.sft import collate, encode_example, pretrain_arith_small
+from rlloop.tasks.arith import make_splits
+
+SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, vocab_size=320)
+
+
+def test_encode_and_collate_mask_the_prompt():
+    from rlloop.models.tokenizer import build_tokenizer
+
+    train, _ = make_splits(TaskConfig(num_train=4, num_test=1))
+    tok = build_tokenizer([s.prompt + s.extra["solution"] for s in train], vocab_size=300)
+    ex = [encode_example(s, tok, TaskConfig()) for s in train[:3]]
+    b = collate(ex, tok.pad_token_id)
+    for row, (ids, n_prompt) in enumerate(ex):
+        labels = b["labels"][row]
+        assert (labels[:n_prompt] == -100).all() and (labels[len(ids) :] == -100).all()
+        assert labels[n_prompt : len(ids)].tolist() == ids[n_prompt:]
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[n_prompt:-1]) == train[row].extra["solution"]
+        assert b["attention_mask"][row].sum() == len(ids)
+
+
+def test_mini_sft_lowers_loss_and_saves_a_loadable_model(tmp_path):
+    torch.set_num_threads(1)
+    model_cfg = ModelConfig(name="arith-small", sft_steps=30, sft_batch_size=16, sft_lr=3e-3, **SMALL)
+    task_cfg = TaskConfig(num_train=300, num_test=8)
+    m = pretrain_arith_small(model_cfg, task_cfg, str(tmp_path / "m"), progress=False)
+    assert m["final_loss"] < 0.7 * m["first_loss"], m
+    assert 0 <= m["test_acc_greedy"] <= 1 and 0 <= m["test_well_formed_sampled_t1"] <= 1
+    assert not torch.distributed.is_initialized()  # the caller's process is left clean
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert tok.eos_token_id == model.generation_config.eos_token_id
+    assert json.loads((tmp_path / "m" / "sft_metrics.json").read_text())["sft_steps"] == 30
+
+
+@pytest.mark.slow
+def test_resolve_arith_small_pretrains_in_a_subprocess_once(tmp_path):
+    model_cfg = ModelConfig(
+        name="arith-small", sft_steps=3, sft_batch_size=8, cache_dir=str(tmp_path), **SMALL
+    )
+    task_cfg = TaskConfig(num_train=50, num_test=4)
+    path = resolve_model(model_cfg, task_cfg)
+    assert (Path(path) / "config.json").exists() and (Path(path) / "sft_metrics.json").exists()
+    assert resolve_model(model_cfg, task_cfg) == path  # cached: no second build
+    leftovers = [
+        p.name
+        for p in tmp_path.iterdir()
+        if p.name.startswith(".arith-small") and not p.name.endswith(".lock")
+    ]
+    assert leftovers == []  # the temp build folder was renamed away
+    # a changed task knob is a different model
+    key = json.loads((Path(path) / "rlloop_cache_key.json").read_text())
+    assert key["task"]["max_digits"] == 2 and key["sft_steps"] == 3
