@@ -49,8 +49,16 @@ def _run_group(ray, model_path: str, batch, *, world_size: int, zero_stage: int)
         start = time.perf_counter()
         group.train_step(train)
         out["step2_s"] = time.perf_counter() - start
-        with pytest.raises(LearnerError, match=r"rank \d .*'compute_logprobs'.*which"):
+        with pytest.raises(LearnerError, match=r"rank \d failed running 'compute_logprobs'.*which"):
             group.compute_logprobs(batch, "nope")
+        if world_size == 2 and zero_stage == 2:
+            timeout_s, group.timeout_s = group.timeout_s, 1e-4
+            with pytest.raises(LearnerError, match=r"rank 0, rank 1 running 'compute_logprobs': no answer"):
+                group.compute_logprobs(batch, "ref")
+            group.timeout_s = timeout_s
+            ray.kill(group.actors[1])
+            with pytest.raises(LearnerError, match=r"rank 1 died running 'compute_logprobs'"):
+                group.compute_logprobs(batch, "ref")  # no collective: rank 0 answers, rank 1 is gone
     finally:
         group.shutdown()
     logger.info(

@@ -66,22 +66,43 @@ def test_policy_learner_end_to_end(tiny_model_path, dist_port, tmp_path):
     np.testing.assert_allclose(hf_logprobs(str(out), batch, temperature=0.7), new, atol=1e-5)
 
 
-def test_micro_batching_does_not_change_the_update(tiny_model_path, dist_port):
-    """Micro batches of 1 row and of the whole batch give the same step (the losses add up exactly)."""
+@pytest.mark.parametrize(
+    "loss_agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+)
+def test_micro_batching_does_not_change_the_update(tiny_model_path, dist_port, loss_agg):
+    """Micro batches of 1 row and of the whole batch give the same steps (the losses add up exactly),
+    with the KL and entropy terms in the loss and two PPO epochs."""
     batch = make_batch(num_rows=4, seed=1)
+    batch.response_mask[3] = 0  # a row with nothing to train: must not count in seq-mean modes
+    algo = algo_cfg(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01, ppo_epochs=2)
     results = []
     for micro in (1, 4):
-        learner = inprocess_learner(tiny_model_path, dist_port, micro_batch_size=micro)
+        learner = inprocess_learner(tiny_model_path, dist_port, algo=algo, micro_batch_size=micro)
         batch.old_logprobs = learner.compute_logprobs(batch)
-        batch.ref_logprobs = batch.old_logprobs
+        batch.ref_logprobs = batch.old_logprobs - 0.1 * batch.response_mask
         metrics = learner.train_step(batch)
+        assert learner.version == 2
         results.append((metrics, learner.full_state_dict()))
     (m1, w1), (m4, w4) = results
-    assert m1["actor/pg_loss"] == pytest.approx(m4["actor/pg_loss"], abs=1e-6)
+    for key in ("actor/pg_loss", "actor/kl_ref", "actor/entropy", "actor/ppo_kl", "actor/pg_clipfrac"):
+        assert m1[key] == pytest.approx(m4[key], abs=1e-6), key
     assert m1["actor/grad_norm"] == pytest.approx(m4["actor/grad_norm"], rel=1e-4)
     for key in w1:
         # Adam's first step is ~lr * sign(g): entries with |g| near eps amplify float rounding of the sum
-        np.testing.assert_allclose(w1[key], w4[key], atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(w1[key], w4[key], atol=2e-5, err_msg=key)
+
+
+def test_bf16_step(tiny_model_path, dist_port):
+    learner = inprocess_learner(tiny_model_path, dist_port, bf16=True)
+    batch = make_batch(num_rows=3, seed=3)
+    batch.old_logprobs = learner.compute_logprobs(batch)
+    np.testing.assert_allclose(batch.old_logprobs, hf_logprobs(tiny_model_path, batch, 0.7), atol=0.05)
+    before = learner.full_state_dict()
+    metrics = learner.train_step(batch)
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    after = learner.full_state_dict()
+    assert after["lm_head.weight"].dtype == np.float32
+    assert not np.allclose(after["lm_head.weight"], before["lm_head.weight"])
 
 
 def test_bad_arguments_name_the_culprit(tiny_model_path, dist_port):
@@ -98,3 +119,29 @@ def test_bad_arguments_name_the_culprit(tiny_model_path, dist_port):
             master_port=dist_port,
             temperature=0.0,
         )
+
+
+@pytest.mark.parametrize(
+    "loss_agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+)
+def test_rank_loss_scales_recover_the_global_loss(loss_agg):
+    """mean_r scale_r * agg(L_r, mask_r) == agg(L, mask) over the unpadded batch, for every mode."""
+    import torch
+
+    from rlloop.algos.losses import aggregate_loss
+    from rlloop.learner.group import pad_rows, rank_loss_scales, shard_slices
+
+    batch = make_batch(num_rows=7, seed=4)
+    batch.response_mask[2] = 0
+    padded, n = pad_rows(batch, 3)
+    assert len(padded) == 9 and n == 7 and padded.response_mask[7:].sum() == 0
+    np.testing.assert_array_equal(padded.input_ids[:7], batch.input_ids)
+    shards = shard_slices(len(padded), 3)
+    scales = rank_loss_scales(padded.response_mask, n, shards, loss_agg)
+    loss = torch.randn(len(padded), padded.input_ids.shape[1], generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor(padded.response_mask)
+    per_rank = [float(aggregate_loss(loss[s], mask[s], loss_agg)) for s in shards]
+    expected = float(aggregate_loss(loss[:n], mask[:n], loss_agg))
+    assert np.mean([p * c for p, c in zip(per_rank, scales, strict=True)]) == pytest.approx(
+        expected, rel=1e-5
+    )
