@@ -187,16 +187,14 @@ class PolicyLearner:
             b: round(timings[b] - timings[a], 2) for a, b in zip(phases, phases[1:], strict=False)
         }
         logger.info(
-            "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s (%s)",
+            "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s, phases %s",
             rank,
             world_size,
             self.zero_stage,
             self.micro_batch_size,
             grad_accum,
             ds_config["bf16"]["enabled"],
-            ", ".join(
-                f"{b} {timings[b] - timings[a]:.1f} s" for a, b in zip(phases, phases[1:], strict=False)
-            ),
+            self.init_timings,
         )
 
     # ------------------------------------------------------------------ forward passes
