@@ -148,6 +148,34 @@ def _uid_processes(uid: int) -> list[int]:
     return pids
 
 
+def reap_orphans() -> int:
+    """Kill sandbox processes whose worker is gone (it was killed mid-run); returns how many.
+
+    The launcher dies with its worker (PR_SET_PDEATHSIG), but what it forked does not. Sandbox uids are
+    _UID_BASE + worker pid, so a process of such a uid whose worker pid no longer exists is an orphan.
+    """
+    if os.geteuid() != 0:
+        return 0
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if uid >= _UID_BASE and not os.path.exists(f"/proc/{uid - _UID_BASE}"):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    if killed:
+        logger.warning("sandbox: killed %d orphaned sandbox processes", killed)
+    return killed
+
+
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of `uid` until none is left (a fork bomb keeps forking while we kill)."""
     for _ in range(50):
@@ -227,6 +255,7 @@ def _run_in(
             "allow_subprocess": limits.allow_subprocess,
             "audit_hook": limits.audit_hook,
             "nonce": nonce,
+            "parent_pid": os.getpid(),
             "status_fd": status,  # pass_fds keeps the number
         }
         config_path = os.path.join(run_dir, "config.json")
@@ -271,6 +300,7 @@ def _run_in(
 
 def warm_up(limits: SandboxLimits | None = None) -> str:
     """Pick the interpreter now (a probe run or two), not inside the first sample's time limit."""
+    reap_orphans()
     python, drop = _choose_interpreter(limits or SandboxLimits())
     return f"{python} ({'unprivileged uid' if drop else 'same uid'})"
 

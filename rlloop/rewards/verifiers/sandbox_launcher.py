@@ -53,6 +53,19 @@ def _drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the verifier worker dies (e.g. the pool killed it for hanging).
+
+    Set after the uid change, which clears the parent-death signal.
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(EXIT_SETUP)
+
+
 def _install_audit_hook(workdir: str, private: str, allow_subprocess: bool) -> None:
     """Defence in depth, and the only guard where root is not available to drop privileges.
 
@@ -155,6 +168,7 @@ def main() -> None:
         _set_limits(cfg)
         if cfg["uid"] is not None:
             _drop_privileges(cfg["uid"])
+        _die_with_parent(cfg["parent_pid"])
         os.chdir(cfg["workdir"])
         if cfg["audit_hook"]:
             _install_audit_hook(cfg["workdir"], private, cfg["allow_subprocess"])

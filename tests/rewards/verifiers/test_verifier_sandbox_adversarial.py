@@ -168,3 +168,69 @@ def test_pool_contains_every_attack_and_keeps_serving(ray_cluster, tmp_path):
         assert pool.score([good])[0].score == 1.0  # still serving
     assert victim.read_text() == "precious" and not os.path.exists(escape)
     assert elapsed < 60
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="sandbox uids exist only when running as root")
+def test_orphans_of_a_dead_worker_are_reaped():
+    """A worker killed mid-run leaves its sandbox's forked children; the next worker start kills them."""
+    import subprocess
+
+    from rlloop.rewards.verifiers.sandbox import _UID_BASE, _uid_processes, reap_orphans
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer exists stands for the killed worker
+    uid = _UID_BASE + dead.pid
+    orphan = subprocess.Popen(["sleep", "60"], user=uid, group=uid, start_new_session=True)
+    try:
+        assert _uid_processes(uid) == [orphan.pid]
+        assert reap_orphans() >= 1
+        assert orphan.wait(timeout=5) == -9
+    finally:
+        orphan.kill()
+
+
+def test_sandbox_dies_with_its_worker(tmp_path):
+    """The launcher gets SIGKILL when the process that started it (the verifier worker) dies."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {os.getcwd()!r})\n"
+        + "from rlloop.rewards.verifiers.sandbox import run_python, SandboxLimits\n"
+        "run_python('import time, os\\nprint(os.getpid(), flush=True)\\ntime.sleep(60)', "
+        "limits=SandboxLimits(wall_s=60, cpu_s=60))\n"
+    )
+    worker = subprocess.Popen([sys.executable, str(script)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        child = None
+        while time.monotonic() < deadline and child is None:
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            cmd = f.read()
+                        with open(f"/proc/{pid}/status") as f:
+                            ppid = next(int(x.split()[1]) for x in f if x.startswith("PPid:"))
+                    except (OSError, StopIteration):
+                        continue
+                    if b"sandbox_launcher.py" in cmd and ppid == worker.pid:
+                        child = int(pid)
+            time.sleep(0.1)
+        assert child is not None, "the sandbox did not start"
+        time.sleep(0.3)  # past the launcher's set-up
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=5)
+        for _ in range(50):
+            if (
+                not os.path.exists(f"/proc/{child}")
+                or open(f"/proc/{child}/status").read().find("State:\tZ") >= 0
+            ):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"sandbox pid {child} outlived its worker")
+    finally:
+        worker.kill()
