@@ -159,6 +159,7 @@ class TrainerConfig:
     save_final: bool = True
     log_samples_every: int = 10
     call_timeout_s: float = 600.0  # every remote call times out with the actor's name
+    max_actor_restarts: int = 3  # a dead rollout worker / PRM replica is restarted this often, then the run fails
 
 
 @dataclass

@@ -139,6 +139,7 @@ class Trainer:
         self._prompt_cache: dict[str, dict] = {}
         self.stream = PromptStream(self.train_set, cfg.trainer.seed)
         self.step = 0
+        self.trained_groups: list[str] = []  # prompt uids in the order they were trained on
         self._start_actors()
 
     # ---------------------------------------------------------------- set-up
@@ -157,7 +158,9 @@ class Trainer:
         self.verifier.check_sources({s.data_source for s in self.train_set + self.test_set})
         r = cfg.rollout
         self.workers = [
-            RolloutWorker.options(num_cpus=0.25, name=None).remote(
+            # Ray restarts a dead worker (fresh process, initial weights); the controller then re-syncs
+            # it to the current policy version and re-issues its in-flight prompts (see _call_worker).
+            RolloutWorker.options(num_cpus=0.25, max_restarts=cfg.trainer.max_actor_restarts).remote(
                 self.model_path,
                 engine=r.engine,
                 dtype=cfg.model.dtype,
@@ -173,7 +176,7 @@ class Trainer:
             from rlloop.rewards.prm.service import PRMService
 
             p = cfg.reward.prm
-            self.prm = PRMService.options(num_cpus=0.1).remote(
+            self.prm = PRMService.options(num_cpus=0.1, max_restarts=cfg.trainer.max_actor_restarts).remote(
                 p.path or self.model_path,
                 tokenizer_path=None if p.path else self.model_path,
                 num_threads=p.num_threads,
@@ -195,6 +198,8 @@ class Trainer:
         if self.prm is not None:
             self._get(self.prm.__ray_ready__.remote(), "PRM service start-up")
         self.policy_version = 0
+        self._weights_ref = None  # the current policy's weights in the object store (for restarted workers)
+        self.restarts: dict[str, int] = {}
         logger.info("actors up in %.1f s (ray %s)", time.perf_counter() - t0, ray.__version__)
 
     def _get(self, refs: Any, what: str) -> Any:
@@ -224,20 +229,22 @@ class Trainer:
         r = self.cfg.rollout
         prompts = [self._prompt(s) for s in samples]
         shards = [prompts[i :: len(self.workers)] for i in range(len(self.workers))]
-        refs = [
-            w.generate.remote(
-                shard,
-                n=n,
-                max_new_tokens=r.max_new_tokens,
-                temperature=temperature,
-                top_p=r.top_p,
-                seed=None if seed is None else seed + i,
-            )
-            for i, (w, shard) in enumerate(zip(self.workers, shards))
+        kwargs = {"n": n, "max_new_tokens": r.max_new_tokens, "temperature": temperature, "top_p": r.top_p}
+        refs = {
+            i: self.workers[i].generate.remote(shard, **kwargs, seed=None if seed is None else seed + i)
+            for i, shard in enumerate(shards)
             if shard
-        ]
+        }
         by_group: dict[str, list[Rollout]] = {}
-        for out in self._get(refs, "rollout workers generate"):
+        for i, ref in refs.items():
+            out = self._call_worker(
+                i,
+                ref,
+                lambda w, i=i: w.generate.remote(
+                    shards[i], **kwargs, seed=None if seed is None else seed + i
+                ),
+                what=f"generate ({len(shards[i])} prompts)",
+            )
             for ro in out:
                 by_group.setdefault(ro.group, []).append(ro)
         return [ro for p in prompts for ro in by_group[p["uid"]]]
@@ -366,13 +373,80 @@ class Trainer:
             "prompt_value": prompt_value,
         }
 
+    def _call_worker(self, i: int, ref: Any, reissue: Any, *, what: str) -> Any:
+        """Result of rollout worker i's call `ref`, surviving the worker's death (see _call_actor)."""
+        return self._call_actor(
+            f"rollout worker {i}",
+            lambda: self.workers[i],
+            ref,
+            reissue,
+            what=what,
+            restore=lambda: self._restore_worker(i),
+        )
+
+    def _call_actor(self, name: str, actor: Any, ref: Any, reissue: Any, *, what: str, restore: Any) -> Any:
+        """Result of a call `ref` on `actor()`. If the actor died (or hung past trainer.call_timeout_s),
+        Ray restarts it (max_restarts), `restore()` brings its state back (current policy weights), and
+        `reissue(actor)` runs the same work again, so no prompt is lost and none is counted twice."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        limit = self.cfg.trainer.max_actor_restarts
+        for attempt in range(limit + 1):
+            try:
+                return ray.get(ref, timeout=self.cfg.trainer.call_timeout_s)
+            except (RayActorError, GetTimeoutError) as err:
+                if attempt == limit:
+                    raise RuntimeError(f"{name}: {what} failed after {attempt} restarts: {err}") from err
+                hung = isinstance(err, GetTimeoutError)
+                logger.warning(
+                    "%s %s during %s at step %d; restarting it and re-issuing its work",
+                    name,
+                    "hung" if hung else "died",
+                    what,
+                    self.step + 1,
+                )
+                if hung:
+                    ray.kill(actor(), no_restart=False)
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                _wait_ready(actor(), self.cfg.trainer.call_timeout_s)
+                restore()
+                ref = reissue(actor())
+        raise AssertionError("unreachable")
+
+    def _restore_worker(self, i: int) -> None:
+        """Load the current policy version into a restarted rollout worker."""
+        if self._weights_ref is None:
+            return  # still at the initial weights, which the restarted process loaded itself
+        version = self._get(
+            self.workers[i].update_weights.remote(self._weights_ref, self.policy_version),
+            f"rollout worker {i} update_weights after restart",
+        )
+        if version != self.policy_version:
+            raise RuntimeError(
+                f"rollout worker {i} restored to version {version}, expected {self.policy_version}"
+            )
+
+    def _restore_prm(self) -> None:
+        """A restarted PRM service reloads its initial weights; an online PRM also gets its latest ones."""
+        if getattr(self, "_prm_weights_ref", None) is not None:
+            self._get(
+                self.prm.load_state_numpy.remote(self._prm_weights_ref, self._prm_version), "PRM reload"
+            )
+
     def sync_weights(self) -> None:
         ref = self.learner.state_dict_ref()
         self.policy_version += 1
-        versions = self._get(
-            [w.update_weights.remote(ref, self.policy_version) for w in self.workers],
-            "rollout workers update_weights",
-        )
+        self._weights_ref = ref
+        versions = [
+            self._call_worker(
+                i,
+                w.update_weights.remote(ref, self.policy_version),
+                lambda w: w.update_weights.remote(ref, self.policy_version),
+                what="update_weights",
+            )
+            for i, w in enumerate(self.workers)
+        ]
         if any(v != self.policy_version for v in versions):
             raise RuntimeError(
                 f"weight sync: workers report versions {versions}, expected {self.policy_version}"
@@ -396,7 +470,21 @@ class Trainer:
         with timer.phase("verify"):
             self.verify(rollouts)
         with timer.phase("prm"):
-            prm_out = self._get(prm_ref, "PRM service score") if prm_ref is not None else None
+            prm_out = None
+            if prm_ref is not None:
+                args = (
+                    [ro.prompt_text for ro in rollouts],
+                    [ro.text for ro in rollouts],
+                    [ro.step_char_ends for ro in rollouts],
+                )
+                prm_out = self._call_actor(
+                    "PRM service",
+                    lambda: self.prm,
+                    prm_ref,
+                    lambda a: a.score.remote(*args),
+                    what=f"score ({len(rollouts)} trajectories)",
+                    restore=self._restore_prm,
+                )
         return rollouts, prm_out
 
     def collect(self, timer: StepTimer) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
@@ -468,6 +556,7 @@ class Trainer:
             learner_metrics = self.learner.train_step(batch)
         with timer.phase("sync"):
             self.sync_weights()
+        self.trained_groups += list(dict.fromkeys(ro.group for ro in rollouts))
         timer.seconds["step"] = time.perf_counter() - t_step
         lengths = np.array([len(ro.response_ids) for ro in rollouts], dtype=np.float32)
         mask = batch.response_mask > 0
@@ -484,6 +573,7 @@ class Trainer:
             "kl": float(learner_metrics.get("actor/kl_ref", 0.0)),
             "entropy": float(learner_metrics.get("actor/entropy", float("nan"))),
             "verifier/unscored_frac": float(np.mean([bool(ro.outcome_info) for ro in rollouts])),
+            "faults/actor_restarts": float(sum(self.restarts.values())),
             **{f"reward/{k}": v for k, v in _extra_scores(rollouts).items()},
             **fusion_metrics,
             **learner_metrics,
@@ -584,6 +674,22 @@ class Trainer:
         for actor in [*getattr(self, "workers", []), getattr(self, "prm", None)]:
             if actor is not None:
                 ray.kill(actor)
+
+
+def _wait_ready(actor: Any, timeout: float) -> None:
+    """Block until a (re)started actor answers; Ray raises while it is still restarting."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=timeout)
+            return
+        except RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def group_index(groups: list[str]) -> torch.Tensor:

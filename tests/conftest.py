@@ -26,6 +26,15 @@ TINY_RUN = [
 ]
 
 
+# A random tiny model never answers right, so every GRPO advantage would be 0 and nothing could change.
+# A TRL-style length reward from the verifier fixtures (wired by config alone) gives a real signal.
+FIXTURES = str(ROOT / "tests" / "rewards" / "verifiers")
+LENGTH_REWARD = [
+    "reward.verifier.sources={arith:custom}",
+    "reward.verifier.custom_fn=reward_fixtures:trl_len_reward",
+]
+
+
 def run_cli(args: list[str], *, timeout: float = 600, env: dict | None = None, module: str = "rlloop.train"):
     """Run `python -m <module> <args>` from the repo root; returns CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
