@@ -80,11 +80,7 @@ def evaluate(
         T = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])  # left pad for generate
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-        kw = (
-            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-            if temperature > 0
-            else {}
-        )
+        kw = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
