@@ -90,7 +90,11 @@ class PRMConfig:
     online: bool = False  # TD-update the PRM on every batch (actor-critic mode)
     lr: float = 1e-6
     gamma: float = 0.8
-    td: str = "td0"  # td0 | nstep | td_lambda
+    td: str = "td0"  # td0 | nstep | td_lambda | mc (online mode)
+    n: int = 2  # n-step horizon (td=nstep)
+    lam: float = 0.7  # TD(lambda)
+    ema: Optional[float] = None  # target-network decay for the bootstrap (None = same network, detached)
+    micro_batch_size: int = 16  # online TD update
     num_threads: int = 1
     max_length: Optional[int] = None  # PRM input tokens; longer trajectories lose prompt tokens on the left
 
@@ -159,6 +163,9 @@ class TrainerConfig:
     save_final: bool = True
     log_samples_every: int = 10
     call_timeout_s: float = 600.0  # every remote call times out with the actor's name
+    save_every: int = 0  # checkpoint every N steps (0 = never; the final policy is still saved as HF)
+    keep_last: int = 2  # complete checkpoints kept under <out_dir>/checkpoints
+    resume: Optional[str] = None  # "auto" = newest complete checkpoint in <out_dir>/checkpoints, or a path
     max_actor_restarts: int = 3  # a dead rollout worker / PRM replica is restarted this often, then the run fails
 
 

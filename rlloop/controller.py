@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlloop import checkpoint
 from rlloop.config import to_dict
 from rlloop.errors import RlloopError
 from rlloop.types import Batch, Rollout, Sample
@@ -140,7 +142,24 @@ class Trainer:
         self.stream = PromptStream(self.train_set, cfg.trainer.seed)
         self.step = 0
         self.trained_groups: list[str] = []  # prompt uids in the order they were trained on
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.resume_state: dict | None = None
+        self.resume_path: Path | None = None
+        if cfg.trainer.resume:
+            self.resume_path = checkpoint.find(cfg.trainer.resume, self.ckpt_root)
+            if self.resume_path is None:
+                logger.info(
+                    "trainer.resume=auto: no checkpoint under %s, starting from scratch", self.ckpt_root
+                )
+            else:
+                self.resume_state = checkpoint.load_state(
+                    self.resume_path,
+                    fingerprint=checkpoint.model_fingerprint(self.model_path),
+                    total_steps=cfg.trainer.total_steps,
+                )
         self._start_actors()
+        if self.resume_state is not None:
+            self._restore(self.resume_path, self.resume_state)
 
     # ---------------------------------------------------------------- set-up
     def _start_actors(self) -> None:
@@ -165,6 +184,7 @@ class Trainer:
                 engine=r.engine,
                 dtype=cfg.model.dtype,
                 num_threads=r.num_threads,
+                max_batch_size=r.max_batch_size,
                 seed=cfg.trainer.seed + 1000 * i,
                 step_delimiter=r.step_delimiter,
                 step_regex=r.step_regex,
@@ -176,14 +196,20 @@ class Trainer:
             from rlloop.rewards.prm.service import PRMService
 
             p = cfg.reward.prm
+            prm_path = p.path or self.model_path
+            if self.resume_path is not None and (self.resume_path / "prm").is_dir():
+                prm_path = str(self.resume_path / "prm")  # the online PRM as it was at the checkpoint
             self.prm = PRMService.options(num_cpus=0.1, max_restarts=cfg.trainer.max_actor_restarts).remote(
-                p.path or self.model_path,
-                tokenizer_path=None if p.path else self.model_path,
+                prm_path,
+                tokenizer_path=None if prm_path != self.model_path else self.model_path,
                 num_threads=p.num_threads,
                 batch_size=p.batch_size,
                 step_delimiter=r.step_delimiter,
                 step_regex=r.step_regex,
+                max_length=p.max_length,
             )
+            if p.online:
+                self._get(self.prm.enable_online.remote(**self._prm_trainer_kwargs()), "PRM enable_online")
         self.learner = LearnerGroup(
             self.model_path,
             to_dict(cfg.learner),
@@ -199,6 +225,8 @@ class Trainer:
             self._get(self.prm.__ray_ready__.remote(), "PRM service start-up")
         self.policy_version = 0
         self._weights_ref = None  # the current policy's weights in the object store (for restarted workers)
+        self._prm_weights_ref = None  # the online PRM's latest weights (for a restarted PRM service)
+        self._prm_version = 0
         self.restarts: dict[str, int] = {}
         logger.info("actors up in %.1f s (ray %s)", time.perf_counter() - t0, ray.__version__)
 
@@ -320,7 +348,7 @@ class Trainer:
             adv, ret = step_fusion(
                 outcome,
                 steps["values"],
-                positions * steps["mask"],
+                positions * steps["mask"].long(),
                 steps["mask"],
                 mask,
                 group_ids,
@@ -427,9 +455,70 @@ class Trainer:
                 f"rollout worker {i} restored to version {version}, expected {self.policy_version}"
             )
 
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint of the whole run at the current step (see rlloop.checkpoint)."""
+        tmp = checkpoint.begin(self.ckpt_root, self.step)
+        self.learner.save_checkpoint(str(tmp / "learner"))
+        if self.prm is not None and self.cfg.reward.prm.online:
+            self._get(self.prm.save.remote(str(tmp / "prm")), "PRM save")
+        state = {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "prm_version": self._prm_version,
+            "stream": {"epoch": self.stream.epoch, "pos": self.stream.pos, "seed": self.stream.seed},
+            "trained_groups": self.trained_groups,
+            "restarts": self.restarts,
+            "model_fingerprint": checkpoint.model_fingerprint(self.model_path),
+            "model_path": self.model_path,
+        }
+        return checkpoint.commit(tmp, state, self.model_path, keep_last=self.cfg.trainer.keep_last)
+
+    def _restore(self, path: Path, state: dict) -> None:
+        """Continue from a checkpoint: learner (weights + optimizer), data position, versions, workers."""
+        version = self.learner.load_checkpoint(str(path / "learner"))
+        self.step = int(state["step"])
+        self.policy_version = int(state["policy_version"])
+        self._prm_version = int(state.get("prm_version", 0))
+        self.stream.seed = int(state["stream"]["seed"])
+        self.stream.epoch = int(state["stream"]["epoch"])
+        self.stream._order = self.stream._shuffle()
+        self.stream.pos = int(state["stream"]["pos"])
+        self.trained_groups = list(state.get("trained_groups", []))
+        self.restarts = dict(state.get("restarts", {}))
+        self._weights_ref = self.learner.state_dict_ref()
+        versions = self._get(
+            [w.update_weights.remote(self._weights_ref, self.policy_version) for w in self.workers],
+            "rollout workers update_weights (resume)",
+        )
+        logger.info(
+            "resumed from %s: step %d, policy version %d (learner optimizer steps %d), workers at %s",
+            path,
+            self.step,
+            self.policy_version,
+            version,
+            versions,
+        )
+
+    def _prm_trainer_kwargs(self) -> dict:
+        p = self.cfg.reward.prm
+        return {
+            "lr": p.lr,
+            "td": p.td,
+            "gamma": p.gamma,
+            "n": p.n,
+            "lam": p.lam,
+            "ema": p.ema,
+            "micro_batch_size": p.micro_batch_size,
+        }
+
     def _restore_prm(self) -> None:
-        """A restarted PRM service reloads its initial weights; an online PRM also gets its latest ones."""
-        if getattr(self, "_prm_weights_ref", None) is not None:
+        """A restarted PRM service reloads its initial weights; an online PRM also gets its latest weights
+        back (its optimizer state starts afresh)."""
+        if self.cfg.reward.prm.online:
+            self._get(
+                self.prm.enable_online.remote(**self._prm_trainer_kwargs()), "PRM enable_online after restart"
+            )
+        if self._prm_weights_ref is not None:
             self._get(
                 self.prm.load_state_numpy.remote(self._prm_weights_ref, self._prm_version), "PRM reload"
             )
@@ -546,6 +635,15 @@ class Trainer:
                 "skipped": 1.0,
                 **timer.metrics(),
             }
+        prm_update = None
+        if self.prm is not None and cfg.reward.prm.online:
+            # Actor-critic: the PRM takes a TD step on these verified rollouts while the policy updates.
+            prm_update = self.prm.td_update.remote(
+                [ro.prompt_text for ro in rollouts],
+                [ro.text for ro in rollouts],
+                [ro.step_char_ends for ro in rollouts],
+                [ro.outcome["correct"] for ro in rollouts],
+            )
         batch = build_batch(rollouts, self.pad_id)
         fusion_metrics = self.score(rollouts, batch, prm_out)
         with timer.phase("logprobs"):
@@ -556,6 +654,12 @@ class Trainer:
             learner_metrics = self.learner.train_step(batch)
         with timer.phase("sync"):
             self.sync_weights()
+        prm_metrics: dict[str, float] = {}
+        if prm_update is not None:
+            with timer.phase("prm_update"):
+                prm_metrics = self._get(prm_update, "PRM service td_update")
+                self._prm_version = int(prm_metrics.get("prm/version", self._prm_version))
+                self._prm_weights_ref = self.prm.state_dict_numpy.remote()
         self.trained_groups += list(dict.fromkeys(ro.group for ro in rollouts))
         timer.seconds["step"] = time.perf_counter() - t_step
         lengths = np.array([len(ro.response_ids) for ro in rollouts], dtype=np.float32)
@@ -576,6 +680,7 @@ class Trainer:
             "faults/actor_restarts": float(sum(self.restarts.values())),
             **{f"reward/{k}": v for k, v in _extra_scores(rollouts).items()},
             **fusion_metrics,
+            **prm_metrics,
             **learner_metrics,
             **timer.metrics(),
         }
@@ -629,16 +734,27 @@ class Trainer:
         from rlloop.tracking import Tracker, redact
 
         cfg = self.cfg
+        if self.resume_state is not None:
+            _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
         tracker = Tracker(
             list(cfg.logger), self.out_dir, config=redact(to_dict(cfg)), wandb_cfg=to_dict(cfg.wandb)
         )
         summary: dict[str, Any] = {"out_dir": str(self.out_dir), "model_path": self.model_path}
+        if self.resume_state is not None:
+            summary["resumed_from"] = str(self.resume_path)
         try:
-            if cfg.trainer.eval_before:
+            if cfg.trainer.eval_before and self.resume_state is None:
                 ev = self.evaluate()
                 tracker.log(ev, step=0)
                 summary["eval_before"] = ev["eval/accuracy"]
-            bar = tqdm(range(cfg.trainer.total_steps), desc="RL steps", unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                range(self.step, cfg.trainer.total_steps),
+                initial=self.step,
+                total=cfg.trainer.total_steps,
+                desc="RL steps",
+                unit="step",
+                dynamic_ncols=True,
+            )
             for _ in bar:
                 metrics = self.train_step()
                 every = cfg.trainer.eval_every
@@ -647,6 +763,9 @@ class Trainer:
                 tracker.log(metrics, step=self.step)
                 if cfg.trainer.log_samples_every and self.step % cfg.trainer.log_samples_every == 0:
                     self.log_samples(tracker)
+                every = cfg.trainer.save_every
+                if every and self.step % every == 0 and self.step < cfg.trainer.total_steps:
+                    self.save_checkpoint()
                 bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", acc=f"{metrics['accuracy']:.3f}")
             ev = self.evaluate()
             tracker.log(ev, step=self.step)
@@ -655,6 +774,9 @@ class Trainer:
                 ckpt = self.out_dir / "checkpoint"
                 self.learner.save_hf(str(ckpt), tokenizer_path=self.model_path)
                 summary["checkpoint"] = str(ckpt)
+                if self.prm is not None and cfg.reward.prm.online:
+                    self._get(self.prm.save.remote(str(self.out_dir / "prm")), "PRM save")
+                    summary["prm_checkpoint"] = str(self.out_dir / "prm")
         finally:
             tracker.finish()
         if (self.out_dir / "metrics.jsonl").exists():
@@ -674,6 +796,19 @@ class Trainer:
         for actor in [*getattr(self, "workers", []), getattr(self, "prm", None)]:
             if actor is not None:
                 ray.kill(actor)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (by a run killed after its last checkpoint), so the resumed run's
+    metrics continue without gaps or duplicates."""
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _wait_ready(actor: Any, timeout: float) -> None:

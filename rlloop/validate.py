@@ -43,6 +43,8 @@ def validate_config(cfg: Any) -> None:
 
     r, a, lr, t, rw = cfg.rollout, cfg.algo, cfg.learner, cfg.trainer, cfg.reward
     _require(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be >= 1")
+    _require(t.save_every >= 0, "trainer.save_every", t.save_every, "must be >= 0 (0 = no checkpoints)")
+    _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1")
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = only before/after)")
     _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
     _require(
@@ -78,6 +80,26 @@ def validate_config(cfg: Any) -> None:
     _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
     _require(rw.w_prm == 0 or rw.prm.enabled, "reward.w_prm", rw.w_prm, "is > 0 but reward.prm.enabled=false")
     _require(rw.prm.g in ("logit", "sigmoid"), "reward.prm.g", rw.prm.g, "choose logit or sigmoid")
+    _require(
+        rw.prm.td in ("td0", "nstep", "td_lambda", "mc"),
+        "reward.prm.td",
+        rw.prm.td,
+        "choose td0, nstep, td_lambda or mc",
+    )
+    _require(rw.prm.lr > 0, "reward.prm.lr", rw.prm.lr, "must be > 0")
+    _require(0 <= rw.prm.gamma <= 1, "reward.prm.gamma", rw.prm.gamma, "must be in [0, 1]")
+    _require(
+        not rw.prm.online or rw.prm.enabled,
+        "reward.prm.online",
+        rw.prm.online,
+        "needs reward.prm.enabled=true",
+    )
+    _require(
+        rw.fusion != "step" or rw.prm.enabled,
+        "reward.fusion",
+        rw.fusion,
+        "step fusion needs reward.prm.enabled=true",
+    )
     _require(
         rw.verifier.num_workers >= 1, "reward.verifier.num_workers", rw.verifier.num_workers, "must be >= 1"
     )

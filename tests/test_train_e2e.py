@@ -81,3 +81,38 @@ def test_two_steps_through_every_actor(tmp_path, zero_stage):
     ]
     assert len(changed) >= len(init) // 2, f"only {len(changed)}/{len(init)} tensors changed"
     assert (out / "training.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_step_fusion_with_online_td_prm_changes_policy_and_prm(tmp_path):
+    """GRPO with `step` fusion and the PRM TD-updated online (actor-critic): both models learn."""
+    out = tmp_path / "run"
+    proc = run_cli(
+        [
+            *TINY_RUN,
+            "trainer.total_steps=2",
+            "learner.world_size=1",
+            "trainer.eval_before=false",
+            "reward=tdrm",
+            "reward.fusion=step",
+            "reward.w_prm=0.5",
+            "reward.prm.online=true",
+            "reward.prm.lr=1e-2",
+            *LENGTH_REWARD,
+            f"hydra.run.dir={out}",
+        ],
+        env={"PYTHONPATH": FIXTURES},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "reward/total" in r]
+    assert len(train_rows) == 2
+    for r in train_rows:
+        assert r["prm/version"] == r["step"]  # one TD step per RL step
+        assert "prm/loss" in r and "fusion/prm_shaping_sum/mean" in r
+    summary = json.loads((out / "summary.json").read_text())
+    init = load_file(f"{summary['model_path']}/model.safetensors")
+    policy = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
+    assert any(not torch.allclose(v.float(), policy[k].float()) for k, v in init.items() if k in policy)
+    head = load_file(str(out / "prm" / "value_head.safetensors"))
+    assert any(float(t.abs().max()) > 0 for t in head.values())  # the fresh head starts at exactly 0

@@ -34,6 +34,13 @@ class LearnerActor:
         self.learner: Any = None
 
     def node_ip(self) -> str:
+        """The address Ray registered this actor's node under (127.0.0.1 on a loopback-bound local
+        cluster, the node's cluster address otherwise); `ray.util.get_node_ip_address()` would give the
+        machine's eth0 address even when Ray itself is bound to loopback."""
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node["NodeID"] == node_id:
+                return node["NodeManagerAddress"]
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
@@ -274,6 +281,17 @@ class LearnerGroup:
 
     def save_hf(self, path: str, tokenizer_path: str | None = None) -> None:
         self._call_all("save_hf", [(path, tokenizer_path)] * self.world_size)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Every rank writes its DeepSpeed state (weights, optimizer, ZeRO partitions) into `path`."""
+        self._call_all("save_checkpoint", [(path,)] * self.world_size)
+
+    def load_checkpoint(self, path: str) -> int:
+        versions = self._call_all("load_checkpoint", [(path,)] * self.world_size)
+        if len(set(versions)) != 1:
+            raise LearnerError(f"{path}: ranks restored different versions {versions}")
+        self.version = int(versions[0])
+        return self.version
 
     def shutdown(self) -> None:
         for actor in getattr(self, "actors", []):

@@ -391,6 +391,23 @@ class PolicyLearner:
             dist.barrier()
 
 
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer and ZeRO partitions of every rank) into `path`;
+        every rank calls it. The caller makes it atomic (write into a temp dir, rename when all ranks
+        are done)."""
+        self.engine.save_checkpoint(path, tag="state", client_state={"version": self._version})
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore weights, optimizer and version from `save_checkpoint`'s folder; returns the version."""
+        load_path, client = self.engine.load_checkpoint(
+            path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'state') to resume from")
+        self._version = int(client.get("version", 0))
+        return self._version
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 

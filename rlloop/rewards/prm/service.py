@@ -209,6 +209,46 @@ class PRMScorer:
     def ping(self) -> bool:
         return True
 
+    # ----- online mode: the PRM learns by TD on the loop's fresh rollouts (actor-critic) -------------
+
+    def enable_online(self, **trainer_kwargs: Any) -> None:
+        """Attach a TD trainer (its own optimizer; kwargs of TDPRMTrainer: lr, td, gamma, n, lam, ema,
+        micro_batch_size) to this scorer's model, so `td_update` changes what `score` returns."""
+        from rlloop.rewards.prm.td_trainer import TDPRMTrainer
+
+        self.trainer = TDPRMTrainer(
+            self.model,
+            self.tokenizer,
+            step_delimiter=self.step_delimiter,
+            step_regex=self.step_regex,
+            max_length=self.max_length,
+            **trainer_kwargs,
+        )
+
+    def td_update(
+        self,
+        prompt_texts: Sequence[str],
+        response_texts: Sequence[str],
+        step_char_ends: Sequence[Sequence[int]],
+        outcomes: Sequence[float],
+    ) -> dict[str, float]:
+        """One TD step on verified trajectories; those without steps (empty responses) are skipped."""
+        if getattr(self, "trainer", None) is None:
+            raise RuntimeError("td_update needs enable_online() first (reward.prm.online=true)")
+        keep = [i for i, ends in enumerate(step_char_ends) if ends]
+        if not keep:
+            return {"prm/skipped": float(len(step_char_ends))}
+        metrics = self.trainer.step(
+            [prompt_texts[i] for i in keep],
+            [response_texts[i] for i in keep],
+            [step_char_ends[i] for i in keep],
+            [min(1.0, max(0.0, float(outcomes[i]))) for i in keep],
+        )
+        self.version += 1
+        metrics["prm/skipped"] = float(len(step_char_ends) - len(keep))
+        metrics["prm/version"] = float(self.version)
+        return metrics
+
 
 _ACTORS: dict[str, Any] = {}
 

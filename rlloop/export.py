@@ -1,0 +1,78 @@
+"""`python -m rlloop.export CHECKPOINT OUT_DIR`: write a HF folder from an rlloop checkpoint.
+
+CHECKPOINT is a `<run>/checkpoints/step_N` folder (or a run dir: its newest complete checkpoint).
+The DeepSpeed ZeRO-2/3 shards of every rank are merged into full fp32 weights, so the result loads with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from rlloop import checkpoint
+from rlloop.errors import RlloopError
+
+logger = logging.getLogger("rlloop.export")
+
+
+def export(ckpt: str | Path, out_dir: str | Path) -> Path:
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = Path(ckpt)
+    if not (ckpt / checkpoint.STATE_FILE).is_file():
+        found = checkpoint.list_complete(ckpt / "checkpoints") or checkpoint.list_complete(ckpt)
+        if not found:
+            raise RlloopError(
+                f"{ckpt}: no complete rlloop checkpoint (a step_N folder with {checkpoint.STATE_FILE})"
+            )
+        ckpt = found[-1]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "learner"), tag="state")
+    config = AutoConfig.from_pretrained(ckpt / "hf")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {
+        k for k in missing if getattr(config, "tie_word_embeddings", False) and k.endswith("lm_head.weight")
+    }
+    if unexpected or set(missing) - tied:
+        raise RlloopError(
+            f"{ckpt}: weights do not match the saved config (missing {missing}, unexpected {unexpected})"
+        )
+    if tied:
+        model.tie_weights()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    logger.info("exported %s -> %s", ckpt, out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlloop.export", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "checkpoint", help="a checkpoints/step_N folder, or a run dir (its newest checkpoint)"
+    )
+    parser.add_argument("out_dir", help="where to write the HF folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        print(export(args.checkpoint, args.out_dir))
+    except (RlloopError, FileNotFoundError) as err:
+        logger.error("error: %s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
