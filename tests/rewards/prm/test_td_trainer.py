@@ -10,6 +10,10 @@ import torch
 from rlloop.rewards.prm.data import steps_to_example
 from rlloop.rewards.prm.td_trainer import TDPRMTrainer
 
+# Held-out AUROC of V_last that the TD(0)-PRM must beat in the slow arith-small test (set below the
+# measured figure, benchmarks/RESULTS.md "## PRM quality").
+AUROC_BOUND = 0.6
+
 
 def tiny_llama_prm(tokenizer, seed: int = 0):
     from transformers import LlamaConfig, LlamaModel
@@ -228,3 +232,36 @@ def test_online_updates_drive_the_scorer(plain_lm_dir):
     last = torch.tensor([s["step_values"][-1] for s in after])
     labels = torch.tensor([r.outcome["math"] for r in rollouts[:-1]])
     assert auroc(last, labels) > 0.8
+
+
+@pytest.mark.slow
+def test_arith_small_td_prm_beats_chance_and_is_smoother(tmp_path):
+    """benchmarks/prm_quality.py at a reduced size: a TD(0)-PRM trained on arith-small's rollouts tells
+    correct from wrong on held-out rollouts, and is smoother than a ScalarPRM trained on the same rollouts.
+
+    Builds arith-small on first use (minutes). Bounds are set below the figures measured at this size
+    (see benchmarks/RESULTS.md, "## PRM quality").
+    """
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    spec = importlib.util.spec_from_file_location("prm_quality", root / "benchmarks" / "prm_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.run(
+        out=str(tmp_path),
+        train_prompts=64,
+        eval_prompts=32,
+        n=4,
+        max_new_tokens=96,
+        temperature=1.0,
+        epochs=3,
+        lr=3e-4,
+        batch_size=16,
+        gamma=0.8,
+        seed=0,
+    )
+    td0, mc = res["td0"]["heldout"], res["mc"]["heldout"]
+    assert td0["prm/auroc"] > AUROC_BOUND, res
+    assert td0["prm/smoothness"] < mc["prm/smoothness"], res
