@@ -1,0 +1,3 @@
+from rlloop.search.cli import main
+
+main()
