@@ -15,6 +15,7 @@ Schema: `SearchConfig` below; conf/search.yaml picks the task/model presets of c
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -388,8 +389,9 @@ def run_search(cfg: Any, out_dir: str, backend: Any = None) -> dict:
                 _dump(cfg.dump_rollouts, prompts, candidates)
         if "beam" in cfg.methods:
             for spec in cfg.beams:
+                seeds = itertools.count(cfg.seed + 7919)  # a fresh seed per depth: depths draw independently
                 search = StepBeamSearch(
-                    lambda reqs, n: backend.steps(reqs, n, cfg.seed + 7),
+                    lambda reqs, n, seeds=seeds: backend.steps(reqs, n, next(seeds)),
                     backend.score,
                     top_k=spec.top_k,
                     num_branch=spec.num_branch,
