@@ -1,0 +1,52 @@
+"""Smoke test for benchmarks/vs_trl.py: one tiny step of rlloop and of TRL's GRPOTrainer, so the script cannot rot.
+
+Slow on a loaded 2-core machine (rlloop's start-up — Ray, learner group, verifier pool — dominates).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("trl") is None,
+        reason="trl is not installed (pip install -e '.[test]' pins trl==1.16.0)",
+    ),
+]
+
+
+def test_vs_trl_tiny_one_step_both_systems(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"),
+        "--model", "tiny", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "8",
+        "--steps", "1", "--runs", "1", "--systems", "rlloop,trl", "--out", str(out), "--timeout-s", "500",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((out / "results.json").read_text())
+    assert {r["system"] for r in report["runs"]} == {"rlloop-ws1", "trl"}
+    for run in report["runs"]:
+        assert run["steps_done"] == 1, run
+        for key in ("wall_s", "s_per_step", "samples_per_s", "peak_rss_gb", "reward_last"):
+            assert math.isfinite(run[key]), (run["system"], key, run[key])
+        assert run["peak_rss_gb"] > 0.05, run  # a python process with torch is far above 50 MB
+        assert 0 < run["s_per_step"] < run["wall_s"]
+    rl = next(r for r in report["runs"] if r["system"] == "rlloop-ws1")
+    # the sampler must have found the Ray actors, not only the driver
+    assert rl["max_procs"] > 1 and "learner" in rl["peak_rss_gb_by_role"], rl["peak_rss_gb_by_role"]
+    table = (out / "table.md").read_text()
+    assert "rlloop-ws1 / trl" in table
