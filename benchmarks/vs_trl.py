@@ -165,16 +165,25 @@ def _run_measured(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[flo
 
 
 def _summarise(
-    system: str, wall: float, sampler: MemorySampler, steps: list[dict], reward_key: str, a
+    system: str,
+    wall: float,
+    sampler: MemorySampler,
+    steps: list[dict],
+    reward_key: str,
+    a,
+    eval_s: float = 0.0,
 ) -> dict:
+    """`eval_s`: rlloop's final held-out evaluation (it always runs one after the last step; TRL runs none).
+    It is left out of samples_per_s and startup_s so both systems are timed on the same work; wall_s keeps it."""
     step_times = [s["time/step"] for s in steps]
     out = {
         "system": system,
         "wall_s": wall,
+        "final_eval_s": eval_s,
         "steps_done": len(steps),
-        "startup_s": wall - sum(step_times),
+        "startup_s": wall - eval_s - sum(step_times),
         "s_per_step": statistics.median(step_times) if step_times else math.nan,
-        "samples_per_s": a.prompts_per_step * a.n * len(steps) / wall if steps else math.nan,
+        "samples_per_s": a.prompts_per_step * a.n * len(steps) / (wall - eval_s) if steps else math.nan,
         "peak_rss_gb": sampler.peak_rss / 2**30,
         "peak_pss_gb": sampler.peak_pss / 2**30,
         "max_procs": sampler.max_procs,
@@ -211,9 +220,10 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str) -> dict:
         if metrics.exists()
         else []
     )
+    eval_s = sum(s.get("time/eval", 0.0) for s in steps)
     steps = [s for s in steps if "time/step" in s]
     name = f"rlloop-ws{world_size}" + ("" if reward == "rule" else f"-{reward}")
-    out = _summarise(name, wall, sampler, steps, "reward/total", a)
+    out = _summarise(name, wall, sampler, steps, "reward/total", a, eval_s)
     out["rc"] = rc
     return out
 
@@ -346,18 +356,27 @@ def _median(results: list[dict], key: str) -> float:
 
 def table(results: list[dict]) -> tuple[str, dict]:
     systems = list(dict.fromkeys(r["system"] for r in results))
-    keys = ["samples_per_s", "s_per_step", "startup_s", "wall_s", "peak_rss_gb", "peak_pss_gb", "reward_last"]
+    keys = [
+        "samples_per_s",
+        "s_per_step",
+        "startup_s",
+        "final_eval_s",
+        "wall_s",
+        "peak_rss_gb",
+        "peak_pss_gb",
+        "reward_last",
+    ]
     med = {s: {k: _median([r for r in results if r["system"] == s], k) for k in keys} for s in systems}
     for s in systems:
         med[s]["runs"] = sum(r["system"] == s for r in results)
     lines = [
-        "| system | runs | samples/s (end to end) | s/step (median) | start-up s | wall s | peak RSS GB (sum) | peak PSS GB | reward after last step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | runs | samples/s (end to end) | s/step (median) | start-up s | final eval s | wall s | peak RSS GB (sum) | peak PSS GB | reward after last step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in systems:
         m = med[s]
         lines.append(
-            f"| {s} | {m['runs']} | {m['samples_per_s']:.3f} | {m['s_per_step']:.2f} | {m['startup_s']:.1f} | "
+            f"| {s} | {m['runs']} | {m['samples_per_s']:.3f} | {m['s_per_step']:.2f} | {m['startup_s']:.1f} | {m['final_eval_s']:.1f} | "
             f"{m['wall_s']:.1f} | {m['peak_rss_gb']:.2f} | {m['peak_pss_gb']:.2f} | {m['reward_last']:.3f} |"
         )
     if "trl" in med:
@@ -375,6 +394,27 @@ def table(results: list[dict]) -> tuple[str, dict]:
                 f"{r['peak_pss_gb']:.2f} | {r['reward_last']:.2f} |"
             )
     return "\n".join(lines), med
+
+
+def recompute(json_path: Path) -> None:
+    """Re-apply the final-eval correction (see `_summarise`) to a results.json and rewrite its table."""
+    report = json.loads(json_path.read_text())
+    args = report["args"]
+    pn = args["prompts_per_step"] * args["n"]
+    for r in report["runs"]:
+        r.setdefault("final_eval_s", 0.0)
+        if not r["system"].startswith("rlloop"):
+            continue
+        run_dir = Path(r.get("run_dir") or json_path.parent / f"{r['system']}-rule-run{r['run']}")
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        eval_s = sum(x.get("time/eval", 0.0) for x in rows)
+        r["final_eval_s"] = eval_s
+        r["startup_s"] = r["wall_s"] - eval_s - sum(r["step_times"])
+        r["samples_per_s"] = pn * r["steps_done"] / (r["wall_s"] - eval_s)
+    md, report["median"] = table(report["runs"])
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    (json_path.parent / "table.md").write_text(md + "\n")
+    print(md)
 
 
 def environment() -> dict:
@@ -416,11 +456,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write all results here (default: <out>/results.json)")
     p.add_argument("--timeout-s", type=float, default=3600)
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--recompute", default=None, help="re-derive the table from a results.json and its run dirs"
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     if a.trl_worker:
         trl_worker(a)
+        return 0
+    if a.recompute:
+        recompute(Path(a.recompute))
         return 0
 
     out = Path(a.out).resolve()
@@ -446,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(os.getloadavg()[0])
             logger.info("run %s (load %.1f)", tag, loads[-1])
             res = run_rlloop(a, out / tag, ws, reward) if system == "rlloop" else run_trl(a, out / tag)
-            res["run"] = run
+            res["run"], res["run_dir"] = run, str(out / tag)
             results.append(res)
             logger.info(
                 "%s: rc %s, %d steps, wall %.1f s, %.2f s/step, peak RSS %.2f GB, reward %.3f",
