@@ -147,7 +147,8 @@ class LocalBackend:
 
         self.cfg = cfg
         self.worker = SearchWorkerCore(model_path, **_worker_kwargs(cfg))
-        self.scorer = PRMScorer(_prm_path(cfg, model_path), **_prm_kwargs(cfg))
+        self._scorer = None
+        self._make_scorer = lambda: PRMScorer(_prm_path(cfg, model_path), **_prm_kwargs(cfg))
 
     def sample(self, prompts: list[dict], n: int, seed: int):
         c = self.cfg
@@ -167,7 +168,9 @@ class LocalBackend:
         )
 
     def score(self, prompt_texts, response_texts, step_char_ends) -> list[list[float]]:
-        return [r["step_values"] for r in self.scorer.score(prompt_texts, response_texts, step_char_ends)]
+        if self._scorer is None:  # loaded on first use: sampling-only runs (dump_rollouts) need no PRM
+            self._scorer = self._make_scorer()
+        return [r["step_values"] for r in self._scorer.score(prompt_texts, response_texts, step_char_ends)]
 
     def close(self) -> None:
         return None
