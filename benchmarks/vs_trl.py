@@ -212,6 +212,7 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str) -> dict:
         f"trainer.total_steps={a.steps}", f"trainer.seed={a.seed}",
         "trainer.eval_before=false", "trainer.eval_every=0", "trainer.save_final=false",
         "logger=[jsonl]", f"hydra.run.dir={run_dir}",
+        *a.rlloop_override,
     ]  # fmt: skip
     wall, sampler, rc = _run_measured(cmd, run_dir.with_suffix(".log"), a.timeout_s)
     metrics = run_dir / "metrics.jsonl"
@@ -454,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rewards", default="rule", help="rlloop reward configs, e.g. rule,tdrm")
     p.add_argument("--out", default="outputs/bench_vs_trl")
     p.add_argument("--json", default=None, help="write all results here (default: <out>/results.json)")
+    p.add_argument(
+        "--rlloop-override",
+        action="append",
+        default=[],
+        help="extra Hydra override for rlloop (repeatable), e.g. task.num_test=4 to shorten its final eval",
+    )
     p.add_argument("--timeout-s", type=float, default=3600)
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(

@@ -32,6 +32,8 @@ def test_vs_trl_tiny_one_step_both_systems(tmp_path: Path) -> None:
         sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"),
         "--model", "tiny", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "8",
         "--steps", "1", "--runs", "1", "--systems", "rlloop,trl", "--out", str(out), "--timeout-s", "500",
+        # a short final eval and one verifier worker: this test checks the harness, not the speed
+        "--rlloop-override", "task.num_test=4", "--rlloop-override", "reward.verifier.num_workers=1",
     ]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
