@@ -1,0 +1,300 @@
+"""The implicit PRM of PRIME (arXiv 2502.01456): dense token rewards that need no step labels.
+
+A causal LM π_φ, initialised from the policy, and a frozen copy π_ref give each response token
+
+    r_t = β · (log π_φ(y_t | y_<t) − log π_ref(y_t | y_<t))                    (β = 0.05 released)
+
+and π_φ is updated online, after scoring, with the cross-entropy between σ(Σ_t r_t) = σ(β Σ_t log-ratio)
+and the verified 0/1 outcome — so its token rewards learn where correct and wrong solutions part ways.
+(PRIME's code keeps r_t without β in the rm_scores it trains on and puts β inside the sigmoid; the
+token rewards handed to RL are β times the log-ratio. The same thing is computed here.)
+
+Fusion (`prime_advantages`): leave-one-out baselines computed separately for the process and the outcome
+rewards, returns by reverse cumulative sum (γ = 1), weighted sum, then whitened — PRIME's recipe.
+`prime_prompt_filter` keeps only prompts whose group accuracy lies in [0.2, 0.8].
+
+`ImplicitPRM` is a plain class (tested without Ray); `ImplicitPRMService` is its Ray actor.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlloop.algos.checks import check_group_ids, check_mask, check_tensor
+from rlloop.algos.masked import discounted_returns, last_token_index, masked_whiten
+from rlloop.types import Batch
+
+logger = logging.getLogger(__name__)
+
+PRIME_BETA = 0.05  # released default
+
+
+class ImplicitPRM:
+    """π_φ (trainable, initialised from `model_path`, normally the policy's init) and π_ref (frozen copy).
+
+    temperature: logits are divided by it before the log-softmax (1.0 = the plain model, as PRIME's RM).
+    Each `update` is one AdamW step (lr, weight_decay, max_grad_norm) over the batch, in micro-batches.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        beta: float = PRIME_BETA,
+        lr: float = 1e-6,
+        num_threads: int = 1,
+        micro_batch_size: int = 16,
+        ref_model_path: str | None = None,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        device: str = "cpu",
+    ):
+        from transformers import AutoModelForCausalLM
+
+        if beta <= 0:
+            raise ValueError(f"ImplicitPRM: beta must be > 0, got {beta}")
+        if micro_batch_size < 1:
+            raise ValueError(f"ImplicitPRM: micro_batch_size must be >= 1, got {micro_batch_size}")
+        if temperature <= 0:
+            raise ValueError(f"ImplicitPRM: temperature must be > 0, got {temperature}")
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        t0 = time.perf_counter()
+        torch_dtype = getattr(torch, dtype)
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device)
+        if ref_model_path is None:
+            self.ref_model = copy.deepcopy(self.model)
+        else:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(ref_model_path, dtype=torch_dtype).to(
+                self.device
+            )
+        self.ref_model.eval().requires_grad_(False)
+        self.model.eval()  # dropout off: scores and updates see the same function
+        self.beta, self.temperature = float(beta), float(temperature)
+        self.micro_batch_size = int(micro_batch_size)
+        self.max_grad_norm = float(max_grad_norm)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.version = 0
+        logger.info("implicit PRM loaded from %s in %.1fs", model_path, time.perf_counter() - t0)
+
+    # ----- scores -------------------------------------------------------------------------------------
+
+    def _log_ratio(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """log π_φ(y_t|y_<t) − log π_ref(y_t|y_<t) at every position [B, T] (grad through π_φ only)."""
+        from rlloop.learner.policy import token_logprobs
+
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logp = token_logprobs(logits, input_ids, self.temperature)
+        with torch.no_grad():
+            ref_logits = self.ref_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
+            ref_logp = token_logprobs(ref_logits, input_ids, self.temperature)
+        return logp - ref_logp
+
+    def _tensors(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        from rlloop.learner.policy import used_length
+
+        T = used_length(batch.attention_mask)  # right padding beyond every row is cut off
+        ids = torch.as_tensor(np.asarray(batch.input_ids)[:, :T], dtype=torch.long, device=self.device)
+        att = torch.as_tensor(np.asarray(batch.attention_mask)[:, :T], dtype=torch.long, device=self.device)
+        mask = torch.as_tensor(
+            np.asarray(batch.response_mask)[:, :T], dtype=torch.float32, device=self.device
+        )
+        return ids, att, mask
+
+    @torch.no_grad()
+    def token_rewards(self, batch: Batch) -> np.ndarray:
+        """r_t = β (log π_φ − log π_ref) at response positions, 0 elsewhere: float32 `[B, T]` (batch's T)."""
+        ids, att, mask = self._tensors(batch)
+        out = np.zeros(np.asarray(batch.input_ids).shape, dtype=np.float32)
+        for s in range(0, len(batch), self.micro_batch_size):
+            rows = slice(s, s + self.micro_batch_size)
+            q = self._log_ratio(ids[rows], att[rows])
+            out[rows, : ids.shape[1]] = (self.beta * q * mask[rows]).float().cpu().numpy()
+        return out
+
+    # ----- online update ------------------------------------------------------------------------------
+
+    def update(self, batch: Batch, outcomes: np.ndarray) -> dict[str, float]:
+        """One step of CE(σ(β Σ_t log-ratio_t), outcome) over the batch's rows; outcome in [0, 1] per row.
+
+        Returns (scores before the update) implicit_prm/loss, implicit_prm/acc (share of rows where
+        σ(...) > 0.5 agrees with outcome > 0.5), implicit_prm/reward (mean β Σ_t log-ratio), /version.
+        """
+        outcome = torch.as_tensor(np.asarray(outcomes, dtype=np.float32), device=self.device)
+        if outcome.shape != (len(batch),):
+            raise ValueError(
+                f"ImplicitPRM.update: outcomes has shape {tuple(outcome.shape)}, expected ({len(batch)},)"
+            )
+        bad = ((outcome < 0) | (outcome > 1) | ~torch.isfinite(outcome)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"ImplicitPRM.update: outcome of row {i} is {float(outcome[i])}, expected in [0, 1]"
+            )
+        ids, att, mask = self._tensors(batch)
+        B = len(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, scores = 0.0, []
+        for s in range(0, B, self.micro_batch_size):
+            rows = slice(s, s + self.micro_batch_size)
+            q = self._log_ratio(ids[rows], att[rows])
+            score = self.beta * (q * mask[rows]).sum(-1)  # β Σ_t log-ratio = Σ_t r_t
+            loss = F.binary_cross_entropy_with_logits(score, outcome[rows], reduction="sum") / B
+            loss.backward()
+            total_loss += loss.item()
+            scores.append(score.detach())
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.version += 1
+        score = torch.cat(scores)
+        return {
+            "implicit_prm/loss": total_loss,
+            "implicit_prm/acc": float(((score > 0) == (outcome > 0.5)).double().mean()),
+            "implicit_prm/reward": float(score.mean()),
+            "implicit_prm/version": float(self.version),
+        }
+
+    # ----- weights ------------------------------------------------------------------------------------
+
+    def state_dict_numpy(self) -> dict[str, np.ndarray]:
+        """π_φ's HF state dict as float32 numpy arrays."""
+        return {k: v.detach().to(torch.float32).cpu().numpy() for k, v in self.model.state_dict().items()}
+
+    def load_state_numpy(self, named_arrays: dict[str, np.ndarray], version: int | None = None) -> int:
+        """Load (a subset of) π_φ's state-dict names; returns the new version."""
+        state = self.model.state_dict()
+        unknown = [k for k in named_arrays if k not in state]
+        if unknown:
+            raise KeyError(f"ImplicitPRM.load_state_numpy: names not in the model: {unknown[:5]}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")  # Ray's object store is read-only
+            self.model.load_state_dict(
+                {k: torch.from_numpy(np.asarray(v)) for k, v in named_arrays.items()}, strict=False
+            )
+        self.version = self.version + 1 if version is None else int(version)
+        return self.version
+
+    def save(self, path: str) -> None:
+        """π_φ as a plain HF causal-LM folder (weights only; add the tokenizer yourself)."""
+        self.model.save_pretrained(path)
+
+    def ping(self) -> bool:
+        return True
+
+
+# ----- fusion (pure) ----------------------------------------------------------------------------------
+
+
+def _leave_one_out_mean(x: Tensor, valid: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean of x over the OTHER valid rows of each row's group, group size) -> both [B]."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    G = int(inv.max()) + 1 if inv.numel() else 0
+    v = valid.to(x.dtype)
+    total = torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, inv, x * v)[inv]
+    count = torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, inv, v)[inv]
+    others = (count - v).clamp(min=1)
+    return (total - x * v) / others, count
+
+
+def prime_advantages(
+    outcome: Tensor,
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    w_rule: float = 1.0,
+    w_process: float = 1.0,
+    process_norm: str = "batch_max",
+    whiten: bool = True,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """PRIME's fusion of the outcome [B] and implicit-PRM token rewards [B, T] -> (advantages, returns) [B, T].
+
+    1. process_norm="batch_max" (PRIME's `prime_norm=batch_norm`): r_t /= max over the batch of
+       |Σ_{s>=t} r_s| (+eps), so the process returns lie in [-1, 1]; "none" keeps r_t.
+    2. Leave-one-out per source, over the rows of a prompt group (n rows):
+         process: r̃_t = r_t − mean_{j≠i} m_j, with m_j = row j's mean token reward;
+         outcome: õ_i = o_i − mean_{j≠i} o_j, placed on the row's last response token.
+       (PRIME's `masked_rloo` also scales each token's deviation from its own row mean by n/(n−1);
+       every row's sum is the same either way.) A group of one has no baseline: both parts are 0 there,
+       as in `rlloop.algos.advantages.rloo`.
+    3. returns G_t = Σ_{s>=t} (w_rule·õ + w_process·r̃)_s (γ = 1); advantages = whiten(G) over the batch's
+       response tokens (PRIME), or G with whiten=False.
+    """
+    outcome = check_tensor("outcome", torch.as_tensor(outcome), ndim=1, float_dtype=True)
+    B = outcome.shape[0]
+    token_rewards = check_tensor("token_rewards", torch.as_tensor(token_rewards), ndim=2, float_dtype=True)
+    if token_rewards.shape[0] != B:
+        raise ValueError(
+            f"token_rewards has shape {tuple(token_rewards.shape)}, expected ({B}, T) (rows of outcome)"
+        )
+    mask = check_mask(
+        "response_mask", torch.as_tensor(response_mask), token_rewards.shape, like="token_rewards"
+    )
+    group_ids = check_group_ids(torch.as_tensor(group_ids), B)
+    if process_norm not in ("batch_max", "none"):
+        raise ValueError(f"process_norm={process_norm!r}: use batch_max | none")
+    dtype = torch.float64 if token_rewards.dtype == torch.float64 else torch.float32
+    m = mask.to(dtype)
+    r = token_rewards.to(dtype) * m
+    if process_norm == "batch_max":
+        r = r / (discounted_returns(r, m, 1.0).abs().max() + eps)
+    valid = m.sum(-1) > 0
+    row_mean = r.sum(-1) / m.sum(-1).clamp(min=1)
+    base_r, n = _leave_one_out_mean(row_mean, valid, group_ids)
+    base_o, _ = _leave_one_out_mean(outcome.to(dtype), valid, group_ids)
+    has_baseline = (n >= 2) & valid
+    process = torch.where(has_baseline[:, None], r - base_r[:, None], torch.zeros_like(r)) * m
+    o_tilde = torch.where(has_baseline, outcome.to(dtype) - base_o, torch.zeros_like(base_o))
+    last = last_token_index(mask)
+    outcome_tokens = torch.zeros_like(r)
+    rows = valid.nonzero().squeeze(-1)
+    outcome_tokens[rows, last[rows]] = o_tilde[rows]
+    returns = discounted_returns(w_rule * outcome_tokens + w_process * process, m, 1.0)
+    advantages = masked_whiten(returns, m, eps) if whiten else returns
+    return advantages * m, returns * m
+
+
+def prime_prompt_filter(outcome: Tensor, group_ids: Tensor, low: float = 0.2, high: float = 0.8) -> Tensor:
+    """Keep mask [B] bool: rows whose prompt group has mean outcome (accuracy) in [low, high] (PRIME)."""
+    outcome = check_tensor("outcome", torch.as_tensor(outcome), ndim=1, float_dtype=True)
+    group_ids = check_group_ids(torch.as_tensor(group_ids), outcome.shape[0])
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"prime_prompt_filter: need 0 <= low <= high <= 1, got low={low}, high={high}")
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    G = int(inv.max()) + 1 if inv.numel() else 0
+    o = outcome.double()
+    acc = torch.zeros(G, dtype=o.dtype).index_add(0, inv, o) / torch.zeros(G, dtype=o.dtype).index_add(
+        0, inv, torch.ones_like(o)
+    )
+    # a small tolerance so 0.2 / 0.8 written as 1/5, 4/5 of a group of 5 are kept
+    return (acc[inv] >= low - 1e-9) & (acc[inv] <= high + 1e-9)
+
+
+_ACTORS: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    # `ImplicitPRMService` = ray.remote(ImplicitPRM), built on first use so Ray stays an optional import.
+    if name == "ImplicitPRMService":
+        if name not in _ACTORS:
+            import ray
+
+            _ACTORS[name] = ray.remote(ImplicitPRM)
+        return _ACTORS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
