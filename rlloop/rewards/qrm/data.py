@@ -140,28 +140,43 @@ def _apply(a: int, op: str, x: int) -> int:
     return {"+": a + x, "-": a - x, "*": a * x, "/": a // x if x else a}[op]
 
 
-def corrupt_solution(steps: Sequence[str], answer: int, rng: random.Random) -> tuple[str, int, int] | None:
-    """A worked `arith` solution with ONE wrong number: the result of a random calculation step is off by
-    a small amount, and later steps carry on correctly from the wrong value (as a model that slipped
-    once would), so the final answer is wrong too.
+CORRUPTIONS = ("result", "copy")
 
+
+def corrupt_solution(
+    steps: Sequence[str], answer: int, rng: random.Random, kind: str = "result"
+) -> tuple[str, int, int] | None:
+    """A worked `arith` solution with ONE wrong number; later steps carry on correctly from the wrong value
+    (as a model that slipped once would), so the final answer is wrong too.
+
+    kind="result": a calculation step's result is off by 1..9 (an arithmetic slip, "23 + 45 = 71");
+    kind="copy": a calculation step's first operand is not the value the previous step reached (a copying
+    slip, "... = 68" then "86 - 12 = 74").
     steps: the solution's steps ("Sam starts with 23 marbles.", "23 + 45 = 68", ..., "The answer is
     \\boxed{68}."). Returns (text, start, end): the corrupted solution and the character span of the first
     wrong number in it; None when the solution has no calculation step.
     """
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"corruption kind={kind!r}: use one of {list(CORRUPTIONS)}")
     calc = [k for k, s in enumerate(steps) if _CALC.match(s.strip())]
     if not calc:
         return None
     k = rng.choice(calc)
+    a, op, x, result = _CALC.match(steps[k].strip()).groups()  # type: ignore[union-attr]
     for _ in range(50):
-        a, op, x, result = _CALC.match(steps[k].strip()).groups()  # type: ignore[union-attr]
-        wrong = int(result) + rng.choice([d for d in range(-9, 10) if d])
-        if wrong < 0 or wrong == int(result):
+        right = int(result) if kind == "result" else int(a)
+        wrong = right + rng.choice([d for d in range(-9, 10) if d])
+        if wrong < 0 or (kind == "copy" and op == "-" and wrong < int(x)):
             continue
         out = list(steps)
-        prefix = f"{a} {op} {x} = "
-        out[k] = prefix + str(wrong)
-        value = wrong
+        if kind == "result":
+            prefix = f"{a} {op} {x} = "
+            value = wrong
+            out[k] = prefix + str(wrong)
+        else:
+            prefix = ""
+            value = _apply(wrong, op, int(x))
+            out[k] = f"{wrong} {op} {x} = {value}"
         for j in range(k + 1, len(steps)):
             m = _CALC.match(steps[j].strip())
             if m:
@@ -180,7 +195,12 @@ def corrupt_solution(steps: Sequence[str], answer: int, rng: random.Random) -> t
 
 
 def pairs_from_solutions(
-    problems: Sequence[Any], prompts: Sequence[Any], *, seed: int = 0, groups: Sequence[str] | None = None
+    problems: Sequence[Any],
+    prompts: Sequence[Any],
+    *,
+    seed: int = 0,
+    groups: Sequence[str] | None = None,
+    kind: str = "result",
 ) -> list[dict]:
     """One pair per `arith` problem: chosen = its worked solution, rejected = `corrupt_solution` of it.
 
@@ -192,7 +212,7 @@ def pairs_from_solutions(
     rng = random.Random(seed)
     pairs = []
     for i, (p, prompt) in enumerate(zip(problems, prompts, strict=True)):
-        bad = corrupt_solution(p.steps, p.answer, rng)
+        bad = corrupt_solution(p.steps, p.answer, rng, kind)
         if bad is None:
             continue
         text, start, end = bad

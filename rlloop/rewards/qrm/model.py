@@ -36,7 +36,8 @@ class TokenQModel(nn.Module):
     """Backbone (`AutoModel`, the causal LM without its LM head) + `Linear(H, 1, bias=False)` token head.
 
     The head is kept in float32 and applied to float32 hidden states (as the PRM's value head), so token
-    scores are not quantised by a bf16 backbone. A fresh head is zero: s_t = 0 everywhere (no preference).
+    scores are not quantised by a bf16 backbone. A fresh head has nn.Linear's default (small random) init,
+    not zero: a zero head is a saddle point (no gradient reaches the backbone until the head grows).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Linear | None = None):
@@ -45,7 +46,6 @@ class TokenQModel(nn.Module):
         hidden = backbone.config.hidden_size
         if head is None:
             head = nn.Linear(hidden, 1, bias=False)
-            nn.init.zeros_(head.weight)
         if head.bias is not None:
             raise ValueError("Q-RM token head must have no bias (it cancels in the pairwise loss)")
         if head.in_features != hidden or head.out_features != 1:
@@ -58,7 +58,7 @@ class TokenQModel(nn.Module):
 
     @classmethod
     def from_backbone(cls, path: str, dtype: str | torch.dtype = "float32", **kwargs: Any) -> TokenQModel:
-        """A fresh zero head (s_t = 0 everywhere) on the backbone of the HF model at `path`."""
+        """A fresh (random) head on the backbone of the HF model at `path`."""
         from transformers import AutoModel
 
         return cls(AutoModel.from_pretrained(path, dtype=_dtype(dtype), **kwargs))
@@ -72,7 +72,7 @@ class TokenQModel(nn.Module):
         if not has_qrm_head(path):
             raise FileNotFoundError(
                 f"{path} is not a Q-RM folder: it has no {HEAD_FILE} / {META_FILE}. To start from a plain "
-                f"causal LM use TokenQModel.from_backbone({path!r}) (fresh zero head), or train one with "
+                f"causal LM use TokenQModel.from_backbone({path!r}) (fresh head), or train one with "
                 "`python -m rlloop.qrm_train`."
             )
         with open(os.path.join(path, META_FILE)) as f:

@@ -152,7 +152,7 @@ class QRMTrainer:
             loss, margin = self._margins(self.engine, encoded)
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(float(loss) * len(encoded))
+            losses.append(loss.item() * len(encoded))
             margins.append(margin.detach())
             lr = float(self.engine.get_lr()[0])
         else:
@@ -161,7 +161,7 @@ class QRMTrainer:
                 chunk = encoded[b : b + self.micro_batch_size]
                 loss, margin = self._margins(self.model, chunk)
                 (loss * len(chunk) / len(encoded)).backward()
-                losses.append(float(loss) * len(chunk))
+                losses.append(loss.item() * len(chunk))
                 margins.append(margin.detach())
             if self.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
