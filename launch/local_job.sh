@@ -14,9 +14,18 @@ OUT_DIR=${OUT_DIR:-$ROOT/outputs/ray_job/$(date +%Y%m%d-%H%M%S)}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
+# A private temp dir marks this head's processes: at exit only they are stopped. (`ray stop` would kill
+# every Ray cluster on the machine, other users' and test sessions' included.)
+RAY_TMP=$(mktemp -d /tmp/rlloop-ray-XXXXXX)
+stop_head() {
+  pkill -TERM -f -- "$RAY_TMP" 2>/dev/null || true
+  sleep 2
+  pkill -KILL -f -- "$RAY_TMP" 2>/dev/null || true
+  rm -rf "$RAY_TMP"
+}
+trap stop_head EXIT
 "$RAY" start --head --node-ip-address=127.0.0.1 --num-cpus="${NUM_CPUS:-2}" --port="$PORT" \
-  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats >/dev/null
-trap '"$RAY" stop --force >/dev/null 2>&1 || true' EXIT
+  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats --temp-dir="$RAY_TMP" >/dev/null
 
 # The working dir travels to the cluster; the venv, outputs and git history do not.
 "$RAY" job submit --address "http://127.0.0.1:$DASH" --working-dir "$ROOT" \
