@@ -30,11 +30,15 @@ from rlloop.rollout.steps import split_steps
 STEP_JOIN = "\n\n"
 
 
-def _read(path: str | Path) -> tuple[Path, list[tuple[int, Any]]]:
-    """(path, [(1-based row, object)]) of a jsonl or parquet file; raises DataError naming the file."""
+def read_rows(path: str | Path, kind: str = "") -> tuple[Path, list[tuple[int, Any]]]:
+    """(path, [(1-based row, object)]) of a jsonl or parquet file; raises DataError naming the file.
+
+    `kind` (e.g. "pair") only words the messages: "no such pair file".
+    """
     p = Path(path).expanduser()
+    label = f"{kind} file" if kind else "file"
     if not p.is_file():
-        raise DataError(f"{p}: no such file")
+        raise DataError(f"{p}: no such {label}")
     suffix = p.suffix.lower()
     rows: list[tuple[int, Any]] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
@@ -54,9 +58,9 @@ def _read(path: str | Path) -> tuple[Path, list[tuple[int, Any]]]:
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{p}: cannot read parquet file ({e})") from None
     else:
-        raise DataError(f"{p}: unsupported file type {suffix!r}; use .jsonl or .parquet")
+        raise DataError(f"{p}: unsupported {label} type {suffix!r}; use .jsonl or .parquet")
     if not rows:
-        raise DataError(f"{p}: file has no rows")
+        raise DataError(f"{p}: {label} has no rows")
     return p, rows
 
 
@@ -97,7 +101,7 @@ def _object(p: Path, row: int, obj: Any) -> dict:
 def load_transitions(path: str | Path) -> list[dict]:
     """TDRM transitions -> `[{"question", "state", "next_state", "rewards": [r_1..r_n], "label", "done",
     "next_mask", "n"}]` (`next_state` is None for terminal rows; `n` = 1 for `state2` files)."""
-    p, rows = _read(path)
+    p, rows = read_rows(path)
     out = []
     for row, raw in rows:
         obj = _object(p, row, raw)
@@ -164,7 +168,7 @@ def steps_to_example(
 
 def load_trajectories(path: str | Path) -> list[dict]:
     """Trajectories jsonl -> example dicts (see module docstring); the prompt is the question + a blank line."""
-    p, rows = _read(path)
+    p, rows = read_rows(path)
     out = []
     for row, raw in rows:
         obj = _object(p, row, raw)
@@ -194,7 +198,7 @@ def load_rollouts(
 ) -> list[dict]:
     """rlloop rollouts jsonl -> example dicts. Steps come from `step_char_ends` (recomputed from `text`
     with the delimiter when the field is absent); the outcome from `correct`, else mean(`outcome`)."""
-    p, rows = _read(path)
+    p, rows = read_rows(path)
     out = []
     for row, raw in rows:
         obj = _object(p, row, raw)

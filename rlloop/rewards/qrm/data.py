@@ -21,38 +21,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlloop.data.loader import DataError
+from rlloop.rewards.prm.data import read_rows
 
 COLUMNS = ("prompt", "chosen", "rejected")
 _CALC = re.compile(r"^(\d+) ([+\-*/]) (\d+) = (\d+)$")
 
 
 def _read_rows(path: str | Path) -> tuple[Path, list[tuple[int, Any]]]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"{p}: no such pair file")
-    suffix = p.suffix.lower()
-    rows: list[tuple[int, Any]] = []
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}: row {lineno}: not valid JSON ({e.msg})") from None
-    elif suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:
-            rows = list(enumerate(pq.read_table(p).to_pylist(), start=1))
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{p}: cannot read parquet file ({e})") from None
-    else:
-        raise DataError(f"{p}: unsupported pair file type {suffix!r}; use .jsonl or .parquet")
-    if not rows:
-        raise DataError(f"{p}: pair file has no rows")
-    return p, rows
+    return read_rows(path, kind="pair")
 
 
 def validate_pair(obj: Any, where: str) -> dict:
