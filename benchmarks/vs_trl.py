@@ -145,6 +145,8 @@ class MemorySampler:
 def _run_measured(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[float, MemorySampler, int]:
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **{MARKER: run_id})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each measured run is its own process group
     env.setdefault("WANDB_MODE", "disabled")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -226,6 +228,7 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str) -> dict:
     name = f"rlloop-ws{world_size}" + ("" if reward == "rule" else f"-{reward}")
     out = _summarise(name, wall, sampler, steps, "reward/total", a, eval_s)
     out["rc"] = rc
+    out["log"] = str(run_dir.with_suffix(".log"))
     return out
 
 
@@ -243,6 +246,7 @@ def run_trl(a, run_dir: Path) -> dict:
     )
     out = _summarise("trl", wall, sampler, steps, "reward", a)
     out["rc"] = rc
+    out["log"] = str(run_dir.with_suffix(".log"))
     return out
 
 
@@ -520,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error(
             "%d run(s) failed or stopped early: %s", len(failed), [(r["system"], r["run"]) for r in failed]
         )
+        for r in failed:  # the cause is in the run's own log; show its end so a CI failure says why
+            log = Path(r["log"])
+            tail = log.read_text(errors="replace")[-2500:] if log.exists() else "(no log)"
+            logger.error("last lines of %s:\n%s", log, tail)
         return 1
     return 0
 

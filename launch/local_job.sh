@@ -14,21 +14,63 @@ OUT_DIR=${OUT_DIR:-$ROOT/outputs/ray_job/$(date +%Y%m%d-%H%M%S)}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
-# A private temp dir marks this head's processes: at exit only they are stopped. (`ray stop` would kill
-# every Ray cluster on the machine, other users' and test sessions' included.)
+# A private temp dir and a session of its own mark this head's processes: at exit exactly they are stopped
+# (`ray stop` would kill every Ray cluster on the machine, other users' and test sessions' included; a
+# pattern on the temp dir alone misses the agents, whose command lines do not name it).
 RAY_TMP=$(mktemp -d /tmp/rlloop-ray-XXXXXX)
+RAY_SID=""
 stop_head() {
+  local own_sid
+  own_sid=$(ps -o sid= -p $$ | tr -d ' ')
+  [ -n "$RAY_SID" ] && [ "$RAY_SID" != "$own_sid" ] && pkill -TERM -s "$RAY_SID" 2>/dev/null
   pkill -TERM -f -- "$RAY_TMP" 2>/dev/null || true
   sleep 2
+  [ -n "$RAY_SID" ] && [ "$RAY_SID" != "$own_sid" ] && pkill -KILL -s "$RAY_SID" 2>/dev/null
   pkill -KILL -f -- "$RAY_TMP" 2>/dev/null || true
   rm -rf "$RAY_TMP"
 }
 trap stop_head EXIT
-"$RAY" start --head --node-ip-address=127.0.0.1 --num-cpus="${NUM_CPUS:-2}" --port="$PORT" \
-  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats --temp-dir="$RAY_TMP" >/dev/null
+# Every other port the head opens is a free one too: the defaults (client server 10001, agent 52365) are
+# fixed, so a second Ray on the machine (a test session's, a leftover) would leave this head without a
+# job agent ("No available agent to submit job").
+read -r CLIENT_PORT AGENT_PORT AGENT_GRPC ENV_AGENT METRICS < <("$PYTHON" - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+)
+setsid "$RAY" start --head --node-ip-address=127.0.0.1 --num-cpus="${NUM_CPUS:-2}" --port="$PORT" \
+  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --disable-usage-stats --temp-dir="$RAY_TMP" \
+  --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
+  --dashboard-agent-grpc-port="$AGENT_GRPC" --runtime-env-agent-port="$ENV_AGENT" \
+  --metrics-export-port="$METRICS" >/dev/null
+RAY_SID=$(ps -o sid= -p "$(pgrep -f -- "$RAY_TMP" | head -n 1)" | tr -d ' ')
 
 # The working dir travels to the cluster; the venv, outputs and git history do not.
-"$RAY" job submit --address "http://127.0.0.1:$DASH" --working-dir "$ROOT" \
-  --runtime-env-json '{"excludes": [".venv", ".git", "outputs", "multirun", "wandb", "*.png", ".pytest_cache"]}' \
-  -- "$PYTHON" -m rlloop.train hydra.run.dir="$OUT_DIR" "$@"
+# Right after `ray start` the head's job agent may not be registered yet ("No available agent to submit
+# job"): submit without waiting, retrying only that error, then follow the logs and report the status.
+SID="rlloop-$(date +%Y%m%d-%H%M%S)-$$"
+for attempt in $(seq 1 30); do
+  if OUT=$("$RAY" job submit --no-wait --submission-id "$SID" --address "http://127.0.0.1:$DASH" --working-dir "$ROOT" \
+      --runtime-env-json '{"excludes": [".venv", ".git", "outputs", "multirun", "wandb", "*.png", ".pytest_cache", ".hypothesis"]}' \
+      -- "$PYTHON" -m rlloop.train hydra.run.dir="$OUT_DIR" "$@" 2>&1); then
+    break
+  fi
+  if ! grep -q "No available agent" <<<"$OUT" || [ "$attempt" = 30 ]; then
+    echo "$OUT" >&2
+    echo "error: ray job submit failed (attempt $attempt)" >&2
+    exit 1
+  fi
+  sleep 2
+done
+echo "submitted $SID (attempt $attempt)"
+"$RAY" job logs --follow --address "http://127.0.0.1:$DASH" "$SID"
+STATUS=$("$RAY" job status --address "http://127.0.0.1:$DASH" "$SID" 2>&1)
 echo "outputs: $OUT_DIR"
+if ! grep -q "Job '$SID' succeeded" <<<"$STATUS"; then
+  echo "$STATUS" | tail -n 5 >&2
+  echo "error: job $SID did not succeed" >&2
+  exit 1
+fi

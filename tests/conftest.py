@@ -38,6 +38,8 @@ LENGTH_REWARD = [
 def run_cli(args: list[str], *, timeout: float = 600, env: dict | None = None, module: str = "rlloop.train"):
     """Run `python -m <module> <args>` from the repo root; returns CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)  # the CLI is its own group of one, whatever an in-process test left behind
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", module, *args],

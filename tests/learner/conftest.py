@@ -134,12 +134,18 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")
+
+
+@pytest.fixture(scope="package")
 def dist_port():
     """A free port for in-process world-size-1 learners. DeepSpeed reuses one process group for every
-    learner of the session (it caches groups, so a re-created one breaks it); destroyed at the end."""
+    learner of this package (it caches groups, so a re-created one breaks it); destroyed when the package
+    is done, and the RANK/MASTER_PORT variables PolicyLearner put into os.environ are removed again —
+    left behind, every later subprocess (CLIs, TRL) would try to listen on this group's port."""
     import torch
 
+    saved = {key: os.environ.get(key) for key in _DIST_ENV}
     torch.set_num_threads(1)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -149,6 +155,11 @@ def dist_port():
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def inprocess_learner(
