@@ -167,6 +167,9 @@ class TrainerConfig:
     keep_last: int = 2  # complete checkpoints kept under <out_dir>/checkpoints
     resume: Optional[str] = None  # "auto" = newest complete checkpoint in <out_dir>/checkpoints, or a path
     max_actor_restarts: int = 3  # a dead rollout worker / PRM replica is restarted this often, then the run fails
+    # a learner rank that dies or hangs stops the whole DeepSpeed group; the run then restarts itself from
+    # its last complete checkpoint (from scratch if there is none) this often, then fails
+    max_restarts: int = 2
 
 
 @dataclass

@@ -25,7 +25,7 @@ def check_keys(cfg: Any, schema: type, prefix: str = "") -> None:
         name = f"{prefix}{key}"
         if key not in fields:
             raise ConfigError(
-                f"config key {name!r} is unknown; {prefix or 'the root'} takes {sorted(fields)}"
+                f"config key {name!r} is unknown; {prefix.rstrip('.') or 'the root'} takes {sorted(fields)}"
             )
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub) and isinstance(cfg[key], DictConfig):
@@ -37,6 +37,7 @@ def validate_config(cfg: Any) -> None:
     from rlloop.config import Config
 
     check_keys(cfg, Config)
+    _check_no_missing(cfg)
     from rlloop.algos.advantages import ADVANTAGES
     from rlloop.algos.losses import POLICY_LOSSES
     from rlloop.tracking import BACKENDS
@@ -45,6 +46,9 @@ def validate_config(cfg: Any) -> None:
     _require(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be >= 1")
     _require(t.save_every >= 0, "trainer.save_every", t.save_every, "must be >= 0 (0 = no checkpoints)")
     _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1")
+    _require(t.max_restarts >= 0, "trainer.max_restarts", t.max_restarts, "must be >= 0 (0 = fail at once)")
+    _require(t.max_actor_restarts >= 0, "trainer.max_actor_restarts", t.max_actor_restarts, "must be >= 0")
+    _require(t.call_timeout_s > 0, "trainer.call_timeout_s", t.call_timeout_s, "must be > 0")
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = only before/after)")
     _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
     _require(
@@ -112,3 +116,43 @@ def validate_config(cfg: Any) -> None:
         cfg.wandb.mode,
         "choose offline, online or disabled",
     )
+    check_verifiers(rw.verifier)
+
+
+def _check_no_missing(cfg: Any) -> None:
+    """A `???` left in the config (e.g. task=file without task.train_path) names its key."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key(s) {missing} have no value (???); set them on the command line")
+
+
+def check_verifiers(verifier_cfg: Any) -> None:
+    """Verifier names, options, plugins and reward.verifier.custom_fn are usable (imported here, in the
+    driver, before any actor starts); ConfigError naming the key otherwise."""
+    from rlloop.config import to_dict
+    from rlloop.rewards.verifiers.pool import check_verifier_config
+
+    v = to_dict(verifier_cfg)
+    try:
+        check_verifier_config(
+            dict(v.get("sources") or {}),
+            {k: dict(o or {}) for k, o in (v.get("options") or {}).items()},
+            v.get("custom_fn"),
+            list(v.get("plugins") or []),
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_data_sources(verifier_cfg: Any, data_sources: set[str]) -> None:
+    """Every data_source of the data sets routes to a verifier; ConfigError naming the first that does not."""
+    from rlloop.rewards.verifiers.worker import route
+
+    sources = dict(verifier_cfg.sources)
+    for source in sorted(data_sources):
+        try:
+            route(sources, source)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None

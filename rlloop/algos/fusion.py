@@ -15,6 +15,7 @@ correlation with the outcome (`fusion_stats`), so each source is logged on its o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -85,6 +86,31 @@ def place_on_last_token(scores: Tensor, response_mask: Tensor) -> Tensor:
     last = last_token_index(response_mask)
     rows = (last >= 0).nonzero().squeeze(-1)
     out[rows, last[rows]] = scores[rows]
+    return out
+
+
+def place_response_rewards(values: Sequence[Sequence[float]], response_mask: Tensor) -> Tensor:
+    """Per-response-token rewards of each row onto its response positions: B lists, [B, T] -> [B, T].
+
+    values[b][i] belongs to row b's i-th response token, i.e. to the i-th position where
+    response_mask[b] is 1 (Batch alignment: entry t is token t). A scorer that returned a different
+    number of values than the row has response tokens is an error naming the row (the rewards would
+    land on the wrong tokens).
+    """
+    response_mask = check_mask("response_mask", response_mask)
+    if response_mask.dim() != 2 or response_mask.shape[0] != len(values):
+        raise ValueError(
+            f"response_mask has shape {tuple(response_mask.shape)}, expected ({len(values)}, T) (one row per "
+            "list of values)"
+        )
+    out = torch.zeros(response_mask.shape, dtype=torch.float32)
+    for b, row in enumerate(values):
+        positions = response_mask[b].bool().nonzero().squeeze(-1)
+        if len(row) != positions.numel():
+            raise ValueError(f"row {b}: {len(row)} token rewards for {positions.numel()} response tokens")
+        if positions.numel():
+            out[b, positions] = torch.as_tensor(row, dtype=torch.float32)
+    check_finite("token_rewards", out)
     return out
 
 

@@ -14,6 +14,7 @@ from rlloop.algos import (
     fusion_stats,
     outcome_fusion,
     place_on_last_token,
+    place_response_rewards,
     step_fusion,
     token_fusion,
     value_before_answer_step,
@@ -297,3 +298,17 @@ def test_fusion_bad_input_is_named():
         fuse({**d, "pos": [[2, 3, 4]]}, process="value", **kw)
     with pytest.raises(ValueError, match=r"token_rewards has shape \(1, 2\), expected \(2, T\)"):
         token_fusion(t([1.0, 0.0]), t([[0.0, 1.0]]), t([[1, 1]]), w_rule=1.0, w_token=1.0)
+
+
+def test_place_response_rewards_hand_worked():
+    # Row 0: prompt of 3 tokens, response of 2 -> response positions 3, 4. Row 1: prompt of 1, response
+    # of 3 -> positions 1, 2, 3 (then right padding). Row 2: empty response.
+    mask = t([[0, 0, 0, 1, 1], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+    out = place_response_rewards([[0.5, -1.0], [1.0, 2.0, 3.0], []], mask)
+    close(out, [[0, 0, 0, 0.5, -1.0], [0, 1, 2, 3, 0], [0, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"row 1: 2 token rewards for 3 response tokens"):
+        place_response_rewards([[0.5, -1.0], [1.0, 2.0], []], mask)
+    with pytest.raises(ValueError, match=r"expected \(2, T\)"):
+        place_response_rewards([[0.5, -1.0], [1.0, 2.0, 3.0]], mask)
+    with pytest.raises(ValueError, match=r"token_rewards contains 1 non-finite"):
+        place_response_rewards([[0.5, float("nan")], [1.0, 2.0, 3.0], []], mask)
