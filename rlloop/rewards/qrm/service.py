@@ -31,7 +31,9 @@ class QRMScorer:
     """Per-token Q-RM scores of (prompt, response) token-id pairs.
 
     model_path: a Q-RM folder written by `python -m rlloop.qrm_train` (`TokenQModel.save_pretrained`); a
-    plain LM without the token head is an error (its scores would all be 0).
+    plain LM without the token head is an error (its scores would all be 0), unless `fresh_head_seed` is
+    given: then the LM's backbone gets a fresh head drawn with that seed (an untrained Q-RM, whose token
+    rewards carry no preference signal: for wiring checks and as a start for online training).
     """
 
     def __init__(
@@ -44,15 +46,29 @@ class QRMScorer:
         num_threads: int = 1,
         batch_size: int = 32,
         device: str = "cpu",
+        fresh_head_seed: int | None = None,
     ):
         from transformers import AutoTokenizer
+
+        from rlloop.rewards.qrm.model import has_qrm_head
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)
         if batch_size < 1:
             raise ValueError(f"QRMScorer: batch_size must be >= 1, got {batch_size}")
         t0 = time.perf_counter()
-        self.model = TokenQModel.from_pretrained(model_path, dtype=dtype)
+        if fresh_head_seed is not None and not has_qrm_head(model_path):
+            logger.warning(
+                "Q-RM: no trained Q-RM given; using %s's backbone with a fresh head (seed %d): its token "
+                "rewards carry no preference signal (train one with `python -m rlloop.qrm_train`)",
+                model_path,
+                fresh_head_seed,
+            )
+            with torch.random.fork_rng():
+                torch.manual_seed(fresh_head_seed)
+                self.model = TokenQModel.from_backbone(model_path, dtype=dtype)
+        else:
+            self.model = TokenQModel.from_pretrained(model_path, dtype=dtype)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)

@@ -49,6 +49,21 @@ def test_scorer_reads_each_response_token_at_its_own_position(lm_dir, tmp_path, 
         scorer.token_rewards([[1], [1]], [[5], [9999]])
 
 
+def test_scorer_without_a_trained_qrm_starts_from_the_backbone_with_a_seeded_head(lm_dir):
+    """reward.qrm.path unset: the policy's backbone + a fresh head drawn from the run's seed, so a
+    restarted Q-RM service scores exactly as before (and another seed gives another head)."""
+    a = QRMScorer(lm_dir, fresh_head_seed=3)
+    b = QRMScorer(lm_dir, fresh_head_seed=3)
+    c = QRMScorer(lm_dir, fresh_head_seed=4)
+    prompts, responses = [[1, 5, 6]], [[20, 21, 22]]
+    sa, sb, sc = (s.token_rewards(prompts, responses)[0] for s in (a, b, c))
+    assert sa == sb and sa != sc
+    assert float(a.model.head.weight.detach().abs().sum()) > 0  # not the zero-head saddle
+    with torch.no_grad():  # the backbone is the LM's own (not re-initialised)
+        lm = TokenQModel.from_backbone(lm_dir).backbone.state_dict()
+    assert all(torch.equal(v, a.model.backbone.state_dict()[k]) for k, v in lm.items())
+
+
 def test_scorer_refuses_another_tokenizer(lm_dir, tmp_path):
     from rlloop.models.tokenizer import build_tokenizer
     from tests.rewards.qrm.conftest import save_lm
