@@ -132,7 +132,10 @@ class ImplicitPRM:
         """One step of CE(σ(β Σ_t log-ratio_t), outcome) over the batch's rows; outcome in [0, 1] per row.
 
         Returns (scores before the update) implicit_prm/loss, implicit_prm/acc (share of rows where
-        σ(...) > 0.5 agrees with outcome > 0.5), implicit_prm/reward (mean β Σ_t log-ratio), /version.
+        σ(...) > 0.5 agrees with outcome > 0.5), implicit_prm/reward (mean β Σ_t log-ratio), /version,
+        and (after the update) implicit_prm/param_delta_norm = ||φ − φ_ref||₂ over all weights: the
+        distance travelled from the initial weights when π_ref is the initial copy (the default), so a
+        run's log shows that π_φ really learns.
         """
         outcome = torch.as_tensor(np.asarray(outcomes, dtype=np.float32), device=self.device)
         if outcome.shape != (len(batch),):
@@ -167,7 +170,19 @@ class ImplicitPRM:
             "implicit_prm/acc": float(((score > 0) == (outcome > 0.5)).double().mean()),
             "implicit_prm/reward": float(score.mean()),
             "implicit_prm/version": float(self.version),
+            "implicit_prm/param_delta_norm": self.param_delta_norm(),
         }
+
+    @torch.no_grad()
+    def param_delta_norm(self) -> float:
+        """||φ − φ_ref||₂ over the parameters the two models share by name (no copy of the weights)."""
+        ref = dict(self.ref_model.named_parameters())
+        total = 0.0
+        for name, p in self.model.named_parameters():
+            q = ref.get(name)
+            if q is not None and q.shape == p.shape:
+                total += float((p.detach().double() - q.double()).pow(2).sum())
+        return total**0.5
 
     # ----- weights ------------------------------------------------------------------------------------
 

@@ -66,6 +66,9 @@ def test_update_changes_weights_and_raises_correct_rewards(lm_dir):
     assert history[0]["implicit_prm/loss"] == pytest.approx(np.log(2), abs=1e-4)  # σ(0) = 1/2 at init
     assert history[-1]["implicit_prm/loss"] < 0.5 * history[0]["implicit_prm/loss"]
     assert history[-1]["implicit_prm/acc"] == 1.0
+    # the logged distance from π_ref (= the initial weights here) grows from > 0 after the first step
+    deltas = [h["implicit_prm/param_delta_norm"] for h in history]
+    assert 0 < deltas[0] < deltas[-1]
     after = prm.state_dict_numpy()
     assert any(not np.array_equal(before[k], after[k]) for k in before), "π_φ's weights did not change"
     r = prm.token_rewards(batch)
@@ -78,6 +81,9 @@ def test_update_changes_weights_and_raises_correct_rewards(lm_dir):
     # the frozen reference did not move
     ref = {k: v.detach().numpy() for k, v in prm.ref_model.state_dict().items()}
     assert all(np.array_equal(before[k], ref[k]) for k in before)
+    # and the logged norm is the plain L2 distance between the two weight sets
+    expected = np.sqrt(sum(float(((after[k] - ref[k]).astype(np.float64) ** 2).sum()) for k in before))
+    assert deltas[-1] == pytest.approx(expected, rel=1e-6)
 
 
 def test_update_rejects_bad_outcomes(lm_dir):
