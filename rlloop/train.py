@@ -2,6 +2,10 @@
 
 With no arguments it trains the built-in `arith-small` model (pretraining it first if not cached) on
 the built-in `arith` task, on a local Ray cluster, and prints held-out accuracy before and after.
+
+Bad input (config, data, model or PRM paths, reward functions, the resume checkpoint) is caught by
+`preflight` before Hydra creates or writes the run folder, and reported as one line naming the culprit
+(exit code 2): rerunning with a typo into an existing run's folder leaves that run untouched.
 """
 
 from __future__ import annotations
@@ -9,17 +13,133 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rlloop.config import register_configs
-from rlloop.errors import RlloopError
+from rlloop.errors import ConfigError, RlloopError
 
 logger = logging.getLogger("rlloop.train")
 
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
 register_configs()
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml with `overrides`, as `python -m rlloop.train <overrides>` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def preflight(cfg: Any, run_dir: str | None = None) -> None:
+    """Check everything the user gave that needs no actor; RlloopError naming the culprit otherwise.
+
+    Config values and reward functions (validate_config), data sets and their data sources, the model
+    and PRM folders, prompt lengths against the model's context, and the checkpoint to resume (looked up
+    under `output_dir` or `run_dir`, the hydra.run.dir). Builds a built-in model on first use (cached, so
+    the run itself reuses it).
+    """
+    from rlloop import checkpoint
+    from rlloop.data import build_datasets
+    from rlloop.data.loader import check_prompt_lengths, max_positions
+    from rlloop.models import resolve_model
+    from rlloop.validate import check_data_sources, validate_config
+
+    validate_config(cfg)
+    # Cheap checks first: a bad path fails in a second, before data sets are built or a model pretrained.
+    key = "model.path" if cfg.model.path else f"model={cfg.model.name}"
+    if cfg.model.path:
+        _check_model_folder(resolve_model(cfg.model, cfg.task), key, tokenizer=False)
+    prm = cfg.reward.prm
+    if prm.enabled and prm.path:
+        _check_model_folder(prm.path, "reward.prm.path", tokenizer=False)
+    out_dir = cfg.output_dir or run_dir
+    resume = None
+    if cfg.trainer.resume and (out_dir or cfg.trainer.resume != "auto"):
+        resume = checkpoint.find(cfg.trainer.resume, Path(out_dir or ".") / "checkpoints")
+    train, test = build_datasets(cfg.task)
+    if not train:
+        raise ConfigError(f"task {cfg.task.name!r}: the training set is empty")
+    check_data_sources(cfg.reward.verifier, {s.data_source for s in train + test})
+    model_path = resolve_model(cfg.model, cfg.task)
+    tokenizer = _check_model_folder(model_path, key)
+    check_prompt_lengths(
+        train + test,
+        tokenizer,
+        cfg.task,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        context=max_positions(model_path),
+    )
+    if resume is not None:
+        checkpoint.load_state(
+            resume, fingerprint=checkpoint.model_fingerprint(model_path), total_steps=cfg.trainer.total_steps
+        )
+
+
+def _check_model_folder(path: str, key: str, *, tokenizer: bool = True) -> Any:
+    """A local HF folder has a parseable config.json and weights; returns the tokenizer (when asked).
+
+    A hub name (`model.path=org/model`, vetted by resolve_model) is only checked by loading its tokenizer,
+    which the run needs anyway.
+    """
+    from rlloop.models import ModelError
+
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{key}={path} is a folder without config.json (not an HF model folder)")
+        try:
+            json.loads((p / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelError(f"{key}={path}: config.json is not valid JSON ({err})") from None
+        weights = (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+        if not any((p / w).is_file() for w in weights):
+            raise ModelError(f"{key}={path} has no weights (none of {', '.join(weights)})")
+    elif key != "model.path":
+        raise ModelError(f"{key}={path} does not exist")
+    if not tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
+        raise ModelError(f"{key}={path}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
+
+
+def input_error(argv: list[str]) -> str | None:
+    """The one-line error for bad input in `argv` (command-line overrides), or None when all checks pass.
+
+    Arguments with Hydra flags (--cfg, --multirun, ...) are left to Hydra (None); their jobs still run
+    validate_config before any actor starts.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.startswith("-") for a in argv):
+        return None
+    try:
+        run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+        preflight(compose_config(argv), run_dirs[-1] if run_dirs else None)
+    except (RlloopError, FileNotFoundError) as err:
+        return f"error: {err}"
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's wording keeps the key (e.g. "Key 'bogus' not in 'AlgoConfig'") but spreads it over lines
+        parts = [str(err), str(err.__cause__ or "").split("\n    reference_type=")[0]]
+        return "error: " + " ".join(" ".join(p.split()) for p in parts if p)
+    return None
 
 
 def run(cfg: DictConfig, out_dir: str) -> dict:
@@ -38,9 +158,9 @@ def _main(cfg: DictConfig) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     out_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
-    OmegaConf.save(cfg, f"{out_dir}/config_resolved.yaml", resolve=True)
     try:
         with logging_redirect_tqdm():
+            OmegaConf.save(cfg, f"{out_dir}/config_resolved.yaml", resolve=True)
             summary = run(cfg, out_dir)
     except (RlloopError, FileNotFoundError) as err:
         # The user's input is wrong: one clear line naming the culprit, no traceback.
@@ -54,6 +174,10 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    error = input_error(sys.argv[1:])
+    if error is not None:
+        print(error, file=sys.stderr)
+        sys.exit(2)
     _main()
 
 

@@ -37,7 +37,6 @@ def validate_config(cfg: Any) -> None:
     from rlloop.config import Config
 
     check_keys(cfg, Config)
-    _check_no_missing(cfg)
     from rlloop.algos.advantages import ADVANTAGES
     from rlloop.algos.losses import POLICY_LOSSES
     from rlloop.tracking import BACKENDS
@@ -117,15 +116,6 @@ def validate_config(cfg: Any) -> None:
         "choose offline, online or disabled",
     )
     check_verifiers(rw.verifier)
-
-
-def _check_no_missing(cfg: Any) -> None:
-    """A `???` left in the config (e.g. task=file without task.train_path) names its key."""
-    from omegaconf import OmegaConf
-
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"config key(s) {missing} have no value (???); set them on the command line")
 
 
 def check_verifiers(verifier_cfg: Any) -> None:

@@ -22,19 +22,36 @@ class DataError(RlloopError, ValueError):
     """A data file that cannot be used; the message names the file, and the row and column if any."""
 
 
+def jsonl_rows(path: Path, row_word: str = "line") -> list[tuple[int, Any]]:
+    """[(1-based line, object)] of a jsonl file; blank lines skipped.
+
+    Lines are decoded one by one, so a file with non-UTF-8 bytes fails naming the line and byte column
+    (Python's text reader would raise a bare UnicodeDecodeError with a file offset and no line).
+    """
+    rows = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: {row_word} {lineno}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at "
+                    f"column {e.start + 1}); re-encode the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                sep = " is" if row_word == "line" else ":"
+                raise DataError(f"{path}: {row_word} {lineno}{sep} not valid JSON ({e.msg})") from None
+    return rows
+
+
 def _read_rows(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-        return rows
+        return jsonl_rows(path)
     if suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
@@ -70,6 +87,7 @@ def load_samples(path: str, *, data_source: str, split: str) -> list[Sample]:
     if not rows:
         raise DataError(f"data file is empty: {path} (task.{split}_path)")
     samples = []
+    first_row: dict[str, str] = {}  # uid -> where it first appeared
     for i, (row_no, row) in enumerate(rows):
         where = _row_name(p, row_no)
         if not isinstance(row, dict):
@@ -83,6 +101,10 @@ def load_samples(path: str, *, data_source: str, split: str) -> list[Sample]:
             or (isinstance(prompt, list) and not prompt)
         ):
             raise DataError(f"{where}: column 'prompt' is missing or empty")
+        if not isinstance(prompt, (str, list)):
+            raise DataError(
+                f"{where}: column 'prompt' must be text or chat messages, got {type(prompt).__name__}"
+            )
         if isinstance(prompt, list) and not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in prompt
         ):
@@ -91,19 +113,20 @@ def load_samples(path: str, *, data_source: str, split: str) -> list[Sample]:
         if answer is None or str(answer).strip() == "":
             raise DataError(f"{where}: column 'answer' is missing or empty")
         extra = {k: v for k, v in row.items() if k not in ("prompt", "answer", "data_source", "uid")}
+        uid = str(row["uid"]) if row.get("uid") is not None else f"{split}-{i}"
+        if uid in first_row:
+            # uids key the prompt cache and the trained-on record: two rows under one uid would be confused
+            raise DataError(f"{where}: column 'uid' has duplicate value {uid!r} (first at {first_row[uid]})")
+        first_row[uid] = where.rsplit(": ", 1)[-1]
         samples.append(
             Sample(
-                uid=str(row["uid"]) if row.get("uid") is not None else f"{split}-{i}",
+                uid=uid,
                 prompt=prompt,
                 data_source=str(row.get("data_source") or data_source),
                 ground_truth=str(answer),
                 extra=extra,
             )
         )
-    uids = [s.uid for s in samples]
-    if len(set(uids)) != len(uids):
-        dup = next(u for u in uids if uids.count(u) > 1)
-        raise DataError(f"{path}: column 'uid' has duplicate value {dup!r}")
     logger.info("loaded %d %s samples from %s", len(samples), split, path)
     return samples
 
@@ -129,8 +152,59 @@ def build_datasets(task_cfg: Any) -> tuple[list[Sample], list[Sample]]:
                 test = test[: task_cfg.num_test]
         train = [_apply_template(s, task_cfg) for s in train]
         test = [_apply_template(s, task_cfg) for s in test]
+        train_prompts = {s.uid: s.prompt for s in train}
+        for s in test:
+            if s.uid in train_prompts and train_prompts[s.uid] != s.prompt:
+                raise DataError(
+                    f"{task_cfg.test_path}: uid {s.uid!r} is also in {task_cfg.train_path} with another "
+                    "prompt; a uid must name one prompt across task.train_path and task.test_path"
+                )
         return train, test
     raise ConfigError(f"task.name={name!r} is not a known task; use 'arith' or 'file'")
+
+
+def max_positions(model_path: str) -> int | None:
+    """The model's context length from its config.json (None when it states none)."""
+    p = Path(model_path) / "config.json"
+    if not p.is_file():
+        return None
+    cfg = json.loads(p.read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    return None
+
+
+def check_prompt_lengths(
+    samples: list[Sample], tokenizer: Any, task_cfg: Any, *, max_new_tokens: int, context: int | None
+) -> None:
+    """DataError naming the first sample whose prompt tokens + rollout.max_new_tokens exceed `context`.
+
+    A longer prompt would fail deep inside a rollout worker (position index out of range) or be cut
+    silently. Only prompts whose UTF-8 byte length could exceed the budget are tokenized (a byte-level
+    tokenizer never makes more tokens than bytes), so a large data set costs little.
+    """
+    if not context:
+        return
+    budget = context - max_new_tokens
+    if budget < 1:
+        raise ConfigError(
+            f"config rollout.max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's "
+            f"{context} positions"
+        )
+    overhead = len(
+        render_prompt(Sample(uid="", prompt="", data_source="", ground_truth=""), tokenizer, task_cfg)
+    )
+    for s in samples:
+        if isinstance(s.prompt, str) and len(s.prompt.encode("utf-8")) + overhead <= budget:
+            continue
+        n = len(render_prompt(s, tokenizer, task_cfg))
+        if n > budget:
+            raise DataError(
+                f"prompt uid {s.uid!r} is {n} tokens; with rollout.max_new_tokens={max_new_tokens} it "
+                f"exceeds the model's {context} positions (shorten or drop the row, or lower "
+                "rollout.max_new_tokens)"
+            )
 
 
 def _apply_template(sample: Sample, task_cfg: Any) -> Sample:

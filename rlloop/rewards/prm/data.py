@@ -19,12 +19,11 @@ Trajectories and rollouts both load to the same example dict:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from rlloop.data.loader import DataError
+from rlloop.data.loader import DataError, jsonl_rows
 from rlloop.rollout.steps import split_steps
 
 STEP_JOIN = "\n\n"
@@ -42,14 +41,7 @@ def read_rows(path: str | Path, kind: str = "") -> tuple[Path, list[tuple[int, A
     suffix = p.suffix.lower()
     rows: list[tuple[int, Any]] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}: row {lineno}: not valid JSON ({e.msg})") from None
+        rows = jsonl_rows(p, row_word="row")
     elif suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 

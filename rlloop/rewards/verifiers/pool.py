@@ -84,6 +84,39 @@ class _Worker:
     calls: Deque[_Call] = field(default_factory=collections.deque)
 
 
+def check_verifier_config(
+    sources: Dict[str, str],
+    options: Dict[str, Dict[str, Any]],
+    custom_fn: Optional[str],
+    plugins: List[str],
+) -> None:
+    """ValueError naming the key when a verifier, its options, a plugin or the custom function is unusable.
+
+    Imports plugins and the custom function (as the workers will), so a typo fails at start-up, in the
+    caller's process, not at step 100 inside a worker.
+    """
+    if not sources:
+        raise ValueError("reward.verifier.sources is empty: map each data_source (or '*') to a verifier")
+    import_plugins(plugins)
+    for source, name in sources.items():
+        try:
+            get_verifier(name)
+        except ValueError as err:
+            raise ValueError(f"reward.verifier.sources[{source!r}]: {err}") from None
+    for name in options:
+        try:
+            get_verifier(name)  # options for an unknown verifier are a typo
+        except ValueError as err:
+            raise ValueError(f"reward.verifier.options.{name}: {err}") from None
+    for name in set(sources.values()):
+        opts = verifier_options(name, options, custom_fn)
+        check_options(name, opts)
+        if name == "custom":
+            load_custom_fn(opts.get("fn"))
+    if custom_fn and "custom" not in sources.values():
+        load_custom_fn(custom_fn)
+
+
 class VerifierPool:
     """Score `VerifyRequest`s in `num_workers` Ray actors. Requires `ray.init()` to have been called.
 
@@ -151,23 +184,7 @@ class VerifierPool:
 
     # ---- start-up checks -------------------------------------------------------------------------
     def _validate(self) -> None:
-        if not self.sources:
-            raise ValueError("reward.verifier.sources is empty: map each data_source (or '*') to a verifier")
-        import_plugins(self.plugins)
-        for source, name in self.sources.items():
-            try:
-                get_verifier(name)
-            except ValueError as err:
-                raise ValueError(f"reward.verifier.sources[{source!r}]: {err}") from None
-        for name in self.options:
-            get_verifier(name)  # options for an unknown verifier are a typo
-        for name in set(self.sources.values()):
-            opts = verifier_options(name, self.options, self.custom_fn)
-            check_options(name, opts)
-            if name == "custom":
-                load_custom_fn(opts.get("fn"))  # import + signature check now, not at step 100
-        if self.custom_fn and "custom" not in self.sources.values():
-            load_custom_fn(self.custom_fn)
+        check_verifier_config(self.sources, self.options, self.custom_fn, self.plugins)
 
     def check_sources(self, data_sources: Iterable[str]) -> None:
         """ValueError naming the first data_source that no verifier handles."""
