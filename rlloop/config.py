@@ -100,17 +100,49 @@ class PRMConfig:
 
 
 @dataclass
+class QRMConfig:
+    """Q-RM (arXiv 2505.23363) as the token-reward source of reward.fusion=token (frozen while RL runs)."""
+
+    enabled: bool = False
+    path: Optional[str] = None  # Q-RM folder from `python -m rlloop.qrm_train`; None = policy backbone +
+    # a fresh (seeded random) head, whose token rewards mean nothing until trained: for wiring checks only
+    batch_size: int = 32  # sequences per forward pass
+    num_threads: int = 1
+
+
+@dataclass
+class ImplicitPRMConfig:
+    """PRIME's implicit PRM (arXiv 2502.01456): r_t = beta * (log pi_phi - log pi_ref), pi_phi learns online."""
+
+    enabled: bool = False
+    path: Optional[str] = None  # initial pi_phi; None = the policy's initial weights (PRIME)
+    ref_path: Optional[str] = None  # frozen pi_ref; None = a copy of the initial pi_phi
+    beta: float = 0.05  # released default
+    online: bool = True  # one CE step of pi_phi on every batch's verified outcomes, after scoring
+    lr: float = 1e-6  # PRIME's released RM learning rate
+    micro_batch_size: int = 16
+    num_threads: int = 1
+    prompt_filter: bool = False  # keep only prompts whose group accuracy lies in [filter_low, filter_high]
+    filter_low: float = 0.2
+    filter_high: float = 0.8
+
+
+@dataclass
 class RewardConfig:
     name: str = "rule"
-    fusion: str = "outcome"  # outcome | step | token
+    fusion: str = "outcome"  # outcome | step | token | prime
     w_rule: float = 1.0
     w_prm: float = 0.0
-    w_token: float = 0.0  # fusion=token: weight of the per-token scorer (e.g. Q-RM)
+    # fusion=token: weight of the per-token source (Q-RM, or the implicit PRM); fusion=prime: weight of
+    # the implicit PRM's process advantage next to w_rule's outcome advantage
+    w_token: float = 0.0
     token_norm: str = "none"  # fusion=token: none | std (Q-RM: divide by the std over response tokens)
     step_process: str = "shaping"  # fusion=step: shaping (gamma*V_k - V_{k-1}, policy-invariant) | value (V_k)
     step_norm: str = "group"  # fusion=step: normalise each source per group | batch | none
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
+    qrm: QRMConfig = field(default_factory=QRMConfig)
+    implicit_prm: ImplicitPRMConfig = field(default_factory=ImplicitPRMConfig)
 
 
 @dataclass

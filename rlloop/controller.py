@@ -210,6 +210,7 @@ class Trainer:
             )
             if p.online:
                 self._get(self.prm.enable_online.remote(**self._prm_trainer_kwargs()), "PRM enable_online")
+        self._start_token_sources()
         self.learner = LearnerGroup(
             self.model_path,
             to_dict(cfg.learner),
@@ -223,12 +224,55 @@ class Trainer:
         self._get([w.__ray_ready__.remote() for w in self.workers], "rollout workers start-up")
         if self.prm is not None:
             self._get(self.prm.__ray_ready__.remote(), "PRM service start-up")
+        for name, actor in (("Q-RM service", self.qrm), ("implicit PRM", self.implicit_prm)):
+            if actor is not None:
+                self._get(actor.__ray_ready__.remote(), f"{name} start-up")
+        self._implicit_prm_weights_ref = None  # the implicit PRM's latest weights (for a restarted actor)
         self.policy_version = 0
         self._weights_ref = None  # the current policy's weights in the object store (for restarted workers)
         self._prm_weights_ref = None  # the online PRM's latest weights (for a restarted PRM service)
         self._prm_version = 0
         self.restarts: dict[str, int] = {}
         logger.info("actors up in %.1f s (ray %s)", time.perf_counter() - t0, ray.__version__)
+
+    def _start_token_sources(self) -> None:
+        """Q-RM (frozen) and PRIME's implicit PRM (online): the per-token reward sources of
+        reward.fusion=token|prime, one actor each (validate_config has checked which may be on)."""
+        cfg = self.cfg
+        self.qrm = None
+        if cfg.reward.qrm.enabled:
+            from rlloop.rewards.qrm.service import QRMService
+
+            q = cfg.reward.qrm
+            self.qrm = QRMService.options(num_cpus=0.1, max_restarts=cfg.trainer.max_actor_restarts).remote(
+                q.path or self.model_path,
+                policy_tokenizer_path=self.model_path,
+                dtype=cfg.model.dtype,
+                num_threads=q.num_threads,
+                batch_size=q.batch_size,
+                # no trained Q-RM: the policy's backbone with a seeded head (the same after a restart)
+                fresh_head_seed=None if q.path else cfg.trainer.seed,
+            )
+        self.implicit_prm = None
+        if cfg.reward.implicit_prm.enabled:
+            from rlloop.rewards.implicit_prm import ImplicitPRMService
+
+            ip = cfg.reward.implicit_prm
+            init = ref = ip.path or self.model_path
+            if self.resume_path is not None and (self.resume_path / "implicit_prm").is_dir():
+                init = str(self.resume_path / "implicit_prm")  # π_φ as it was at the checkpoint
+            ref = ip.ref_path or ref  # π_ref stays the initial weights across resumes
+            self.implicit_prm = ImplicitPRMService.options(
+                num_cpus=0.1, max_restarts=cfg.trainer.max_actor_restarts
+            ).remote(
+                init,
+                beta=ip.beta,
+                lr=ip.lr,
+                num_threads=ip.num_threads,
+                micro_batch_size=ip.micro_batch_size,
+                ref_model_path=None if ref == init else ref,  # None: a copy of π_φ, no second load
+                dtype=cfg.model.dtype,
+            )
 
     def _get(self, refs: Any, what: str) -> Any:
         from rlloop.distributed.ray_setup import get
@@ -296,23 +340,37 @@ class Trainer:
             ro.outcome = {"correct": float(res.score), **{k: float(v) for k, v in res.scores.items()}}
             ro.outcome_info = {"reason": res.reason} if res.reason else {}
 
-    def score(self, rollouts: list[Rollout], batch: Batch, prm_out: list[dict] | None) -> dict[str, float]:
+    def score(
+        self,
+        rollouts: list[Rollout],
+        batch: Batch,
+        prm_out: list[dict] | None,
+        token_scores: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """Fuse verifier and PRM scores into batch.token_rewards / advantages / returns.
 
         reward.fusion=outcome: one scalar per rollout, R = w_rule*outcome + w_prm*g(V before the answer
         step) (TDRM's release), placed on the last token, then the configured advantage estimator.
         reward.fusion=step: PRM step rewards at each step's last token plus the outcome at the last
         token, each normalised on its own (rlloop.algos.fusion.step_fusion).
+        reward.fusion=token: w_rule*outcome on the last token + w_token*r_t of the token source
+        (`token_scores` [B, T], Q-RM or implicit PRM; token_norm=std divides r_t by its std over the
+        batch's response tokens), then the configured advantage estimator.
+        reward.fusion=prime: PRIME's leave-one-out advantages per source (outcome, implicit-PRM r_t),
+        summed with weights w_rule / w_token and whitened (rlloop.rewards.implicit_prm.prime_advantages).
         Returns metrics: per-source statistics and the mean fused reward (`reward/total`).
         """
         from rlloop.algos.advantages import compute_advantages
         from rlloop.algos.fusion import (
+            fusion_stats,
             outcome_fusion,
             place_on_last_token,
             step_fusion,
+            token_fusion,
             value_before_answer_step,
         )
         from rlloop.algos.sampling import overlong_penalty
+        from rlloop.rewards.implicit_prm import prime_advantages
 
         rw, a = self.cfg.reward, self.cfg.algo
         mask = torch.from_numpy(batch.response_mask)
@@ -363,15 +421,136 @@ class Trainer:
             )
             token_rewards = place_on_last_token(outcome, mask)
             total = outcome
-        else:
+        elif token_scores is None:
             raise RlloopError(
                 f"reward.fusion={rw.fusion!r} needs a token-reward source, which is not configured"
             )
+        elif rw.fusion == "token":
+            token_rewards = token_fusion(
+                outcome,
+                token_scores,
+                mask,
+                w_rule=rw.w_rule,
+                w_token=rw.w_token,
+                token_norm=rw.token_norm,
+                metrics=metrics,
+            )
+            adv, ret = compute_advantages(
+                a.advantage, token_rewards, mask, group_ids, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
+            )
+            total = token_rewards.sum(-1)
+        else:  # prime
+            adv, ret = prime_advantages(
+                outcome, token_scores, mask, group_ids, w_rule=rw.w_rule, w_process=rw.w_token, eps=a.adv_eps
+            )
+            token_sum = (token_scores * mask).sum(-1)
+            stats = fusion_stats({"outcome": outcome, "token_sum": token_sum}, outcome)
+            metrics.update({f"fusion/{k}": v for k, v in stats.items()})
+            token_rewards = rw.w_rule * place_on_last_token(outcome, mask) + rw.w_token * token_scores * mask
+            total = rw.w_rule * outcome + rw.w_token * token_sum
         batch.token_rewards = token_rewards.numpy().astype(np.float32)
         batch.advantages = adv.numpy().astype(np.float32)
         batch.returns = ret.numpy().astype(np.float32)
         metrics["reward/total"] = float(total.mean())
         return metrics
+
+    def _score_tokens(
+        self, rollouts: list[Rollout], batch: Batch, timer: StepTimer
+    ) -> tuple[torch.Tensor | None, dict[str, float], Any]:
+        """Per-token rewards [B, T] of the configured token source (None without one), their metrics
+        (`<source>/token_mean|std` over response tokens, raw), and the implicit PRM's online update,
+        already queued behind the scoring call (the actor runs calls in order: it scores with π_φ as it
+        was, then learns from these outcomes while the policy trains)."""
+        from rlloop.algos.fusion import place_response_rewards
+
+        if self.qrm is None and self.implicit_prm is None:
+            return None, {}, None
+        mask = torch.from_numpy(batch.response_mask)
+        update = None
+        with timer.phase("token_rewards"):
+            if self.qrm is not None:
+                source = "qrm"
+                values = self._call_actor(
+                    "Q-RM service",
+                    lambda: self.qrm,
+                    self.qrm.score_rollouts.remote(rollouts),
+                    lambda a: a.score_rollouts.remote(rollouts),
+                    what=f"score ({len(rollouts)} rollouts)",
+                    restore=lambda: None,  # frozen: a restarted service reloads the same weights
+                )
+                for ro, v in zip(rollouts, values, strict=True):
+                    if len(v) != len(ro.response_ids):
+                        raise RlloopError(
+                            f"rollout {ro.uid}: the Q-RM returned {len(v)} token rewards for "
+                            f"{len(ro.response_ids)} response tokens"
+                        )
+                scores = place_response_rewards(values, mask)
+            else:
+                source = "implicit_prm"
+                import ray
+
+                batch_ref = ray.put(batch)
+                scores = torch.from_numpy(
+                    self._call_actor(
+                        "implicit PRM",
+                        lambda: self.implicit_prm,
+                        self.implicit_prm.token_rewards.remote(batch_ref),
+                        lambda a: a.token_rewards.remote(batch_ref),
+                        what=f"token_rewards ({len(rollouts)} rollouts)",
+                        restore=self._restore_implicit_prm,
+                    )
+                )
+                if self.cfg.reward.implicit_prm.online:
+                    update = self.implicit_prm.update.remote(batch_ref, self._implicit_prm_labels(rollouts))
+        for ro, row, m in zip(rollouts, scores, mask):
+            ro.token_rewards = row[m > 0].tolist()
+        on = scores[mask > 0]
+        metrics = {
+            f"{source}/token_mean": float(on.mean()) if on.numel() else float("nan"),
+            f"{source}/token_std": float(on.std()) if on.numel() > 1 else float("nan"),
+        }
+        return scores, metrics, update
+
+    @staticmethod
+    def _implicit_prm_labels(rollouts: list[Rollout]) -> np.ndarray:
+        """The verified outcome of each rollout as the implicit PRM's CE target, which must lie in [0, 1]."""
+        labels = np.array([ro.outcome["correct"] for ro in rollouts], dtype=np.float32)
+        bad = np.flatnonzero(~((labels >= 0) & (labels <= 1)))
+        if bad.size:
+            ro = rollouts[int(bad[0])]
+            raise RlloopError(
+                f"rollout {ro.uid}: verifier score {ro.outcome['correct']} is outside [0, 1]; the implicit "
+                "PRM learns from σ(β Σ r_t) against the outcome, so its verifier must score in [0, 1]"
+            )
+        return labels
+
+    def _prime_filter(
+        self, rollouts: list[Rollout], prm_out: list[dict] | None
+    ) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
+        """PRIME's prompt filter: keep groups whose mean outcome lies in [filter_low, filter_high]."""
+        from rlloop.rewards.implicit_prm import prime_prompt_filter
+
+        ip = self.cfg.reward.implicit_prm
+        if not ip.prompt_filter or not rollouts:
+            return rollouts, prm_out, {}
+        group_ids = group_index([ro.group for ro in rollouts])
+        outcome = torch.tensor([ro.outcome["correct"] for ro in rollouts], dtype=torch.float32)
+        keep = prime_prompt_filter(outcome, group_ids, ip.filter_low, ip.filter_high).tolist()
+        n_groups = len(set(group_ids.tolist()))
+        kept = [ro for ro, k in zip(rollouts, keep) if k]
+        stats = {"implicit_prm/filtered_frac": 1.0 - len({ro.group for ro in kept}) / max(n_groups, 1)}
+        if prm_out is not None:
+            prm_out = [o for o, k in zip(prm_out, keep) if k]
+        return kept, prm_out, stats
+
+    def _restore_implicit_prm(self) -> None:
+        """A restarted implicit PRM reloads its initial weights; give it back its latest π_φ (its
+        optimizer state starts afresh, as the online PRM's)."""
+        if self._implicit_prm_weights_ref is not None:
+            self._get(
+                self.implicit_prm.load_state_numpy.remote(self._implicit_prm_weights_ref),
+                "implicit PRM reload",
+            )
 
     @staticmethod
     def _step_tensors(rollouts: list[Rollout], prm_out: list[dict]) -> dict[str, torch.Tensor]:
@@ -461,6 +640,8 @@ class Trainer:
         self.learner.save_checkpoint(str(tmp / "learner"))
         if self.prm is not None and self.cfg.reward.prm.online:
             self._get(self.prm.save.remote(str(tmp / "prm")), "PRM save")
+        if self.implicit_prm is not None and self.cfg.reward.implicit_prm.online:
+            self._save_implicit_prm(tmp / "implicit_prm")
         state = {
             "step": self.step,
             "policy_version": self.policy_version,
@@ -472,6 +653,11 @@ class Trainer:
             "model_path": self.model_path,
         }
         return checkpoint.commit(tmp, state, self.model_path, keep_last=self.cfg.trainer.keep_last)
+
+    def _save_implicit_prm(self, path: Path) -> None:
+        """π_φ as an HF causal-LM folder with the policy's tokenizer (reloadable as implicit_prm.path)."""
+        self._get(self.implicit_prm.save.remote(str(path)), "implicit PRM save")
+        self.tokenizer.save_pretrained(str(path))
 
     def _restore(self, path: Path, state: dict) -> None:
         """Continue from a checkpoint: learner (weights + optimizer), data position, versions, workers."""
@@ -622,6 +808,8 @@ class Trainer:
         cfg, timer = self.cfg, StepTimer()
         t_step = time.perf_counter()
         rollouts, prm_out, sampling_stats = self.collect(timer)
+        rollouts, prm_out, filter_stats = self._prime_filter(rollouts, prm_out)
+        sampling_stats.update(filter_stats)
         self.step += 1
         base = {"prompts_seen": float(self.stream_seen()), **sampling_stats}
         if not rollouts:
@@ -645,7 +833,8 @@ class Trainer:
                 [ro.outcome["correct"] for ro in rollouts],
             )
         batch = build_batch(rollouts, self.pad_id)
-        fusion_metrics = self.score(rollouts, batch, prm_out)
+        token_scores, token_metrics, implicit_prm_update = self._score_tokens(rollouts, batch, timer)
+        fusion_metrics = {**token_metrics, **self.score(rollouts, batch, prm_out, token_scores)}
         with timer.phase("logprobs"):
             batch.old_logprobs = self.learner.compute_logprobs(batch, "policy")
             if cfg.algo.use_ref:
@@ -660,6 +849,10 @@ class Trainer:
                 prm_metrics = self._get(prm_update, "PRM service td_update")
                 self._prm_version = int(prm_metrics.get("prm/version", self._prm_version))
                 self._prm_weights_ref = self.prm.state_dict_numpy.remote()
+        if implicit_prm_update is not None:
+            with timer.phase("implicit_prm_update"):
+                prm_metrics.update(self._get(implicit_prm_update, "implicit PRM update"))
+                self._implicit_prm_weights_ref = self.implicit_prm.state_dict_numpy.remote()
         self.trained_groups += list(dict.fromkeys(ro.group for ro in rollouts))
         timer.seconds["step"] = time.perf_counter() - t_step
         lengths = np.array([len(ro.response_ids) for ro in rollouts], dtype=np.float32)
@@ -777,6 +970,9 @@ class Trainer:
                 if self.prm is not None and cfg.reward.prm.online:
                     self._get(self.prm.save.remote(str(self.out_dir / "prm")), "PRM save")
                     summary["prm_checkpoint"] = str(self.out_dir / "prm")
+                if self.implicit_prm is not None and cfg.reward.implicit_prm.online:
+                    self._save_implicit_prm(self.out_dir / "implicit_prm")
+                    summary["implicit_prm_checkpoint"] = str(self.out_dir / "implicit_prm")
         finally:
             tracker.finish()
         if (self.out_dir / "metrics.jsonl").exists():
@@ -793,7 +989,8 @@ class Trainer:
                     closer.shutdown()
                 except Exception:  # noqa: BLE001 - best effort at exit
                     logger.exception("shutdown failed")
-        for actor in [*getattr(self, "workers", []), getattr(self, "prm", None)]:
+        extra = [getattr(self, name, None) for name in ("prm", "qrm", "implicit_prm")]
+        for actor in [*getattr(self, "workers", []), *extra]:
             if actor is not None:
                 ray.kill(actor)
 

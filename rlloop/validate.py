@@ -77,7 +77,10 @@ def validate_config(cfg: Any) -> None:
     )
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
     _require(
-        rw.fusion in ("outcome", "step", "token"), "reward.fusion", rw.fusion, "choose outcome, step or token"
+        rw.fusion in ("outcome", "step", "token", "prime"),
+        "reward.fusion",
+        rw.fusion,
+        "choose outcome, step, token or prime",
     )
     _require(0 <= rw.w_prm <= 1, "reward.w_prm", rw.w_prm, "must be in [0, 1]")
     _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
@@ -103,6 +106,7 @@ def validate_config(cfg: Any) -> None:
         rw.fusion,
         "step fusion needs reward.prm.enabled=true",
     )
+    _check_token_sources(rw)
     _require(
         rw.verifier.num_workers >= 1, "reward.verifier.num_workers", rw.verifier.num_workers, "must be >= 1"
     )
@@ -116,6 +120,94 @@ def validate_config(cfg: Any) -> None:
         "choose offline, online or disabled",
     )
     check_verifiers(rw.verifier)
+
+
+def _check_token_sources(rw: Any) -> None:
+    """reward.qrm / reward.implicit_prm and the fusions that read them: a source nobody reads, or a fusion
+    without its source, is a config mistake (it would be silently ignored, or fail at the first step)."""
+    import os
+
+    q, ip = rw.qrm, rw.implicit_prm
+    _require(0 <= rw.w_token <= 1, "reward.w_token", rw.w_token, "must be in [0, 1]")
+    _require(rw.token_norm in ("none", "std"), "reward.token_norm", rw.token_norm, "choose none or std")
+    if rw.fusion == "token":
+        _require(
+            q.enabled or ip.enabled,
+            "reward.fusion",
+            rw.fusion,
+            "token fusion needs a token-reward source: set reward.qrm.enabled=true (reward=qrm) or "
+            "reward.implicit_prm.enabled=true",
+        )
+        _require(
+            not (q.enabled and ip.enabled),
+            "reward.qrm.enabled",
+            q.enabled,
+            "token fusion takes one token-reward source, but reward.implicit_prm.enabled=true as well",
+        )
+    _require(
+        rw.fusion != "prime" or ip.enabled,
+        "reward.fusion",
+        rw.fusion,
+        "prime fusion needs reward.implicit_prm.enabled=true (reward=prime)",
+    )
+    _require(
+        rw.w_token == 0 or rw.fusion in ("token", "prime"),
+        "reward.w_token",
+        rw.w_token,
+        f"is > 0 but reward.fusion={rw.fusion} has no token-reward term (use token or prime)",
+    )
+    _require(
+        not q.enabled or rw.fusion == "token",
+        "reward.qrm.enabled",
+        q.enabled,
+        f"the Q-RM's token rewards are only used by reward.fusion=token, not {rw.fusion}",
+    )
+    _require(
+        not ip.enabled or rw.fusion in ("token", "prime"),
+        "reward.implicit_prm.enabled",
+        ip.enabled,
+        f"the implicit PRM's token rewards are only used by reward.fusion=prime or token, not {rw.fusion}",
+    )
+    _require(q.batch_size >= 1, "reward.qrm.batch_size", q.batch_size, "must be >= 1")
+    if q.enabled and q.path:
+        from rlloop.rewards.qrm.model import has_qrm_head
+
+        _require(os.path.isdir(q.path), "reward.qrm.path", q.path, "is not a directory")
+        _require(
+            has_qrm_head(q.path),
+            "reward.qrm.path",
+            q.path,
+            "is not a Q-RM folder (no token head); train one with `python -m rlloop.qrm_train`, "
+            "or leave the path empty to start from the policy's backbone",
+        )
+    _require(ip.beta > 0, "reward.implicit_prm.beta", ip.beta, "must be > 0 (PRIME: 0.05)")
+    _require(ip.lr > 0, "reward.implicit_prm.lr", ip.lr, "must be > 0")
+    _require(
+        ip.micro_batch_size >= 1,
+        "reward.implicit_prm.micro_batch_size",
+        ip.micro_batch_size,
+        "must be >= 1",
+    )
+    _require(
+        0 <= ip.filter_low <= ip.filter_high <= 1,
+        "reward.implicit_prm.filter_low",
+        ip.filter_low,
+        f"need 0 <= filter_low <= filter_high (={ip.filter_high}) <= 1",
+    )
+    _require(
+        not ip.prompt_filter or ip.enabled,
+        "reward.implicit_prm.prompt_filter",
+        ip.prompt_filter,
+        "needs reward.implicit_prm.enabled=true",
+    )
+    for key in ("path", "ref_path"):
+        value = ip[key]
+        _require(
+            not (ip.enabled and value) or os.path.isdir(value),
+            f"reward.implicit_prm.{key}",
+            value,
+            "is not a directory (an HF causal-LM folder with the policy's tokenizer)",
+        )
 
 
 def check_verifiers(verifier_cfg: Any) -> None:
