@@ -6,17 +6,20 @@ Layout of `<out_dir>/checkpoints/step_000010/`:
   hf/        the policy's config and tokenizer files, so `python -m rlloop.export` needs nothing else
   state.json controller state: step, policy version, data-loader position, model fingerprint, ...
 A checkpoint is written into `.tmp-step_...` and renamed into place only when complete (state.json is
-written last), so a kill during writing leaves the previous checkpoint loadable.
+written last), so a kill during writing leaves the previous checkpoint loadable. Resuming never unpickles
+arbitrary objects: DeepSpeed's files are read under `weights_only_torch_load`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +124,37 @@ def load_state(path: Path, *, fingerprint: str, total_steps: int) -> dict[str, A
             "nothing is left to train (raise trainer.total_steps to continue)"
         )
     return state
+
+
+def _deepspeed_state_classes() -> list:
+    """The classes DeepSpeed pickles into its own ZeRO checkpoints besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Within the block every `torch.load` runs with weights_only=True, allowing only DeepSpeed's state
+    classes besides tensors and containers.
+
+    DeepSpeed's checkpoint engine calls torch.load(weights_only=False): a crafted file under
+    trainer.resume would run arbitrary code in the learner. A file that needs another class fails with
+    an UnpicklingError naming it.
+    """
+    import torch
+
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original

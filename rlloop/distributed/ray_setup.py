@@ -13,9 +13,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+_LOOPBACK_GATE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOCAL_ENV = {
     # Ray's Linux gate for "bind to 127.0.0.1": keeps the head, dashboard and workers on loopback.
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    _LOOPBACK_GATE: "0",
     # A local throw-away cluster needs no token; a real cluster keeps whatever its operator set.
     "RAY_AUTH_MODE": "disabled",
     "DS_ACCELERATOR": "cpu",
@@ -47,6 +48,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, host: str 
 
     if ray.is_initialized():
         return ray.cluster_resources()
+    if address is None and host in ("127.0.0.1", "localhost") and os.environ[_LOOPBACK_GATE] == "0":
+        # Ray reads the gate once, when it is first imported: a process that imported ray before this
+        # call (rlloop's own controller does) would otherwise resolve its node address to eth0 and bind
+        # the GCS, raylet and agents to every interface.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     runtime_env = {"env_vars": local_env()}
     if address is not None:
         logger.info("joining Ray cluster at %s", address)

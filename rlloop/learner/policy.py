@@ -390,7 +390,6 @@ class PolicyLearner:
         if dist.is_initialized() and self.world_size > 1:
             dist.barrier()
 
-
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer and ZeRO partitions of every rank) into `path`;
         every rank calls it. The caller makes it atomic (write into a temp dir, rename when all ranks
@@ -399,9 +398,12 @@ class PolicyLearner:
 
     def load_checkpoint(self, path: str) -> int:
         """Restore weights, optimizer and version from `save_checkpoint`'s folder; returns the version."""
-        load_path, client = self.engine.load_checkpoint(
-            path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        from rlloop.checkpoint import weights_only_torch_load
+
+        with weights_only_torch_load():
+            load_path, client = self.engine.load_checkpoint(
+                path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if load_path is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'state') to resume from")
         self._version = int(client.get("version", 0))
