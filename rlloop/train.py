@@ -10,9 +10,11 @@ Bad input (config, data, model or PRM paths, reward functions, the resume checkp
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,15 +144,68 @@ def input_error(argv: list[str]) -> str | None:
     return None
 
 
-def run(cfg: DictConfig, out_dir: str) -> dict:
-    """Build the actors, train, evaluate and save; returns a summary dict."""
-    from rlloop.controller import Trainer
+def _restart_cfg(cfg: DictConfig, out_dir: str) -> DictConfig:
+    """The config of a restarted attempt: resume from the run's newest complete checkpoint, or from what
+    the user resumed from, or from scratch (then the failed attempt's metrics are dropped)."""
+    from rlloop import checkpoint
+    from rlloop.controller import _truncate_metrics
 
-    trainer = Trainer(cfg, out_dir)
-    try:
-        return trainer.run()
-    finally:
-        trainer.shutdown()
+    again = copy.deepcopy(cfg)
+    if checkpoint.list_complete(Path(out_dir) / "checkpoints"):
+        again.trainer.resume = "auto"
+    elif not cfg.trainer.resume:
+        _truncate_metrics(Path(out_dir) / "metrics.jsonl", -1)
+    return again
+
+
+def run(cfg: DictConfig, out_dir: str) -> dict:
+    """Build the actors, train, evaluate and save; returns a summary dict.
+
+    A learner rank that dies or hangs takes its DeepSpeed group down (its peers wait in collectives);
+    the run then shuts every actor down and restarts from its last complete checkpoint, at most
+    trainer.max_restarts times. Rollout workers, verifiers and PRM replicas are restarted in place by
+    the controller instead (trainer.max_actor_restarts).
+    """
+    from rlloop.controller import Trainer
+    from rlloop.learner.group import LearnerError
+
+    restarts: list[dict[str, Any]] = []
+    attempt_cfg = cfg
+    while True:
+        trainer = Trainer(attempt_cfg, out_dir)
+        if restarts:
+            restarts[-1]["recover_s"] = round(time.monotonic() - restarts[-1].pop("_t"), 1)
+            restarts[-1]["resumed_at_step"] = trainer.step
+            logger.warning(
+                "restart %d: back up at step %d after %.1f s",
+                len(restarts),
+                trainer.step,
+                restarts[-1]["recover_s"],
+            )
+        try:
+            summary = trainer.run()
+            if restarts:
+                summary["restarts"] = restarts
+                (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+            return summary
+        except LearnerError as err:
+            if not err.lost or len(restarts) >= cfg.trainer.max_restarts:
+                if err.lost:
+                    logger.error("learner lost again after %d restart(s): giving up", len(restarts))
+                raise
+            # Ray's death notices run to a paragraph; the first line names the rank, the method and the cause
+            error = str(err).splitlines()[0]
+            restarts.append({"step": trainer.step, "error": error, "_t": time.monotonic()})
+            logger.error(
+                "step %d: %s; restarting the run from its last complete checkpoint (%d of at most %d)",
+                trainer.step,
+                error,
+                len(restarts),
+                cfg.trainer.max_restarts,
+            )
+        finally:
+            trainer.shutdown()
+        attempt_cfg = _restart_cfg(cfg, out_dir)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

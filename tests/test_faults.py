@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -81,3 +82,124 @@ def test_rollout_worker_and_prm_killed_mid_step(tmp_path, monkeypatch):
         assert trainer.trained_groups == planned  # nothing lost, nothing trained twice, same order
     finally:
         trainer.shutdown()
+
+
+# ---- learner rank death: the run restarts itself from its last complete checkpoint ----------------------
+
+
+class _FakeTrainer:
+    """Stands in for controller.Trainer in rlloop.train.run: every attempt's run() raises `error`."""
+
+    attempts: list = []
+    error: Exception | None = None
+
+    def __init__(self, cfg, out_dir) -> None:
+        self.cfg, self.step = cfg, 0
+        _FakeTrainer.attempts.append(cfg.trainer.resume)
+
+    def run(self) -> dict:
+        self.step = 2
+        if _FakeTrainer.error is not None:
+            raise _FakeTrainer.error
+        return {}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="config", overrides=[*TINY_RUN, *overrides])
+
+
+@pytest.mark.parametrize("lost, max_restarts, attempts", [(True, 2, 3), (True, 0, 1), (False, 2, 1)])
+def test_restart_bound_and_only_for_a_lost_learner(tmp_path, monkeypatch, lost, max_restarts, attempts):
+    """A dead/hung rank restarts the run at most trainer.max_restarts times; a rank that raised (every
+    rank alive: a bug or bad batch, which a restart would repeat) fails at once."""
+    from rlloop import controller
+    from rlloop import train as train_cli
+    from rlloop.learner.group import LearnerError
+
+    monkeypatch.setattr(controller, "Trainer", _FakeTrainer)
+    monkeypatch.setattr(_FakeTrainer, "attempts", [])
+    monkeypatch.setattr(
+        _FakeTrainer, "error", LearnerError("learner rank 1 died running 'train_step'", lost=lost)
+    )
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward/total": 0.1}\n')
+    with pytest.raises(LearnerError, match="rank 1 died"):
+        train_cli.run(_compose(f"trainer.max_restarts={max_restarts}"), str(tmp_path))
+    assert len(_FakeTrainer.attempts) == attempts
+    # No checkpoint was written: restarts start from scratch, and the failed attempt's rows are dropped.
+    assert _FakeTrainer.attempts == [None] * attempts
+    if attempts > 1:
+        assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_restart_resumes_from_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    from rlloop import checkpoint, controller
+    from rlloop import train as train_cli
+    from rlloop.learner.group import LearnerError
+
+    tmp = checkpoint.begin(tmp_path / "checkpoints", 2)
+    (tmp / "state.json").write_text(json.dumps({"step": 2}))
+    os.rename(tmp, checkpoint.step_dir(tmp_path / "checkpoints", 2))
+    monkeypatch.setattr(controller, "Trainer", _FakeTrainer)
+    monkeypatch.setattr(_FakeTrainer, "attempts", [])
+    monkeypatch.setattr(
+        _FakeTrainer, "error", LearnerError("learner rank 0 running 'train_step': no answer", lost=True)
+    )
+    with pytest.raises(LearnerError):
+        train_cli.run(_compose("trainer.max_restarts=1"), str(tmp_path))
+    assert _FakeTrainer.attempts == [None, "auto"]
+
+
+@pytest.mark.slow
+def test_learner_rank_killed_mid_run_restarts_from_checkpoint(tmp_path, monkeypatch):
+    """SIGKILL learner rank 1 during step 3's update (checkpoints after steps 1 and 2): the run shuts its
+    actors down, resumes from step 2 and finishes; every planned prompt is trained on exactly once, in
+    order, and metrics.jsonl has steps 1, 2, 3 once each."""
+    from rlloop import controller
+    from rlloop import train as train_cli
+    from rlloop.learner.group import LearnerGroup
+
+    monkeypatch.syspath_prepend(FIXTURES)
+    cfg = _compose(
+        *LENGTH_REWARD,
+        "reward=rule",
+        "learner.world_size=2",
+        "trainer.total_steps=3",
+        "trainer.save_every=1",
+        "trainer.eval_before=false",
+        "trainer.call_timeout_s=120",
+    )
+    trainers: list[Trainer] = []
+
+    class RecordingTrainer(Trainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    original = LearnerGroup.train_step
+    killed: list[float] = []
+
+    def train_step(group, batch):
+        if len(trainers) == 1 and trainers[0].step == 3 and not killed:
+            pid = _pid(group.actors[1])
+            killed.append(time.monotonic())
+            threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
+        return original(group, batch)
+
+    monkeypatch.setattr(controller, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(LearnerGroup, "train_step", train_step)
+    summary = train_cli.run(cfg, str(tmp_path))
+
+    assert killed and len(trainers) == 2
+    [restart] = summary["restarts"]
+    assert restart["step"] == 3 and restart["resumed_at_step"] == 2 and "rank" in restart["error"]
+    assert restart["recover_s"] > 0
+    k = cfg.rollout.prompts_per_step
+    planned = [s.uid for s in PromptStream(trainers[-1].train_set, cfg.trainer.seed).take(3 * k)]
+    assert trainers[-1].trained_groups == planned
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/total" in r] == [1, 2, 3]
+    assert (tmp_path / "checkpoint" / "config.json").is_file()

@@ -24,7 +24,16 @@ logger = logging.getLogger(__name__)
 
 
 class LearnerError(RuntimeError):
-    """A learner rank failed, died or timed out; the message names the rank and the method."""
+    """A learner rank failed, died or timed out; the message names the rank and the method.
+
+    `lost` is True when a rank is dead or stopped answering: the group cannot go on, but the run can
+    restart from a checkpoint (rlloop.train). False: every rank is alive and one raised, so a restart
+    would only raise again.
+    """
+
+    def __init__(self, message: str, *, lost: bool = False) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 
 class LearnerActor:
@@ -224,19 +233,39 @@ class LearnerGroup:
             if not ready:
                 names = ", ".join(f"rank {rank_of[r]}" for r in pending)
                 raise LearnerError(
-                    f"learner {names} running {method!r}: no answer within {self.timeout_s:.0f} s"
+                    f"learner {names} running {method!r}: no answer within {self.timeout_s:.0f} s", lost=True
                 )
             for ref in ready:
                 try:
                     ray.get(ref, timeout=self.timeout_s)
                 except RayActorError as err:
-                    raise LearnerError(f"learner rank {rank_of[ref]} died running {method!r}: {err}") from err
+                    raise LearnerError(
+                        f"learner rank {rank_of[ref]} died running {method!r}: {err}", lost=True
+                    ) from err
                 except RayTaskError as err:
                     cause = getattr(err, "cause", None) or err  # the rank's own exception; traceback chained
-                    raise LearnerError(
-                        f"learner rank {rank_of[ref]} failed running {method!r}: {type(cause).__name__}: {cause}"
-                    ) from err
+                    what = f"learner rank {rank_of[ref]} failed running {method!r}: {type(cause).__name__}: {cause}"
+                    # A peer's death often shows first as a collective error on a live rank
+                    # (gloo: "Connection closed by peer"): blame the dead rank when there is one.
+                    gone = self.unresponsive_ranks()
+                    if gone:
+                        raise LearnerError(
+                            f"learner rank(s) {gone} died or hung ({what})", lost=True
+                        ) from err
+                    raise LearnerError(what) from err
         return ray.get(refs, timeout=self.timeout_s)
+
+    def unresponsive_ranks(self, timeout_s: float = 10.0) -> list[int]:
+        """Ranks that are dead or do not answer a ping within `timeout_s` (busy in a stuck collective)."""
+        pings = {actor.__ray_ready__.remote(): rank for rank, actor in enumerate(self.actors)}
+        ready, pending = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        gone = [pings[ref] for ref in pending]
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except RayActorError:
+                gone.append(pings[ref])
+        return sorted(gone)
 
     def _call_all(self, method: str, per_rank_args: list[tuple] | None = None, **kwargs: Any) -> list[Any]:
         refs = [
