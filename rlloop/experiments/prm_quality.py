@@ -1,15 +1,18 @@
-"""PRM quality on the built-in `arith` task: TD(0)-PRM vs ScalarPRM trained on the same rollouts.
+"""Experiment 2, PRM quality on the built-in `arith` task: TD(0) / n-step / TD(λ) vs ScalarPRM, same rollouts.
 
-Samples rollouts from `arith-small` (HF engine, temperature 1) on train and held-out test prompts, verifies
-them (the `\\boxed{}` integer against the ground truth), writes them in rlloop's rollout format (what
-`rlloop.prm_train data.format=rollouts` reads), trains two PRMs from the policy's backbone with fresh
-value heads — TD(0) (γ = 0.8) and ScalarPRM (every step's target = the outcome, `td=mc`) — with identical
-settings, and reports on the held-out rollouts: AUROC of V_last against the verified outcome, V_last
-accuracy, and smoothness (mean |V_{k+1} - V_k|, lower is smoother).
+Samples rollouts from the policy (`arith-small` by default, HF engine, temperature 1) on train and held-out
+test prompts, verifies them (the `\\boxed{}` integer against the ground truth), writes them in rlloop's
+rollout format (what `rlloop.prm_train data.format=rollouts` reads), trains one PRM per kind from the
+policy's backbone with a fresh value head and identical settings — TD(0), n-step and TD(λ) (γ = 0.8), and
+the ScalarPRM baseline (every step's target = the outcome, `td=mc`) — saves each as a PRM folder (what
+`reward.prm.path` loads), and reports on the held-out rollouts: AUROC of V_last against the verified
+outcome, V_last accuracy, smoothness (mean |V_{k+1} - V_k|, lower is smoother), and Best-of-N accuracy
+at N = 1, 4, 16 (pick the sample with the highest V_last among the first N of each prompt), next to
+majority vote and pass@N.
 
-    python benchmarks/prm_quality.py --out /tmp/prm_quality      # ~10-20 min on 2 CPU cores
+    python -m rlloop.experiments.prm_quality --out outputs/experiments/prm_quality   # ~15-30 min, 2 cores
 
-Results go to `<out>/prm_quality.json` and are copied by hand into benchmarks/RESULTS.md ("## PRM quality").
+Results: `<out>/prm_quality.json`, `<out>/prm_quality.md`; the trained PRMs under `<out>/prms/<kind>/`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("prm_quality")
+logger = logging.getLogger(__name__)
+
+KINDS = ("td0", "nstep", "td_lambda", "mc")
+BON_N = (1, 4, 16)
 
 
 def verified(text: str, ground_truth: str) -> float:
@@ -94,8 +100,10 @@ def train_and_eval(
     batch_size: int,
     gamma: float,
     seed: int,
+    save_dir: Path | None = None,
 ) -> dict:
-    """Train a PRM (fresh head on the policy backbone) on `train_rows`; metrics on `eval_rows` (held out)."""
+    """Train a PRM (fresh head on the policy backbone) on `train_rows`; metrics and Best-of-N on
+    `eval_rows` (held out); saved (with the policy's tokenizer) to `save_dir` when given."""
     from transformers import AutoTokenizer
 
     from rlloop.rewards.prm.model import ValueHeadModel
@@ -124,12 +132,54 @@ def train_and_eval(
         for lo in range(0, len(order), batch_size):
             m = trainer.step(*cols([train_rows[i] for i in order[lo : lo + batch_size]]))
         logger.info("%s epoch %d: last batch %s", td, epoch, {k: round(v, 4) for k, v in m.items()})
+    train_s = time.perf_counter() - t0
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(save_dir))
+        tok.save_pretrained(str(save_dir))
+    values = trainer.step_values(*cols(eval_rows)[:3])
     return {
         "td": td,
-        "train_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(train_s, 1),
         "train": trainer.evaluate(*cols(train_rows)),
         "heldout": trainer.evaluate(*cols(eval_rows)),
+        "best_of_n": best_of_n(eval_rows, [v[-1] for v in values]),
+        "path": str(save_dir) if save_dir is not None else None,
     }
+
+
+def best_of_n(rows: list[dict], scores: list[float], ns: tuple[int, ...] = BON_N) -> dict[str, float]:
+    """Accuracy of picking, per prompt, the highest-scored of its first N samples (ties: the first).
+
+    Also majority vote over the first N answers and pass@N (any of them correct), the ceiling of any
+    selection. Prompts with fewer than N samples are left out of that N.
+    """
+    from rlloop.search.aggregate import majority_vote
+    from rlloop.search.bon import extract_answer
+
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["uid"], []).append(i)
+    out: dict[str, float] = {}
+    for n in ns:
+        picked, voted, any_ok, count = 0.0, 0.0, 0.0, 0
+        for idx in groups.values():
+            if len(idx) < n:
+                continue
+            first = idx[:n]
+            best = max(first, key=lambda i: (scores[i], -i))
+            picked += rows[best]["correct"]
+            answers = [extract_answer(rows[i]["text"]) for i in first]
+            vote = majority_vote(answers)
+            voted += rows[first[vote]]["correct"] if vote is not None else 0.0
+            any_ok += float(any(rows[i]["correct"] for i in first))
+            count += 1
+        if count:
+            out[f"bon@{n}"] = picked / count
+            out[f"vote@{n}"] = voted / count
+            out[f"pass@{n}"] = any_ok / count
+            out[f"prompts@{n}"] = float(count)
+    return out
 
 
 def run(
@@ -146,6 +196,9 @@ def run(
     gamma: float,
     seed: int,
     model_name: str = "arith-small",
+    eval_n: int = 16,
+    kinds: tuple[str, ...] = KINDS,
+    model_overrides: dict | None = None,
 ) -> dict:
     from rlloop.config import ModelConfig, TaskConfig
     from rlloop.models import resolve_model
@@ -154,7 +207,7 @@ def run(
     torch.set_num_threads(2)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(ModelConfig(name=model_name), TaskConfig())
+    model_path = resolve_model(ModelConfig(name=model_name, **(model_overrides or {})), TaskConfig())
     train_samples, test_samples = make_splits(TaskConfig())
     t0 = time.perf_counter()
     train_rows = sample_rollouts(
@@ -168,7 +221,7 @@ def run(
     eval_rows = sample_rollouts(
         model_path,
         test_samples[:eval_prompts],
-        n=n,
+        n=eval_n,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed + 10_000,
@@ -182,6 +235,7 @@ def run(
             "train_prompts": train_prompts,
             "eval_prompts": eval_prompts,
             "n": n,
+            "eval_n": eval_n,
             "temperature": temperature,
             "max_new_tokens": max_new_tokens,
             "epochs": epochs,
@@ -199,7 +253,8 @@ def run(
             "sample_seconds": round(sample_s, 1),
         },
     }
-    for td in ("td0", "mc"):
+    result["model_path"] = model_path
+    for td in kinds:
         result[td] = train_and_eval(
             model_path,
             train_rows,
@@ -210,14 +265,41 @@ def run(
             batch_size=batch_size,
             gamma=gamma,
             seed=seed,
+            save_dir=out_dir / "prms" / td,
         )
     (out_dir / "prm_quality.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "prm_quality.md").write_text(markdown(result) + "\n")
     return result
+
+
+NAMES = {"td0": "TD(0)", "nstep": "n-step (n=2)", "td_lambda": "TD(λ=0.7)", "mc": "ScalarPRM (outcome labels)"}
+
+
+def markdown(result: dict) -> str:
+    """The held-out table: one row per PRM kind."""
+    ns = [n for n in BON_N if f"bon@{n}" in next(iter(result[k] for k in KINDS if k in result))["best_of_n"]]
+    head = "| PRM | AUROC(V_last) | V_last acc | smoothness | " + " | ".join(f"BoN@{n}" for n in ns) + " |"
+    lines = [head, "|" + "---|" * (4 + len(ns))]
+    for k in KINDS:
+        if k not in result:
+            continue
+        h, b = result[k]["heldout"], result[k]["best_of_n"]
+        lines.append(
+            f"| {NAMES[k]} | {h.get('prm/auroc', float('nan')):.3f} | {h['prm/v_last_acc']:.3f} | "
+            f"{h['prm/smoothness']:.4f} | " + " | ".join(f"{b[f'bon@{n}']:.3f}" for n in ns) + " |"
+        )
+    any_b = next(result[k]["best_of_n"] for k in KINDS if k in result)
+    lines.append("| majority vote (no PRM) | | | | " + " | ".join(f"{any_b[f'vote@{n}']:.3f}" for n in ns) + " |")
+    lines.append("| pass@N (ceiling) | | | | " + " | ".join(f"{any_b[f'pass@{n}']:.3f}" for n in ns) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="outputs/prm_quality")
+    ap.add_argument("--out", default="outputs/experiments/prm_quality")
+    ap.add_argument("--model", default="arith-small", help="built-in model name (arith-small | tiny | smollm2)")
+    ap.add_argument("--eval-n", type=int, default=16, help="samples per held-out prompt (Best-of-N up to it)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="PRM kinds to train, comma-separated")
     ap.add_argument("--train-prompts", type=int, default=128)
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--n", type=int, default=4)
@@ -242,14 +324,12 @@ def main() -> None:
         batch_size=args.batch_size,
         gamma=args.gamma,
         seed=args.seed,
+        model_name=args.model,
+        eval_n=args.eval_n,
+        kinds=tuple(k for k in args.kinds.split(",") if k),
     )
     print(json.dumps({k: res[k] for k in ("rollouts",)}, indent=2))
-    for td in ("td0", "mc"):
-        h = res[td]["heldout"]
-        print(
-            f"{td:5s} held-out: AUROC(V_last) {h.get('prm/auroc', float('nan')):.3f}  "
-            f"V_last acc {h['prm/v_last_acc']:.3f}  smoothness {h['prm/smoothness']:.4f}"
-        )
+    print(markdown(res))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""The experiment suite (rlloop.experiments): aggregation and Best-of-N on hand-worked inputs, and a
+CI-sized smoke run of each experiment through real `rlloop.train` runs on `model=tiny`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rlloop.errors import RlloopError
+from rlloop.experiments import common
+from rlloop.experiments.prm_quality import best_of_n, markdown
+
+
+def _write_metrics(path: Path, evals: dict[int, float]) -> None:
+    rows = []
+    for step in range(max(evals) + 1):
+        row = {"step": step, "reward/total": 0.1}
+        if step in evals:
+            row["eval/accuracy"] = evals[step]
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_eval_curve_reads_only_eval_rows(tmp_path):
+    _write_metrics(tmp_path / "m.jsonl", {0: 0.1, 10: 0.2, 20: 0.35})
+    assert common.eval_curve(tmp_path / "m.jsonl", prompts_per_step=16) == [
+        (0, 0, 0.1), (10, 160, 0.2), (20, 320, 0.35),
+    ]  # fmt: skip
+    (tmp_path / "bad.jsonl").write_text('{"step": 0}\nnot json\n')
+    with pytest.raises(RlloopError, match=r"bad.jsonl:2"):
+        common.eval_curve(tmp_path / "bad.jsonl", 16)
+
+
+def test_summarise_mean_spread_and_gain():
+    runs = [
+        common.RunResult("a", 0, "", 0, 10.0, [(0, 0, 0.1), (10, 160, 0.3)]),
+        common.RunResult("a", 1, "", 0, 20.0, [(0, 0, 0.1), (10, 160, 0.5)]),
+        common.RunResult("a", 2, "", 1, 5.0, []),  # a failed run is left out, not counted as 0
+    ]
+    s = common.summarise(runs)["a"]
+    assert s["seeds"] == [0, 1]
+    assert s["mean"] == pytest.approx([0.1, 0.4]) and s["min"] == [0.1, 0.3] and s["max"] == [0.1, 0.5]
+    assert s["final_mean"] == pytest.approx(0.4) and s["final_std"] == pytest.approx(0.1)
+    assert s["gain_mean"] == pytest.approx(0.3)
+    assert "| a | 2 | 0.100 | 0.400 ± 0.100 | +0.300 ± 0.100 | 15 |" in common.markdown_table({"a": s})
+
+
+def test_best_of_n_picks_highest_value_among_first_n():
+    # prompt p: 4 samples, only the 3rd correct; the PRM ranks it highest. Prompt q: 4 samples, 1st correct,
+    # PRM prefers a wrong one. Answers: p votes 7 (wrong, twice) over 9; q votes 5 (right) twice.
+    rows = [
+        {"uid": "p", "text": r"\boxed{7}", "correct": 0.0},
+        {"uid": "p", "text": r"\boxed{7}", "correct": 0.0},
+        {"uid": "p", "text": r"\boxed{9}", "correct": 1.0},
+        {"uid": "p", "text": r"\boxed{8}", "correct": 0.0},
+        {"uid": "q", "text": r"\boxed{5}", "correct": 1.0},
+        {"uid": "q", "text": r"\boxed{4}", "correct": 0.0},
+        {"uid": "q", "text": r"\boxed{5}", "correct": 1.0},
+        {"uid": "q", "text": r"\boxed{3}", "correct": 0.0},
+    ]
+    scores = [0.1, 0.2, 0.9, 0.3, 0.4, 0.8, 0.3, 0.1]
+    b = best_of_n(rows, scores, ns=(1, 4, 16))
+    assert b["bon@1"] == 0.5 and b["pass@1"] == 0.5  # first samples: p wrong, q right
+    assert b["bon@4"] == 0.5  # p right (0.9), q wrong (0.8 on a wrong one)
+    assert b["vote@4"] == 0.5 and b["pass@4"] == 1.0
+    assert "bon@16" not in b  # no prompt has 16 samples
+
+
+def test_prm_quality_markdown_table():
+    kind = {"heldout": {"prm/auroc": 0.7, "prm/v_last_acc": 0.8, "prm/smoothness": 0.01},
+            "best_of_n": {"bon@1": 0.1, "bon@4": 0.2, "vote@1": 0.1, "vote@4": 0.15, "pass@1": 0.1, "pass@4": 0.4}}  # fmt: skip
+    md = markdown({"td0": kind, "mc": kind})
+    assert "| TD(0) | 0.700 | 0.800 | 0.0100 | 0.100 | 0.200 |" in md
+    assert "| pass@N (ceiling) | | | | 0.100 | 0.400 |" in md
+
+
+def test_bad_arguments_are_named():
+    from rlloop.experiments import data_efficiency, wprm_ablation
+
+    with pytest.raises(RlloopError, match="unknown arm 'nope'"):
+        data_efficiency.main(["--arms", "rule,nope", "--out", "/nonexistent/x"])
+    with pytest.raises(RlloopError, match="--w-prm"):
+        data_efficiency.main(["--w-prm", "1.5", "--arms", "rule"])
+    with pytest.raises(RlloopError, match="--weights"):
+        wprm_ablation.main(["--weights", "0,2"])
+    with pytest.raises(RlloopError, match="--seeds"):
+        common.parse_seeds("a,b")
+
+
+@pytest.fixture(scope="module")
+def data_efficiency_smoke(tmp_path_factory):
+    from rlloop.experiments import data_efficiency
+
+    out = tmp_path_factory.mktemp("de")
+    rc = data_efficiency.main(["--smoke", "--arms", "rule,rule+td-step-online", "--out", str(out)])
+    return rc, out
+
+
+@pytest.mark.slow
+def test_data_efficiency_smoke_runs_every_stage(data_efficiency_smoke):
+    rc, out = data_efficiency_smoke
+    assert rc == 0
+    report = json.loads((out / "data_efficiency.json").read_text())
+    assert set(report["summary"]) == {"rule", "rule+td-step-online"}
+    for arm in report["summary"].values():
+        assert arm["prompts_seen"] == [0, 2, 4]  # eval before, after step 1 and step 2 (2 prompts/step)
+        assert all(0.0 <= a <= 1.0 for a in arm["mean"])
+    assert (out / "data_efficiency.png").stat().st_size > 1000
+    # the online arm really TD-updated its PRM (its version moved)
+    rows = [json.loads(x) for x in (out / "runs" / "rule_td-step-online" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("prm/version", 0) for r in rows) >= 1, sorted({k for r in rows for k in r})
+    assert json.loads((out / "prm_quality" / "prm_quality.json").read_text())["td0"]["path"]
+
+
+@pytest.mark.slow
+def test_wprm_ablation_smoke_reuses_prms(data_efficiency_smoke, tmp_path):
+    from rlloop.experiments import wprm_ablation
+
+    _, de_out = data_efficiency_smoke
+    prms = de_out / "prm_quality" / "prms"
+    rc = wprm_ablation.main(["--smoke", "--weights", "0.2", "--prm-dir", str(prms), "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "wprm_ablation.json").read_text())["summary"]
+    assert list(summary) == ["w_prm=0.2"] and not math.isnan(summary["w_prm=0.2"]["final_mean"])
+    assert (tmp_path / "wprm_ablation.png").exists()
+    assert not (tmp_path / "prm_quality").exists()  # --prm-dir: no PRM retrained
