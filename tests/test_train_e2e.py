@@ -70,7 +70,7 @@ def test_two_steps_through_every_actor(tmp_path, zero_stage):
     ckpt = out / "checkpoint"
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     cfg = (out / "config_resolved.yaml").read_text()
-    assert "zero_stage: %d" % zero_stage in cfg
+    assert f"zero_stage: {zero_stage}" in cfg
     summary_line = [ln for ln in proc.stdout.splitlines() if ln.startswith("held-out accuracy")]
     assert summary_line, proc.stdout[-2000:]
     model_path = json.loads((out / "summary.json").read_text())["model_path"]
