@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rlloop.rewards.prm.batching import pack_by_token_budget
 from rlloop.rewards.prm.model import ValueHeadModel, has_value_head, one_pass_step_logits
 from rlloop.rollout.steps import char_ends_to_token_ends, split_steps
 
@@ -41,6 +42,11 @@ class PRMScorer:
     model_path: a PRM folder (backbone + value head), or a plain causal LM (e.g. the policy's init), which
     gets a fresh zero head (V = 0.5 everywhere: the untrained default) unless `require_value_head`.
     max_length: longest PRM input in tokens; longer trajectories lose prompt tokens from the left.
+    max_batch_tokens: micro-batches are packed longest first so that rows x longest row <= this (padded
+    tokens per forward pass, which bounds activation memory); `batch_size` caps the rows as well; None
+    packs `batch_size` rows per batch whatever their length.
+    device: "cpu", "cuda", "cuda:N" or "auto" (cuda when torch sees a GPU, else cpu); "cpu" never
+    touches CUDA.
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class PRMScorer:
         dtype: str = "float32",
         num_threads: int = 1,
         batch_size: int = 32,
+        max_batch_tokens: int | None = 8192,
         device: str = "cpu",
         step_delimiter: str = "\n\n",
         step_regex: str | None = None,
@@ -67,7 +74,7 @@ class PRMScorer:
         else:
             logger.warning("PRM: %s has no value head; starting a fresh one (V = 0.5 everywhere)", model_path)
             self.model = ValueHeadModel.from_backbone(model_path, dtype=dtype)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         if not getattr(self.tokenizer, "is_fast", False):
@@ -77,7 +84,12 @@ class PRMScorer:
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        if batch_size < 1:
+            raise ValueError(f"PRM: batch_size={batch_size} must be >= 1")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"PRM: max_batch_tokens={max_batch_tokens} must be >= 1 (or None)")
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.step_delimiter = step_delimiter
         self.step_regex = step_regex
         self.max_length = max_length
@@ -134,12 +146,22 @@ class PRMScorer:
         response_texts: Sequence[str],
         step_char_ends: Sequence[Sequence[int]] | None = None,
     ) -> list[dict]:
-        """Per trajectory `{"prompt_value", "step_values", "step_logits"}`; V in (0, 1).
+        """Per trajectory `{"prompt_value", "step_values", "step_logits"}`; V in (0, 1), input order.
 
         step_char_ends[i]: exclusive end characters of the steps of response i (as in
         `Rollout.step_char_ends`); None finds them with this scorer's delimiter/regex. One forward pass
-        per trajectory, in right-padded batches of similar length.
+        per trajectory, in right-padded micro-batches packed under `max_batch_tokens`.
         """
+        return self.score_request(prompt_texts, response_texts, step_char_ends)["results"]
+
+    def score_request(
+        self,
+        prompt_texts: Sequence[str],
+        response_texts: Sequence[str],
+        step_char_ends: Sequence[Sequence[int]] | None = None,
+    ) -> dict[str, Any]:
+        """`score`, plus what it cost: `{"results", "seconds", "tokens", "padded_tokens", "batches"}`
+        (tokens = real PRM tokens; padded_tokens = rows x width summed over the micro-batches)."""
         if len(prompt_texts) != len(response_texts):
             raise ValueError(f"PRM.score: {len(prompt_texts)} prompts but {len(response_texts)} responses")
         if step_char_ends is not None and len(step_char_ends) != len(response_texts):
@@ -154,11 +176,13 @@ class PRMScorer:
             except Exception as e:
                 raise ValueError(f"PRM.score: trajectory {i}: {e}") from e
         results: list[dict | None] = [None] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-        for b in range(0, len(order), self.batch_size):
-            rows = order[b : b + self.batch_size]
+        lengths = [len(e.input_ids) for e in encoded]
+        batches = pack_by_token_budget(lengths, self.max_batch_tokens, self.batch_size)
+        padded = 0
+        for rows in batches:
             batch = [encoded[i] for i in rows]
             input_ids, attention_mask = self.collate(batch)
+            padded += input_ids.numel()
             positions = [[e.prompt_position, *e.step_positions] for e in batch]
             logits = one_pass_step_logits(
                 self.model, input_ids.to(self.device), attention_mask.to(self.device), positions
@@ -166,8 +190,15 @@ class PRMScorer:
             for i, row in zip(rows, logits, strict=True):
                 values = torch.sigmoid(torch.tensor(row, dtype=torch.float64)).tolist()
                 results[i] = {"prompt_value": values[0], "step_values": values[1:], "step_logits": row[1:]}
-        logger.debug("PRM scored %d trajectories in %.2fs", len(encoded), time.perf_counter() - t0)
-        return results  # type: ignore[return-value]
+        seconds = time.perf_counter() - t0
+        logger.debug("PRM scored %d trajectories in %d batches in %.2fs", len(encoded), len(batches), seconds)
+        return {
+            "results": results,
+            "seconds": seconds,
+            "tokens": sum(lengths),
+            "padded_tokens": padded,
+            "batches": len(batches),
+        }
 
     def score_rollouts(self, rollouts: Sequence[Any]) -> list[dict]:
         """`score` on `Rollout`s (prompt_text, text, step_char_ends)."""
@@ -248,6 +279,20 @@ class PRMScorer:
         metrics["prm/skipped"] = float(len(step_char_ends) - len(keep))
         metrics["prm/version"] = float(self.version)
         return metrics
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for `device` ("cpu", "cuda", "cuda:N", "auto"); asking for CUDA without one
+    fails here, naming the setting, instead of deep inside the first forward pass."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"PRM device={device!r} but torch sees no CUDA device here (use cpu or auto)")
+        return torch.device(device)
+    raise ValueError(f"PRM device={device!r}: choose cpu, cuda, cuda:N or auto")
 
 
 _ACTORS: dict[str, Any] = {}
