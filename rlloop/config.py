@@ -84,8 +84,11 @@ class VerifierConfig:
 class PRMConfig:
     enabled: bool = True
     path: Optional[str] = None  # PRM folder (backbone + value head); None = policy init + fresh head
-    num_replicas: int = 1
-    batch_size: int = 32
+    num_replicas: int = 1  # scoring actors; a batch is split across them by tokens (online: replica 0 trains)
+    batch_size: int = 32  # most rows per forward pass
+    max_batch_tokens: Optional[int] = 8192  # rows x longest row per forward pass (None = batch_size rows)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when a replica sees a GPU)
+    num_gpus: float = 0.0  # Ray GPUs per replica (0.5 = two replicas share a GPU); device=cuda needs > 0
     g: str = "logit"  # transform of V for outcome fusion: logit (TDRM release) | sigmoid
     online: bool = False  # TD-update the PRM on every batch (actor-critic mode)
     lr: float = 1e-6

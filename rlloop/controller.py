@@ -191,23 +191,32 @@ class Trainer:
             )
             for i in range(r.num_workers)
         ]
-        self.prm = None
+        self.prm = None  # the PRM replica that TD-trains in online mode (the only one otherwise)
+        self.prm_pool = None
         if cfg.reward.prm.enabled:
-            from rlloop.rewards.prm.service import PRMService
+            from rlloop.rewards.prm.pool import PRMPool
 
             p = cfg.reward.prm
             prm_path = p.path or self.model_path
             if self.resume_path is not None and (self.resume_path / "prm").is_dir():
                 prm_path = str(self.resume_path / "prm")  # the online PRM as it was at the checkpoint
-            self.prm = PRMService.options(num_cpus=0.1, max_restarts=cfg.trainer.max_actor_restarts).remote(
+            self.prm_pool = PRMPool.start(
+                p.num_replicas,
                 prm_path,
+                num_cpus=0.1,
+                num_gpus=p.num_gpus,
+                max_restarts=cfg.trainer.max_actor_restarts,
+                call=self._call_prm,
                 tokenizer_path=None if prm_path != self.model_path else self.model_path,
                 num_threads=p.num_threads,
                 batch_size=p.batch_size,
+                max_batch_tokens=p.max_batch_tokens,
+                device=p.device,
                 step_delimiter=r.step_delimiter,
                 step_regex=r.step_regex,
                 max_length=p.max_length,
             )
+            self.prm = self.prm_pool.actors[0]
             if p.online:
                 self._get(self.prm.enable_online.remote(**self._prm_trainer_kwargs()), "PRM enable_online")
         self._start_token_sources()
@@ -222,8 +231,8 @@ class Trainer:
             timeout_s=cfg.trainer.call_timeout_s,
         )
         self._get([w.__ray_ready__.remote() for w in self.workers], "rollout workers start-up")
-        if self.prm is not None:
-            self._get(self.prm.__ray_ready__.remote(), "PRM service start-up")
+        if self.prm_pool is not None:
+            self._get([a.__ray_ready__.remote() for a in self.prm_pool.actors], "PRM service start-up")
         for name, actor in (("Q-RM service", self.qrm), ("implicit PRM", self.implicit_prm)):
             if actor is not None:
                 self._get(actor.__ray_ready__.remote(), f"{name} start-up")
@@ -295,9 +304,21 @@ class Trainer:
         return cached
 
     def generate(
-        self, samples: list[Sample], *, n: int, temperature: float, seed: int | None
+        self,
+        samples: list[Sample],
+        *,
+        n: int,
+        temperature: float,
+        seed: int | None,
+        on_worker_done: Any = None,
     ) -> list[Rollout]:
-        """Split prompts over the rollout workers; rollouts come back grouped in prompt order."""
+        """Split prompts over the rollout workers; rollouts come back grouped in prompt order.
+
+        on_worker_done(rollouts): called with each worker's rollouts as soon as that worker returns (first
+        finished, first called), e.g. to queue their PRM scoring while the other workers still generate.
+        """
+        import ray
+
         r = self.cfg.rollout
         prompts = [self._prompt(s) for s in samples]
         shards = [prompts[i :: len(self.workers)] for i in range(len(self.workers))]
@@ -308,7 +329,12 @@ class Trainer:
             if shard
         }
         by_group: dict[str, list[Rollout]] = {}
-        for i, ref in refs.items():
+        pending = {ref: i for i, ref in refs.items()}
+        while pending:
+            # the first worker to finish; none within the timeout: wait on the oldest (which times out)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.trainer.call_timeout_s)
+            ref = ready[0] if ready else next(iter(pending))
+            i = pending.pop(ref)
             out = self._call_worker(
                 i,
                 ref,
@@ -317,6 +343,8 @@ class Trainer:
                 ),
                 what=f"generate ({len(shards[i])} prompts)",
             )
+            if on_worker_done is not None:
+                on_worker_done(out)
             for ro in out:
                 by_group.setdefault(ro.group, []).append(ro)
         return [ro for p in prompts for ro in by_group[p["uid"]]]
@@ -697,17 +725,27 @@ class Trainer:
             "micro_batch_size": p.micro_batch_size,
         }
 
-    def _restore_prm(self) -> None:
-        """A restarted PRM service reloads its initial weights; an online PRM also gets its latest weights
-        back (its optimizer state starts afresh)."""
-        if self.cfg.reward.prm.online:
+    def _restore_prm(self, i: int = 0) -> None:
+        """A restarted PRM replica reloads its initial weights; in online mode it gets the latest weights
+        back, and the trainer replica (0) its TD trainer (whose optimizer state starts afresh)."""
+        actor = self.prm_pool.actors[i]
+        if self.cfg.reward.prm.online and i == 0:
             self._get(
-                self.prm.enable_online.remote(**self._prm_trainer_kwargs()), "PRM enable_online after restart"
+                actor.enable_online.remote(**self._prm_trainer_kwargs()), "PRM enable_online after restart"
             )
         if self._prm_weights_ref is not None:
-            self._get(
-                self.prm.load_state_numpy.remote(self._prm_weights_ref, self._prm_version), "PRM reload"
-            )
+            self._get(actor.load_state_numpy.remote(self._prm_weights_ref, self._prm_version), "PRM reload")
+
+    def _call_prm(self, i: int, ref: Any, reissue: Any, what: str) -> Any:
+        """Result of PRM replica i's call, surviving the replica's death (see _call_actor)."""
+        return self._call_actor(
+            self.prm_pool.name(i),
+            lambda: self.prm_pool.actors[i],
+            ref,
+            reissue,
+            what=what,
+            restore=lambda: self._restore_prm(i),
+        )
 
     def sync_weights(self) -> None:
         ref = self.learner.state_dict_ref()
@@ -731,36 +769,49 @@ class Trainer:
     def _sample_round(
         self, samples: list[Sample], timer: StepTimer, seed: int
     ) -> tuple[list[Rollout], list[dict] | None]:
-        """Generate n samples per prompt, then verify while the PRM scores them."""
+        """Generate n samples per prompt, then verify while the PRM scores them.
+
+        Each rollout worker's share is queued on the PRM replicas as soon as that worker returns, so
+        scoring overlaps the other workers' generation and the verification; `time/prm_wait` is what the
+        loop still blocks on the PRM afterwards, `time/prm` the replicas' scoring seconds (summed).
+        """
         r = self.cfg.rollout
+        submitted: list[tuple[list[Rollout], Any]] = []
+
+        def submit(out: list[Rollout]) -> None:
+            submitted.append(
+                (
+                    out,
+                    self.prm_pool.submit(
+                        [ro.prompt_text for ro in out],
+                        [ro.text for ro in out],
+                        [ro.step_char_ends for ro in out],
+                        weights=[len(ro.prompt_ids) + len(ro.response_ids) for ro in out],
+                    ),
+                )
+            )
+
         with timer.phase("generate"):
-            rollouts = self.generate(samples, n=r.n, temperature=r.temperature, seed=seed)
-        prm_ref = None
-        if self.prm is not None:
-            prm_ref = self.prm.score.remote(
-                [ro.prompt_text for ro in rollouts],
-                [ro.text for ro in rollouts],
-                [ro.step_char_ends for ro in rollouts],
+            rollouts = self.generate(
+                samples,
+                n=r.n,
+                temperature=r.temperature,
+                seed=seed,
+                on_worker_done=submit if self.prm_pool is not None else None,
             )
         with timer.phase("verify"):
             self.verify(rollouts)
-        with timer.phase("prm"):
-            prm_out = None
-            if prm_ref is not None:
-                args = (
-                    [ro.prompt_text for ro in rollouts],
-                    [ro.text for ro in rollouts],
-                    [ro.step_char_ends for ro in rollouts],
-                )
-                prm_out = self._call_actor(
-                    "PRM service",
-                    lambda: self.prm,
-                    prm_ref,
-                    lambda a: a.score.remote(*args),
-                    what=f"score ({len(rollouts)} trajectories)",
-                    restore=self._restore_prm,
-                )
-        return rollouts, prm_out
+        if self.prm_pool is None:
+            return rollouts, None
+        by_rollout: dict[int, dict] = {}
+        with timer.phase("prm_wait"):
+            for out, pending in submitted:
+                results, stats = self.prm_pool.gather(pending)
+                by_rollout.update({id(ro): res for ro, res in zip(out, results, strict=True)})
+                timer.seconds["prm"] = timer.seconds.get("prm", 0.0) + stats.pop("seconds")
+                for key, value in stats.items():  # tokens, padded_tokens, batches of this step
+                    self._prm_stats[key] = self._prm_stats.get(key, 0.0) + value
+        return rollouts, [by_rollout[id(ro)] for ro in rollouts]
 
     def collect(self, timer: StepTimer) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
         """One step's rollouts; with algo.dynamic_sampling, groups whose outcomes all tie are dropped
@@ -807,6 +858,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, timer = self.cfg, StepTimer()
         t_step = time.perf_counter()
+        self._prm_stats: dict[str, float] = {}
         rollouts, prm_out, sampling_stats = self.collect(timer)
         rollouts, prm_out, filter_stats = self._prime_filter(rollouts, prm_out)
         sampling_stats.update(filter_stats)
@@ -849,6 +901,17 @@ class Trainer:
                 prm_metrics = self._get(prm_update, "PRM service td_update")
                 self._prm_version = int(prm_metrics.get("prm/version", self._prm_version))
                 self._prm_weights_ref = self.prm.state_dict_numpy.remote()
+                if len(self.prm_pool.actors) > 1:  # the other replicas score the next batch with these
+                    self.prm_pool.broadcast(self._prm_weights_ref, self._prm_version)
+        if self._prm_stats.get("padded_tokens"):
+            tokens, padded = self._prm_stats["tokens"], self._prm_stats["padded_tokens"]
+            prm_metrics.update(
+                {
+                    "prm/tokens": tokens,
+                    "prm/pad_frac": 1.0 - tokens / padded,
+                    "prm/batches": self._prm_stats["batches"],
+                }
+            )
         if implicit_prm_update is not None:
             with timer.phase("implicit_prm_update"):
                 prm_metrics.update(self._get(implicit_prm_update, "implicit PRM update"))
@@ -989,7 +1052,12 @@ class Trainer:
                     closer.shutdown()
                 except Exception:  # noqa: BLE001 - best effort at exit
                     logger.exception("shutdown failed")
-        extra = [getattr(self, name, None) for name in ("prm", "qrm", "implicit_prm")]
+        prm_pool = getattr(self, "prm_pool", None)
+        extra = [
+            *(prm_pool.actors if prm_pool else []),
+            getattr(self, "qrm", None),
+            getattr(self, "implicit_prm", None),
+        ]
         for actor in [*getattr(self, "workers", []), *extra]:
             if actor is not None:
                 ray.kill(actor)

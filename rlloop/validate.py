@@ -100,6 +100,7 @@ def validate_config(cfg: Any) -> None:
         rw.prm.online,
         "needs reward.prm.enabled=true",
     )
+    _check_prm_service(rw.prm)
     _require(
         rw.fusion != "step" or rw.prm.enabled,
         "reward.fusion",
@@ -120,6 +121,31 @@ def validate_config(cfg: Any) -> None:
         "choose offline, online or disabled",
     )
     check_verifiers(rw.verifier)
+
+
+def _check_prm_service(p: Any) -> None:
+    """reward.prm's replicas, batching and device: caught here rather than in an actor's start-up."""
+    _require(p.num_replicas >= 1, "reward.prm.num_replicas", p.num_replicas, "must be >= 1")
+    _require(p.batch_size >= 1, "reward.prm.batch_size", p.batch_size, "must be >= 1")
+    _require(
+        p.max_batch_tokens is None or p.max_batch_tokens >= 1,
+        "reward.prm.max_batch_tokens",
+        p.max_batch_tokens,
+        "must be >= 1 (or null: batch_size rows per pass)",
+    )
+    _require(
+        p.device in ("cpu", "cuda", "auto") or str(p.device).startswith("cuda:"),
+        "reward.prm.device",
+        p.device,
+        "choose cpu, cuda, cuda:N or auto",
+    )
+    _require(p.num_gpus >= 0, "reward.prm.num_gpus", p.num_gpus, "must be >= 0")
+    _require(
+        not str(p.device).startswith("cuda") or p.num_gpus > 0,
+        "reward.prm.device",
+        p.device,
+        "needs reward.prm.num_gpus > 0 (Ray shows a replica a GPU only when it asks for one)",
+    )
 
 
 def _check_token_sources(rw: Any) -> None:
