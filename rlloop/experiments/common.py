@@ -162,17 +162,18 @@ def plot_curves(summary: dict[str, dict], path: Path, *, title: str, xlabel: str
     return path
 
 
-def markdown_table(summary: dict[str, dict]) -> str:
-    """One row per arm: seeds, start → final accuracy (mean ± std), gain, median wall time."""
+def markdown_table(summary: dict[str, dict], *, wall: bool = True) -> str:
+    """One row per arm: seeds, start → final accuracy (mean ± std), gain, median wall time (if `wall`)."""
     lines = [
-        "| arm | seeds | accuracy at start | final accuracy (mean ± std) | gain (mean ± std) | wall s (median) |",
-        "|---|---|---|---|---|---|",
+        "| arm | seeds | accuracy at start | final accuracy (mean ± std) | gain (mean ± std) |"
+        + (" wall s (median) |" if wall else ""),
+        "|---|---|---|---|---|" + ("---|" if wall else ""),
     ]
     for arm, s in summary.items():
         start = s["mean"][0] if s["mean"] else math.nan
         lines.append(
             f"| {arm} | {len(s['seeds'])} | {start:.3f} | {s['final_mean']:.3f} ± {s['final_std']:.3f} "
-            f"| {s['gain_mean']:+.3f} ± {s['gain_std']:.3f} | {s['wall_s_median']:.0f} |"
+            f"| {s['gain_mean']:+.3f} ± {s['gain_std']:.3f} |" + (f" {s['wall_s_median']:.0f} |" if wall else "")
         )
     return "\n".join(lines)
 

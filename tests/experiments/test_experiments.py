@@ -127,3 +127,19 @@ def test_wprm_ablation_smoke_reuses_prms(data_efficiency_smoke, tmp_path):
     assert list(summary) == ["w_prm=0.2"] and not math.isnan(summary["w_prm=0.2"]["final_mean"])
     assert (tmp_path / "wprm_ablation.png").exists()
     assert not (tmp_path / "prm_quality").exists()  # --prm-dir: no PRM retrained
+
+
+def test_compare_groups_runs_by_label(tmp_path):
+    from rlloop.experiments import compare
+
+    for name, evals in {"a0": {0: 0.1, 2: 0.3}, "a1": {0: 0.1, 2: 0.5}, "b0": {0: 0.1, 2: 0.1}}.items():
+        (tmp_path / name).mkdir()
+        _write_metrics(tmp_path / name / "metrics.jsonl", evals)
+    png = tmp_path / "cmp.png"
+    runs = [f"A={tmp_path / 'a0'}", f"A={tmp_path / 'a1'}", f"B={tmp_path / 'b0'}"]
+    assert compare.main([*sum((["--run", r] for r in runs), []), "--prompts-per-step", "4", "--out", str(png)]) == 0
+    table = png.with_suffix(".md").read_text()
+    assert "| A | 2 | 0.100 | 0.400 ± 0.100 | +0.300 ± 0.100 |" in table and "| B | 1 |" in table
+    assert png.stat().st_size > 1000
+    with pytest.raises(RlloopError, match="LABEL=RUN_DIR"):
+        compare.main(["--run", str(tmp_path / "a0"), "--out", str(png)])
