@@ -1,11 +1,17 @@
-"""PRM scoring speed: one forward pass per trajectory (rlloop) vs one pass per prefix (TDRM's release).
+"""PRM scoring speed: one forward pass per trajectory (rlloop) vs one pass per prefix (TDRM's release),
+and micro-batches packed under a token budget vs a fixed number of rows.
 
     python benchmarks/prm_scoring.py                       # tiny random Llama + BPE built on the fly
     python benchmarks/prm_scoring.py --model PATH --trajectories 32 --steps 8
+    python benchmarks/prm_scoring.py --batching-trajectories 96 --repeats 5   # the batching comparison
 
 Both methods use PRMScorer's batching (right padding, batches sorted by length); the per-prefix method
 scores `prompt + response[:end of step k]` for every k, reading V at the prefix's last step token. The
 script prints wall time per method, the speed-up, and the largest |V_one_pass - V_per_prefix|.
+
+Batching: trajectories of 1..2*steps steps in random order, scored (one pass each) in batches of
+`--batch-size` rows vs batches packed under a token budget equal to the fixed arm's largest batch
+(rows x longest row), i.e. the same peak activation memory. Arms alternate; medians of `--repeats`.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import argparse
 import json
 import logging
 import random
+import statistics
 import tempfile
 import time
 
 import torch
 
+from rlloop.rewards.prm.batching import pack_by_token_budget
 from rlloop.rewards.prm.service import PRMScorer
 from rlloop.rollout.steps import split_steps
 
@@ -62,6 +70,60 @@ def make_trajectories(n: int, steps: int, words_per_step: int, seed: int) -> tup
     return prompts, responses
 
 
+def batching_comparison(
+    scorer: PRMScorer, trajectories: int, max_steps: int, words_per_step: int, repeats: int
+) -> dict:
+    """Fixed-row batches vs token-budget batches on trajectories of mixed length (same peak tokens)."""
+    rng = random.Random(1)
+    prompts, responses = [], []
+    for i in range(trajectories):
+        p, r = make_trajectories(1, rng.randint(1, max_steps), words_per_step, seed=1000 + i)
+        prompts += p
+        responses += r
+    lengths = [len(scorer.encode(p, r).input_ids) for p, r in zip(prompts, responses, strict=True)]
+    rows = scorer.batch_size
+    budget = max(max(lengths[i] for i in b) * len(b) for b in pack_by_token_budget(lengths, None, rows))
+    arms = {"fixed_rows": (None, rows), "token_budget": (budget, len(lengths))}
+
+    def run(arm: str) -> tuple[float, dict]:
+        scorer.max_batch_tokens, scorer.batch_size = arms[arm]
+        t0 = time.perf_counter()
+        out = scorer.score_request(prompts, responses)
+        return time.perf_counter() - t0, out
+
+    for arm in arms:
+        run(arm)  # warm-up
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    outs: dict[str, dict] = {}
+    for _ in range(repeats):
+        for arm in arms:  # alternating, so load from other jobs hits both arms alike
+            sec, outs[arm] = run(arm)
+            seconds[arm].append(sec)
+    scorer.max_batch_tokens, scorer.batch_size = None, rows
+    fixed, packed = outs["fixed_rows"], outs["token_budget"]
+    diff = max(
+        abs(a - b)
+        for x, y in zip(fixed["results"], packed["results"], strict=True)
+        for a, b in zip(x["step_values"], y["step_values"], strict=True)
+    )
+    result = {
+        "trajectories": trajectories,
+        "tokens_min_median_max": [min(lengths), int(statistics.median(lengths)), max(lengths)],
+        "fixed_rows": rows,
+        "token_budget": budget,
+        "max_abs_value_diff": diff,
+    }
+    for arm, out in outs.items():
+        result[arm + "_s"] = round(statistics.median(seconds[arm]), 4)
+        result[arm + "_batches"] = out["batches"]
+        result[arm + "_padded_tokens"] = out["padded_tokens"]
+        batches = pack_by_token_budget(lengths, arms[arm][0], arms[arm][1])
+        result[arm + "_peak_tokens"] = max(max(lengths[i] for i in b) * len(b) for b in batches)
+    result["real_tokens"] = fixed["tokens"]
+    result["speedup"] = round(result["fixed_rows_s"] / result["token_budget_s"], 2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,10 +137,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--words-per-step", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="token budget of the one-pass/per-prefix runs"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--batching-trajectories", type=int, default=0, help="also compare batching on this many (0 = skip)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -88,7 +156,11 @@ def main() -> None:
             model_path = tmp
             build_tiny(tmp, args.hidden, args.layers)
         scorer = PRMScorer(
-            model_path, batch_size=args.batch_size, num_threads=args.threads, device=args.device
+            model_path,
+            batch_size=args.batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            num_threads=args.threads,
+            device=args.device,
         )
         with torch.no_grad():  # a random head, so values differ between prefixes
             torch.manual_seed(0)
@@ -134,6 +206,10 @@ def main() -> None:
             "speedup": round(timings["per_prefix"][0] / timings["one_pass"][0], 2),
             "max_abs_value_diff": max_diff,
         }
+        if args.batching_trajectories:
+            result["batching"] = batching_comparison(
+                scorer, args.batching_trajectories, 2 * args.steps, args.words_per_step, args.repeats
+            )
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:
