@@ -693,6 +693,11 @@ class Trainer:
         self.step = int(state["step"])
         self.policy_version = int(state["policy_version"])
         self._prm_version = int(state.get("prm_version", 0))
+        if self.prm_pool is not None:  # the replicas loaded the checkpoint's PRM; they continue its version
+            self._get(
+                [a.load_state_numpy.remote({}, self._prm_version) for a in self.prm_pool.actors],
+                "PRM version (resume)",
+            )
         self.stream.seed = int(state["stream"]["seed"])
         self.stream.epoch = int(state["stream"]["epoch"])
         self.stream._order = self.stream._shuffle()

@@ -1,5 +1,6 @@
 """The RL loop with two PRM replicas: each rollout worker's share is scored as soon as it returns, the
-online PRM trains on replica 0 and the other replica follows its weights and version."""
+online PRM trains on replica 0, the other replica follows its weights and version, and a resumed run
+continues both."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_two_replicas_online_prm_two_workers(tmp_path, monkeypatch):
     import ray
 
     monkeypatch.syspath_prepend(FIXTURES)
-    cfg = _cfg(
+    cfg_args = [
         "reward=tdrm",
         "reward.fusion=step",
         "reward.w_prm=0.5",
@@ -44,7 +45,8 @@ def test_two_replicas_online_prm_two_workers(tmp_path, monkeypatch):
         "reward.prm.num_replicas=2",
         "reward.prm.max_batch_tokens=512",
         "rollout.num_workers=2",
-    )
+    ]
+    cfg = _cfg(*cfg_args)
     trainer = Trainer(cfg, tmp_path)
     try:
         pool = trainer.prm_pool
@@ -70,8 +72,20 @@ def test_two_replicas_online_prm_two_workers(tmp_path, monkeypatch):
         # every rollout got its own step values back (gathered by rollout, not by position in a share)
         last = trainer._last_rollouts
         assert all(len(ro.step_values) == len(ro.step_ends) for ro in last)
+        ckpt = trainer.save_checkpoint()
     finally:
         trainer.shutdown()
+    # resumed: both replicas load the checkpointed PRM and continue its version
+    resumed = Trainer(_cfg(*cfg_args, f"trainer.resume={ckpt}"), tmp_path)
+    try:
+        pool = resumed.prm_pool
+        versions = ray.get([a.__ray_call__.remote(lambda s: s.version) for a in pool.actors], timeout=60)
+        assert versions == [2, 2]
+        for arrays in ray.get([a.state_dict_numpy.remote() for a in pool.actors], timeout=60):
+            np.testing.assert_allclose(arrays["head.weight"], w0["head.weight"], atol=1e-7)
+        assert resumed.train_step()["prm/version"] == 3
+    finally:
+        resumed.shutdown()
 
 
 @pytest.mark.parametrize(
