@@ -159,7 +159,7 @@ def best_of_n(rows: list[dict], scores: list[float], ns: tuple[int, ...] = BON_N
 
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault(r["uid"], []).append(i)
+        groups.setdefault(r.get("group", r["uid"]), []).append(i)  # rollouts of one prompt share `group`
     out: dict[str, float] = {}
     for n in ns:
         picked, voted, any_ok, count = 0.0, 0.0, 0.0, 0

@@ -62,6 +62,8 @@ def test_best_of_n_picks_highest_value_among_first_n():
         {"uid": "q", "text": r"\boxed{3}", "correct": 0.0},
     ]
     scores = [0.1, 0.2, 0.9, 0.3, 0.4, 0.8, 0.3, 0.1]
+    for i, r in enumerate(rows):  # rlloop's rollout format: uid "<prompt>/<k>", group "<prompt>"
+        r["group"], r["uid"] = r["uid"], f"{r['uid']}/{i % 4}"
     b = best_of_n(rows, scores, ns=(1, 4, 16))
     assert b["bon@1"] == 0.5 and b["pass@1"] == 0.5  # first samples: p wrong, q right
     assert b["bon@4"] == 0.5  # p right (0.9), q wrong (0.8 on a wrong one)
