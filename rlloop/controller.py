@@ -78,6 +78,39 @@ class StepTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
+# Controller-side phases that block on model forward/backward passes in some actor (see step_overhead).
+COMPUTE_PHASES = (
+    "generate",
+    "prm_wait",
+    "token_rewards",
+    "logprobs",
+    "learner",
+    "prm_update",
+    "implicit_prm_update",
+)
+# Phase keys the timer holds that are not controller wall time: `prm` is the PRM replicas' own scoring
+# seconds (summed over replicas, overlapping `generate`), `step` the whole step.
+_NOT_PHASES = ("prm", "step")
+
+
+def step_overhead(seconds: dict[str, float]) -> dict[str, float]:
+    """`time/idle` and `time/overhead_frac` of one step from its StepTimer seconds (`step` included).
+
+    idle: step time covered by no controller phase (batch building, reward fusion, bookkeeping).
+    Model compute is the controller's wall time in COMPUTE_PHASES: generation (rollout workers), the
+    wait on PRM scoring that generation did not hide (`prm_wait`; the replicas' own `prm` seconds overlap
+    generation and would count twice), Q-RM / implicit-PRM token scoring, old/ref logprobs, the learner's
+    update and the online PRMs' updates. The actors report no compute time of their own, so each phase
+    includes its call and transfer costs. Everything else (verify, weight sync, idle) is framework
+    overhead: overhead_frac = 1 - compute / step, clamped to [0, 1]. A step of 0 s gives 0.
+    """
+    step = seconds.get("step", 0.0)
+    covered = sum(v for k, v in seconds.items() if k not in _NOT_PHASES)
+    compute = sum(seconds.get(k, 0.0) for k in COMPUTE_PHASES)
+    frac = min(1.0, max(0.0, 1.0 - compute / step)) if step > 0 else 0.0
+    return {"time/idle": max(0.0, step - covered), "time/overhead_frac": frac}
+
+
 def answer_step(rollout: Rollout) -> int:
     """Index of the first step containing `\\boxed` (TDRM's answer step), or -1 when there is none."""
     starts = [0, *rollout.step_char_ends[:-1]]
@@ -879,6 +912,7 @@ class Trainer:
                 "accuracy": float("nan"),
                 "skipped": 1.0,
                 **timer.metrics(),
+                **step_overhead(timer.seconds),
             }
         prm_update = None
         if self.prm is not None and cfg.reward.prm.online:
@@ -923,6 +957,7 @@ class Trainer:
                 self._implicit_prm_weights_ref = self.implicit_prm.state_dict_numpy.remote()
         self.trained_groups += list(dict.fromkeys(ro.group for ro in rollouts))
         timer.seconds["step"] = time.perf_counter() - t_step
+        timing = {**timer.metrics(), **step_overhead(timer.seconds)}
         lengths = np.array([len(ro.response_ids) for ro in rollouts], dtype=np.float32)
         mask = batch.response_mask > 0
         mismatch = np.abs(batch.old_logprobs - batch.rollout_logprobs)[mask]
@@ -943,7 +978,7 @@ class Trainer:
             **fusion_metrics,
             **prm_metrics,
             **learner_metrics,
-            **timer.metrics(),
+            **timing,
         }
 
     def stream_seen(self) -> int:
@@ -965,6 +1000,34 @@ class Trainer:
             "eval/response_length": float(np.mean([len(ro.response_ids) for ro in rollouts])),
             "time/eval": time.perf_counter() - t0,
         }
+
+    def memory_metrics(self) -> dict[str, float]:
+        """`mem/<role>_rss_gb`: peak RSS in GiB, the max over each role's actors, plus the controller's.
+
+        One cheap remote call per actor (getrusage), so run() asks only every log_samples_every steps and
+        at the last step, not every step. A role whose actors do not answer is left out (logged), so a
+        dying actor costs a metric, not the run.
+        """
+        from rlloop.distributed.procmem import peak_rss_gb
+
+        out = {"mem/controller_rss_gb": peak_rss_gb()}
+        roles: list[tuple[str, Any]] = [
+            ("rollout", lambda: self._get([w.peak_rss_gb.remote() for w in self.workers], "peak_rss_gb")),
+            ("learner", self.learner.peak_rss_gb),
+            ("verifier", self.verifier.peak_rss_gb),
+        ]
+        if self.prm_pool is not None:
+            actors = self.prm_pool.actors
+            roles.append(("prm", lambda: self._get([a.peak_rss_gb.remote() for a in actors], "peak_rss_gb")))
+        for role, ask in roles:
+            try:
+                values = ask()
+            except Exception as err:  # noqa: BLE001 - a metric must not end a run
+                logger.warning("mem/%s_rss_gb: %s", role, err)
+                continue
+            if values:
+                out[f"mem/{role}_rss_gb"] = float(max(values))
+        return out
 
     def log_samples(self, tracker: Any) -> None:
         rows = []
@@ -1021,8 +1084,12 @@ class Trainer:
                 every = cfg.trainer.eval_every
                 if every and self.step % every == 0 and self.step < cfg.trainer.total_steps:
                     metrics.update(self.evaluate())
+                every = cfg.trainer.log_samples_every
+                sample_now = bool(every) and self.step % every == 0
+                if sample_now or self.step == cfg.trainer.total_steps:
+                    metrics.update(self.memory_metrics())
                 tracker.log(metrics, step=self.step)
-                if cfg.trainer.log_samples_every and self.step % cfg.trainer.log_samples_every == 0:
+                if sample_now:
                     self.log_samples(tracker)
                 every = cfg.trainer.save_every
                 if every and self.step % every == 0 and self.step < cfg.trainer.total_steps:

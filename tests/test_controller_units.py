@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from rlloop.controller import PromptStream, Trainer, answer_step, build_batch, group_index
+from rlloop.controller import (
+    PromptStream,
+    Trainer,
+    answer_step,
+    build_batch,
+    group_index,
+    step_overhead,
+)
+from rlloop.distributed.procmem import peak_rss_gb
 from rlloop.errors import RlloopError
 from rlloop.tracking import Tracker, read_metrics, redact
 from rlloop.types import Rollout, Sample
@@ -95,3 +103,41 @@ def test_tracker_writes_jsonl_and_redacts_secrets(tmp_path):
     assert json.dumps(redact({"wandb": {"api_key": "sk-123"}})).count("sk-123") == 0
     with pytest.raises(ValueError, match="nope"):
         Tracker(["nope"], tmp_path)
+
+
+def test_step_overhead_hand_worked():
+    # 10 s step: compute = generate 4 + prm_wait 0.5 + logprobs 1 + learner 2.5 = 8 s -> overhead 20%.
+    # Phases cover 4 + 1 (verify) + 0.5 + 1 + 2.5 + 0.5 (sync) = 9.5 s -> 0.5 s idle. `prm` (replica
+    # seconds, overlapping generate) counts neither as compute nor as covered time.
+    seconds = {
+        "generate": 4.0,
+        "verify": 1.0,
+        "prm": 3.0,
+        "prm_wait": 0.5,
+        "logprobs": 1.0,
+        "learner": 2.5,
+        "sync": 0.5,
+        "step": 10.0,
+    }
+    out = step_overhead(seconds)
+    assert out["time/idle"] == pytest.approx(0.5)
+    assert out["time/overhead_frac"] == pytest.approx(0.2)
+
+
+def test_step_overhead_edges():
+    assert step_overhead({}) == {"time/idle": 0.0, "time/overhead_frac": 0.0}
+    # Phases timed a hair longer than the step (clock granularity) never give negative idle or frac.
+    out = step_overhead({"generate": 1.0, "learner": 0.2, "step": 1.1})
+    assert out == {"time/idle": 0.0, "time/overhead_frac": 0.0}
+    assert step_overhead({"verify": 2.0, "sync": 1.0, "step": 4.0}) == {
+        "time/idle": 1.0,
+        "time/overhead_frac": 1.0,
+    }
+
+
+def test_peak_rss_is_the_kernels_high_water_mark_in_gib():
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched: this process's peak is above it
+    got = peak_rss_gb()
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    assert got * 2**30 >= block.nbytes
+    assert got == pytest.approx(hwm_kib / 2**20, rel=0.05)  # KiB -> GiB, not MB or bytes

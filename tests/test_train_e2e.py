@@ -33,7 +33,10 @@ REQUIRED_KEYS = {
     "time/learner",
     "time/sync",
     "time/step",
+    "time/idle",
+    "time/overhead_frac",
 }
+MEM_KEYS = {"mem/controller_rss_gb", "mem/rollout_rss_gb", "mem/learner_rss_gb", "mem/verifier_rss_gb"}
 
 
 @pytest.mark.slow
@@ -61,6 +64,12 @@ def test_two_steps_through_every_actor(tmp_path, zero_stage):
         missing = REQUIRED_KEYS - r.keys()
         assert not missing, f"metrics.jsonl lacks {missing}"
         assert r["time/step"] > 0
+        assert 0.0 <= r["time/overhead_frac"] <= 1.0
+        assert 0.0 <= r["time/idle"] <= r["time/step"]
+    # Peak RSS per role on the last step (reward=tdrm: the PRM service too); a real process holds a model.
+    mem = {k: v for k, v in train_rows[-1].items() if k.startswith("mem/")}
+    assert MEM_KEYS | {"mem/prm_rss_gb"} <= mem.keys(), mem
+    assert all(0.05 < v < 64 for v in mem.values()), mem
     # Step 1 samples with the initial weights (version 0); step 2 with the weights after update 1.
     assert train_rows[0]["rollout/policy_version"] == 0
     assert train_rows[1]["rollout/policy_version"] == 1

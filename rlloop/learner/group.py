@@ -57,6 +57,12 @@ class LearnerActor:
             sock.bind(("", 0))
             return int(sock.getsockname()[1])
 
+    def peak_rss_gb(self) -> float:
+        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
+        from rlloop.distributed.procmem import peak_rss_gb
+
+        return peak_rss_gb()
+
     def setup(self, *args: Any, **kwargs: Any) -> None:
         from rlloop.learner.policy import PolicyLearner
 
@@ -275,6 +281,10 @@ class LearnerGroup:
         return self._gather(refs, method)
 
     # ------------------------------------------------------------------ API
+
+    def peak_rss_gb(self) -> list[float]:
+        """Each rank's peak RSS in GiB (the controller's `mem/learner_rss_gb`)."""
+        return self._gather([actor.peak_rss_gb.remote() for actor in self.actors], "peak_rss_gb")
 
     def compute_logprobs(self, batch: Batch, which: str = "policy") -> np.ndarray:
         """[B, T] float32 logprobs of `batch` (rows sharded evenly over the ranks, results in order)."""

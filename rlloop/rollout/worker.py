@@ -145,6 +145,12 @@ class RolloutWorkerCore:
     def ping(self) -> bool:
         return True
 
+    def peak_rss_gb(self) -> float:
+        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
+        from rlloop.distributed.procmem import peak_rss_gb
+
+        return peak_rss_gb()
+
 
 _ACTORS: dict[str, Any] = {}
 

@@ -240,6 +240,12 @@ class PRMScorer:
     def ping(self) -> bool:
         return True
 
+    def peak_rss_gb(self) -> float:
+        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
+        from rlloop.distributed.procmem import peak_rss_gb
+
+        return peak_rss_gb()
+
     # ----- online mode: the PRM learns by TD on the loop's fresh rollouts (actor-critic) -------------
 
     def enable_online(self, **trainer_kwargs: Any) -> None:

@@ -267,6 +267,12 @@ class VerifierPool:
 
         return ray.get([w.actor.ping.remote() for w in self._workers], timeout=_START_TIMEOUT_S)
 
+    def peak_rss_gb(self) -> List[float]:
+        """Each current worker's peak RSS in GiB (the controller's `mem/verifier_rss_gb`)."""
+        import ray
+
+        return ray.get([w.actor.peak_rss_gb.remote() for w in self._workers], timeout=_START_TIMEOUT_S)
+
     # ---- the dispatch thread -----------------------------------------------------------------------
     def _start_worker(self, index: int) -> _Worker:
         actor = self._actor_cls.options(name=None).remote(**self._worker_args)

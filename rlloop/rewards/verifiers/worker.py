@@ -91,6 +91,12 @@ class VerifierWorkerCore:
     def ping(self) -> int:
         return os.getpid()
 
+    def peak_rss_gb(self) -> float:
+        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
+        from rlloop.distributed.procmem import peak_rss_gb
+
+        return peak_rss_gb()
+
     def verify(self, request: VerifyRequest) -> VerifyResult:
         try:
             name = route(self.sources, request.data_source)
