@@ -37,6 +37,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rlloop.distributed.env import without_dist_env
+
 logger = logging.getLogger("vs_trl")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,8 +147,7 @@ class MemorySampler:
 def _run_measured(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[float, MemorySampler, int]:
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **{MARKER: run_id})
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # each measured run is its own process group
+    env = without_dist_env(env)  # each measured run is its own process group
     env.setdefault("WANDB_MODE", "disabled")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from rlloop.distributed.env import without_dist_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small, fast settings for end-to-end runs on the tiny model (2 cores).
@@ -38,8 +40,7 @@ LENGTH_REWARD = [
 def run_cli(args: list[str], *, timeout: float = 600, env: dict | None = None, module: str = "rlloop.train"):
     """Run `python -m <module> <args>` from the repo root; returns CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)  # the CLI is its own group of one, whatever an in-process test left behind
+    full_env = without_dist_env(full_env)  # the CLI is its own group of one, whatever a test left behind
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", module, *args],

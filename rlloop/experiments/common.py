@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from rlloop.distributed.env import without_dist_env
 from rlloop.errors import RlloopError
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ def train_run(
         "logger=[jsonl]", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = without_dist_env(env)
     logger.info("%s seed %d: %s", arm, seed, " ".join(cmd[3:]))
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rlloop.distributed.env import without_dist_env
 from rlloop.errors import RlloopError
 from rlloop.models.builders import BUILD_VERSION, arch_fields, build_tiny, config_hash
 from rlloop.models.tokenizer import build_tokenizer
@@ -139,8 +140,7 @@ def _run_sft_subprocess(model_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
     env = dict(os.environ)
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # the child is a group of one, whatever this process belongs to
+    env = without_dist_env(env)  # the child is a group of one, whatever this process belongs to
     logger.info("pretraining arith-small: %s", " ".join(cmd))
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0 or not (out_dir / "config.json").exists():
