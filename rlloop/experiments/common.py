@@ -7,6 +7,7 @@ experiment measures exactly what a user's run would do; results are read back fr
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rlloop.distributed.env import without_dist_env
 from rlloop.errors import RlloopError
@@ -199,3 +200,53 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise RlloopError("--seeds is empty")
     return seeds
+
+
+# ----------------------------------------------------------------------------------------------- CLIs
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """Arguments every RL experiment shares: the runs' size, seeds, the PRMs to train or reuse, `--smoke`."""
+    ap.add_argument("--model", default="arith-small")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--prompts-per-step", type=int, default=16)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--prm-dir", default=None, help="reuse PRMs: a folder with td0/ and mc/ PRM folders")
+    ap.add_argument("--prm-train-prompts", type=int, default=128)
+    ap.add_argument("--prm-eval-prompts", type=int, default=32)
+    ap.add_argument("--prm-epochs", type=int, default=3)
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override for every run")
+    ap.add_argument("--timeout-s", type=float, default=3600.0)
+    ap.add_argument("--smoke", action="store_true", help="CI size: model=tiny, 2 steps, 1 seed, tiny data")
+
+
+def parse_run_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, shrink everything to CI size under `--smoke`, and set up logging."""
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.seeds, args.steps, args.eval_every = "tiny", "0", 2, 1
+        args.prompts_per_step, args.n, args.max_new_tokens = 2, 2, 16
+        args.prm_train_prompts, args.prm_eval_prompts, args.prm_epochs = 4, 2, 1
+        args.override = [*args.override, "task.num_test=4", "learner.world_size=1", "reward.verifier.num_workers=1"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return args
+
+
+def finish(out: Path, results: Sequence[RunResult], summary: dict) -> int:
+    """Print the table; exit code 1 (naming the failed runs) if any run failed, else 0."""
+    print(markdown_table(summary))
+    failed = [(r.arm, r.seed) for r in results if r.rc != 0]
+    if failed:
+        logger.error("runs that failed: %s (logs under %s/runs)", failed, out)
+        return 1
+    return 0
+
+
+def cli(main: Callable[[], int]) -> None:
+    """Run an experiment's main(): bad arguments or inputs are one `error:` line and exit code 2."""
+    try:
+        sys.exit(main())
+    except RlloopError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

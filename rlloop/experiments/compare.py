@@ -8,7 +8,6 @@ share a label, i.e. seeds), a PNG and a markdown table.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from rlloop.errors import RlloopError
@@ -48,8 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RlloopError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main)

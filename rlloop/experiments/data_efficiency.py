@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from rlloop.errors import RlloopError
@@ -95,29 +94,10 @@ def base_overrides(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="outputs/experiments/data_efficiency")
-    ap.add_argument("--model", default="arith-small")
     ap.add_argument("--arms", default=",".join(ARMS))
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--prompts-per-step", type=int, default=16)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--w-prm", type=float, default=0.2, help="PRM weight of the PRM arms (TDRM: 0.2)")
-    ap.add_argument("--prm-dir", default=None, help="reuse PRMs: a folder with td0/ and mc/ PRM folders")
-    ap.add_argument("--prm-train-prompts", type=int, default=128)
-    ap.add_argument("--prm-eval-prompts", type=int, default=32)
-    ap.add_argument("--prm-epochs", type=int, default=3)
-    ap.add_argument("--override", action="append", default=[], help="extra Hydra override for every run")
-    ap.add_argument("--timeout-s", type=float, default=3600.0)
-    ap.add_argument("--smoke", action="store_true", help="CI size: model=tiny, 2 steps, 1 seed, tiny data")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.model, args.seeds, args.steps, args.eval_every = "tiny", "0", 2, 1
-        args.prompts_per_step, args.n, args.max_new_tokens = 2, 2, 16
-        args.prm_train_prompts, args.prm_eval_prompts, args.prm_epochs = 4, 2, 1
-        args.override = [*args.override, "task.num_test=4", "learner.world_size=1", "reward.verifier.num_workers=1"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    common.add_run_arguments(ap)
+    args = common.parse_run_args(ap, argv)
     out = Path(args.out)
     arms = [a for a in args.arms.split(",") if a]
     for a in arms:
@@ -141,17 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     common.write_report(out, "data_efficiency", results, summary, {"prms": prms, "args": vars(args)})
     if summary:
         common.plot_curves(summary, out / "data_efficiency.png", title=f"RL data efficiency ({args.model}, arith)")
-    print(common.markdown_table(summary))
-    failed = [(r.arm, r.seed) for r in results if r.rc != 0]
-    if failed:
-        logger.error("runs that failed: %s (logs under %s/runs)", failed, out)
-        return 1
-    return 0
+    return common.finish(out, results, summary)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RlloopError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main)

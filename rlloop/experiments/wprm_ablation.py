@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from rlloop.errors import RlloopError
@@ -47,30 +46,10 @@ def plot_final(summary: dict[str, dict], path: Path, title: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="outputs/experiments/wprm_ablation")
-    ap.add_argument("--model", default="arith-small")
     ap.add_argument("--weights", default=None, help="comma-separated w_prm values (default 0,0.1,0.2,0.4; smoke 0,0.2)")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--prompts-per-step", type=int, default=16)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--prm-dir", default=None, help="a folder with td0/ (and mc/) PRM folders to reuse")
-    ap.add_argument("--prm-train-prompts", type=int, default=128)
-    ap.add_argument("--prm-eval-prompts", type=int, default=32)
-    ap.add_argument("--prm-epochs", type=int, default=3)
-    ap.add_argument("--override", action="append", default=[])
-    ap.add_argument("--timeout-s", type=float, default=3600.0)
-    ap.add_argument("--smoke", action="store_true", help="CI size: model=tiny, 2 steps, 1 seed")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.model, args.seeds, args.steps, args.eval_every = "tiny", "0", 2, 1
-        args.weights = args.weights or "0,0.2"
-        args.prompts_per_step, args.n, args.max_new_tokens = 2, 2, 16
-        args.prm_train_prompts, args.prm_eval_prompts, args.prm_epochs = 4, 2, 1
-        args.override = [*args.override, "task.num_test=4", "learner.world_size=1", "reward.verifier.num_workers=1"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args.weights = args.weights or "0,0.1,0.2,0.4"
+    common.add_run_arguments(ap)
+    args = common.parse_run_args(ap, argv)
+    args.weights = args.weights or ("0,0.2" if args.smoke else "0,0.1,0.2,0.4")
     try:
         weights = [float(w) for w in args.weights.split(",") if w.strip()]
     except ValueError as e:
@@ -98,17 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     common.write_report(out, "wprm_ablation", results, summary, {"prms": prms, "args": vars(args)})
     if summary:
         plot_final(summary, out / "wprm_ablation.png", f"PRM weight ablation ({args.model}, arith)")
-    print(common.markdown_table(summary))
-    failed = [(r.arm, r.seed) for r in results if r.rc != 0]
-    if failed:
-        logger.error("runs that failed: %s (logs under %s/runs)", failed, out)
-        return 1
-    return 0
+    return common.finish(out, results, summary)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RlloopError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main)
