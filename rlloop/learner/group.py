@@ -72,6 +72,12 @@ class LearnerActor:
         attr = getattr(self.learner, method)
         return attr(*args, **kwargs) if callable(attr) else attr
 
+    def gather_weight_bucket(self, index: int) -> tuple[int, Any]:
+        """(number of arrays, the bucket's arrays) — called with num_returns=2, so the controller waits on
+        the small first value and hands the second, still in the object store, to the rollout workers."""
+        arrays = self.learner.gather_weight_bucket(index)
+        return (0 if arrays is None else len(arrays)), arrays
+
 
 def pad_rows(batch: Batch, multiple: int) -> tuple[Batch, int]:
     """Pad `batch` to a multiple of `multiple` rows by repeating its last rows with response_mask 0.
@@ -228,22 +234,29 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _gather(self, refs: list[ray.ObjectRef], method: str, ranks: list[int] | None = None) -> list[Any]:
+    def _gather(
+        self,
+        refs: list[ray.ObjectRef],
+        method: str,
+        ranks: list[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
         """Results of `refs` (one per rank) in order; the first failure or a timeout raises LearnerError."""
         ranks = list(range(len(refs))) if ranks is None else ranks
         rank_of = {ref: rank for ref, rank in zip(refs, ranks, strict=True)}
         pending = list(refs)
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
+        deadline = time.monotonic() + timeout_s
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 names = ", ".join(f"rank {rank_of[r]}" for r in pending)
                 raise LearnerError(
-                    f"learner {names} running {method!r}: no answer within {self.timeout_s:.0f} s", lost=True
+                    f"learner {names} running {method!r}: no answer within {timeout_s:.0f} s", lost=True
                 )
             for ref in ready:
                 try:
-                    ray.get(ref, timeout=self.timeout_s)
+                    ray.get(ref, timeout=timeout_s)
                 except RayActorError as err:
                     raise LearnerError(
                         f"learner rank {rank_of[ref]} died running {method!r}: {err}", lost=True
@@ -259,7 +272,7 @@ class LearnerGroup:
                             f"learner rank(s) {gone} died or hung ({what})", lost=True
                         ) from err
                     raise LearnerError(what) from err
-        return ray.get(refs, timeout=self.timeout_s)
+        return ray.get(refs, timeout=timeout_s)
 
     def unresponsive_ranks(self, timeout_s: float = 10.0) -> list[int]:
         """Ranks that are dead or do not answer a ping within `timeout_s` (busy in a stuck collective)."""
@@ -317,6 +330,40 @@ class LearnerGroup:
         refs = [actor.call.remote("full_state_dict") for actor in self.actors]
         self._gather(refs, "full_state_dict")
         return refs[0]
+
+    def weight_bucket_plan(self, bucket_mb: float, timeout_s: float | None = None) -> list[int]:
+        """Plan weight-sync buckets of about `bucket_mb` MB on every rank; returns each bucket's bytes.
+
+        The ranks must agree (same model, same order); a disagreement is an error naming both plans.
+        """
+        from rlloop.distributed.weight_sync import MB
+
+        plans = self._gather(
+            [a.call.remote("weight_bucket_plan", int(bucket_mb * MB)) for a in self.actors],
+            "weight_bucket_plan",
+            timeout_s=timeout_s,
+        )
+        if any(p != plans[0] for p in plans[1:]):
+            raise LearnerError(f"weight_bucket_plan: ranks planned different buckets {plans}")
+        self._bucket_ranks = self.actors if self.learner_cfg.get("zero_stage") == 3 else self.actors[:1]
+        return plans[0]
+
+    def gather_weight_bucket(
+        self, index: int, num_buckets: int, timeout_s: float | None = None
+    ) -> ray.ObjectRef:
+        """ObjectRef of bucket `index`'s full arrays (rank 0's return value, stored once in the object
+        store, shared by every rollout worker). Under ZeRO-3 every rank takes part in the gather; below,
+        rank 0 holds full parameters and answers alone. Waits for the gather with `timeout_s`."""
+        ranks = getattr(self, "_bucket_ranks", None)
+        if ranks is None:
+            raise LearnerError("gather_weight_bucket: call weight_bucket_plan first")
+        pairs = [a.gather_weight_bucket.options(num_returns=2).remote(index) for a in ranks]
+        self._gather(
+            [count for count, _ in pairs],
+            f"gather_weight_bucket {index + 1}/{num_buckets}",
+            timeout_s=timeout_s,
+        )
+        return pairs[0][1]
 
     def save_hf(self, path: str, tokenizer_path: str | None = None) -> None:
         self._call_all("save_hf", [(path, tokenizer_path)] * self.world_size)

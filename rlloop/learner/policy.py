@@ -375,6 +375,72 @@ class PolicyLearner:
                 out[key] = state[key].detach().cpu().numpy().copy()
         return {key: out[key] for key in keys}
 
+    def weight_bucket_plan(self, bucket_bytes: int) -> list[int]:
+        """Cut the weights into sync buckets of about `bucket_bytes` float32 bytes; returns each bucket's
+        bytes. Every rank computes the same plan (same model, same order); `gather_weight_bucket(i)`
+        then gathers bucket i. Tied parameters are one tensor under all their names; persistent buffers
+        (never partitioned) come last.
+        """
+        from rlloop.distributed.weight_sync import plan_buckets
+
+        module = self.engine.module
+        entries: list[dict[str, Any]] = []
+        by_id: dict[int, dict[str, Any]] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) in by_id:
+                by_id[id(param)]["names"].append(name)
+                continue
+            # ZeRO-3 leaves an empty shard in param.data; ds_numel is the full size
+            numel = int(getattr(param, "ds_numel", param.numel()))
+            by_id[id(param)] = {"names": [name], "param": param, "bytes": 4 * numel}
+            entries.append(by_id[id(param)])
+        named = {n for e in entries for n in e["names"]}
+        for key, value in module.state_dict().items():
+            if key not in named:
+                entries.append({"names": [key], "param": None, "bytes": value.element_size() * value.numel()})
+        buckets = plan_buckets([e["bytes"] for e in entries], int(bucket_bytes))
+        self._bucket_plan = [[entries[i] for i in bucket] for bucket in buckets]
+        return [sum(e["bytes"] for e in bucket) for bucket in self._bucket_plan]
+
+    def gather_weight_bucket(self, index: int) -> dict[str, np.ndarray] | None:
+        """Full float32 weights of sync bucket `index` (HF `state_dict` names) on rank 0, None elsewhere.
+
+        Every rank must call it with the same index (after `weight_bucket_plan`). Under ZeRO-3 the
+        bucket's parameters are all-gathered together and released on leaving, so a rank holds at most one
+        bucket of full parameters beyond its shard. Arrays are copies: later updates do not change them.
+        """
+        import contextlib
+
+        import deepspeed
+
+        plan = getattr(self, "_bucket_plan", None)
+        if plan is None or not 0 <= index < len(plan):
+            raise ValueError(
+                f"gather_weight_bucket({index}): no such bucket; call weight_bucket_plan first "
+                f"({0 if plan is None else len(plan)} buckets planned)"
+            )
+        bucket = plan[index]
+        params = [e["param"] for e in bucket if e["param"] is not None]
+        gather = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if self.zero_stage == 3 and params
+            else contextlib.nullcontext()
+        )
+        out: dict[str, np.ndarray] = {}
+        with torch.no_grad(), gather:
+            if self.rank != 0:
+                return None
+            buffers = None
+            for entry in bucket:
+                if entry["param"] is not None:
+                    value = entry["param"].detach().float().cpu().numpy().copy()
+                else:  # a buffer keeps its dtype, as in full_state_dict
+                    buffers = self.engine.module.state_dict() if buffers is None else buffers
+                    value = buffers[entry["names"][0]].detach().cpu().numpy().copy()
+                for name in entry["names"]:
+                    out[name] = value
+        return out
+
     def save_hf(self, path: str, tokenizer_path: str | None = None) -> None:
         """Write a folder `AutoModelForCausalLM.from_pretrained(path)` loads; every rank must call it.
 
