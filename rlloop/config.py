@@ -87,8 +87,9 @@ class PRMConfig:
     num_replicas: int = 1  # scoring actors; a batch is split across them by tokens (online: replica 0 trains)
     batch_size: int = 32  # most rows per forward pass
     max_batch_tokens: Optional[int] = 8192  # rows x longest row per forward pass (None = batch_size rows)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when a replica sees a GPU)
-    num_gpus: float = 0.0  # Ray GPUs per replica (0.5 = two replicas share a GPU); device=cuda needs > 0
+    device: str = "auto"  # auto (cuda when the replica is given GPUs: cluster.prm.num_gpus) | cpu | cuda | cuda:N
+    # older spelling of cluster.prm.num_gpus (Ray GPUs per replica); when set it wins over the cluster's
+    num_gpus: Optional[float] = None
     g: str = "logit"  # transform of V for outcome fusion: logit (TDRM release) | sigmoid
     online: bool = False  # TD-update the PRM on every batch (actor-critic mode)
     lr: float = 1e-6
@@ -208,10 +209,28 @@ class TrainerConfig:
 
 
 @dataclass
+class RoleResources:
+    """Ray resources of ONE actor of a role (a learner rank, a rollout worker, a PRM replica)."""
+
+    num_cpus: float = 0.1
+    num_gpus: float = 0.0  # colocated roles: the share of one GPU (learner 0.5 + rollout 0.5 on one GPU)
+
+
+@dataclass
 class ClusterConfig:
+    """Where the actors run (rlloop.distributed.placement): one placement group per role (`separate`),
+    or the roles in `colocate` sharing one group whose bundle b hosts actor b of each (`colocated`)."""
+
     address: Optional[str] = None  # Ray address; None = RAY_ADDRESS or a fresh local cluster
     num_cpus: Optional[int] = None  # local cluster size (default: os.cpu_count())
     host: str = "127.0.0.1"
+    placement: str = "separate"  # separate | colocated (hybrid: the `colocate` roles share GPUs)
+    colocate: List[str] = field(default_factory=lambda: ["learner", "rollout"])  # placement=colocated
+    strategy: str = "PACK"  # Ray placement strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    learner: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.5))  # per rank
+    rollout: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.25))  # per worker
+    prm: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.1))  # per replica
+    ready_timeout_s: float = 300.0  # placement groups not placed by then fail, naming the role
 
 
 @dataclass

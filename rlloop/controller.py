@@ -198,6 +198,7 @@ class Trainer:
     def _start_actors(self) -> None:
         import ray
 
+        from rlloop.distributed.placement import place
         from rlloop.distributed.ray_setup import init_ray
         from rlloop.learner.group import LearnerGroup
         from rlloop.rewards.verifiers.pool import VerifierPool
@@ -206,13 +207,18 @@ class Trainer:
         cfg = self.cfg
         init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.host)
         t0 = time.perf_counter()
+        # cluster.*: every role's placement group, after checking the cluster has the CPUs/GPUs asked for
+        # (ResourceError naming the role and key otherwise), before any actor starts.
+        self.placement = place(cfg)
         self.verifier = VerifierPool(cfg.reward.verifier)
         self.verifier.check_sources({s.data_source for s in self.train_set + self.test_set})
         r = cfg.rollout
         self.workers = [
             # Ray restarts a dead worker (fresh process, initial weights); the controller then re-syncs
             # it to the current policy version and re-issues its in-flight prompts (see _call_worker).
-            RolloutWorker.options(num_cpus=0.25, max_restarts=cfg.trainer.max_actor_restarts).remote(
+            RolloutWorker.options(
+                **self.placement.options("rollout", i), max_restarts=cfg.trainer.max_actor_restarts
+            ).remote(
                 self.model_path,
                 engine=r.engine,
                 dtype=cfg.model.dtype,
@@ -221,6 +227,8 @@ class Trainer:
                 seed=cfg.trainer.seed + 1000 * i,
                 step_delimiter=r.step_delimiter,
                 step_regex=r.step_regex,
+                # HF engine on the worker's GPU share (vLLM finds its GPUs itself)
+                **({"device": "cuda"} if r.engine == "hf" and self.placement.num_gpus("rollout") else {}),
             )
             for i in range(r.num_workers)
         ]
@@ -236,15 +244,17 @@ class Trainer:
             self.prm_pool = PRMPool.start(
                 p.num_replicas,
                 prm_path,
-                num_cpus=0.1,
-                num_gpus=p.num_gpus,
+                actor_options=[self.placement.options("prm", i) for i in range(p.num_replicas)],
                 max_restarts=cfg.trainer.max_actor_restarts,
                 call=self._call_prm,
                 tokenizer_path=None if prm_path != self.model_path else self.model_path,
                 num_threads=p.num_threads,
                 batch_size=p.batch_size,
                 max_batch_tokens=p.max_batch_tokens,
-                device=p.device,
+                # auto: the GPU when the replica was given one, else the CPU (whatever torch sees)
+                device=(
+                    ("cuda" if self.placement.num_gpus("prm") else "cpu") if p.device == "auto" else p.device
+                ),
                 step_delimiter=r.step_delimiter,
                 step_regex=r.step_regex,
                 max_length=p.max_length,
@@ -260,8 +270,8 @@ class Trainer:
             temperature=r.temperature,
             train_batch_size=r.prompts_per_step * r.n,
             seed=cfg.trainer.seed,
-            num_cpus_per_rank=0.5,
             timeout_s=cfg.trainer.call_timeout_s,
+            actor_options=[self.placement.options("learner", rank) for rank in range(cfg.learner.world_size)],
         )
         self._get([w.__ray_ready__.remote() for w in self.workers], "rollout workers start-up")
         if self.prm_pool is not None:
@@ -1133,6 +1143,8 @@ class Trainer:
         for actor in [*getattr(self, "workers", []), *extra]:
             if actor is not None:
                 ray.kill(actor)
+        if getattr(self, "placement", None) is not None:
+            self.placement.remove()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

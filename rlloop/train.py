@@ -51,10 +51,12 @@ def preflight(cfg: Any, run_dir: str | None = None) -> None:
     from rlloop import checkpoint
     from rlloop.data import build_datasets
     from rlloop.data.loader import check_prompt_lengths, max_positions
+    from rlloop.distributed.placement import preflight_check
     from rlloop.models import resolve_model
     from rlloop.validate import check_data_sources, validate_config
 
     validate_config(cfg)
+    preflight_check(cfg)  # cluster.*: more CPUs/GPUs than the local cluster will have
     # Cheap checks first: a bad path fails in a second, before data sets are built or a model pretrained.
     key = "model.path" if cfg.model.path else f"model={cfg.model.name}"
     if cfg.model.path:

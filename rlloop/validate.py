@@ -101,6 +101,7 @@ def validate_config(cfg: Any) -> None:
         "needs reward.prm.enabled=true",
     )
     _check_prm_service(rw.prm)
+    _check_placement(cfg)
     _require(
         rw.fusion != "step" or rw.prm.enabled,
         "reward.fusion",
@@ -139,12 +140,20 @@ def _check_prm_service(p: Any) -> None:
         p.device,
         "choose cpu, cuda, cuda:N or auto",
     )
-    _require(p.num_gpus >= 0, "reward.prm.num_gpus", p.num_gpus, "must be >= 0")
+    _require(p.num_gpus is None or p.num_gpus >= 0, "reward.prm.num_gpus", p.num_gpus, "must be >= 0")
+
+
+def _check_placement(cfg: Any) -> None:
+    """cluster.*: placement mode, strategy, per-role resources, colocated GPU shares (no Ray needed)."""
+    from rlloop.distributed.placement import plan_placement, prm_num_gpus
+
+    plan_placement(cfg)
+    gpus, key = prm_num_gpus(cfg)
     _require(
-        not str(p.device).startswith("cuda") or p.num_gpus > 0,
+        not str(cfg.reward.prm.device).startswith("cuda") or gpus > 0,
         "reward.prm.device",
-        p.device,
-        "needs reward.prm.num_gpus > 0 (Ray shows a replica a GPU only when it asks for one)",
+        cfg.reward.prm.device,
+        f"needs cluster.prm.num_gpus > 0 ({key}={gpus:g}; Ray shows a replica a GPU only when it asks for one)",
     )
 
 

@@ -94,7 +94,7 @@ def test_two_replicas_online_prm_two_workers(tmp_path, monkeypatch):
         ("reward.prm.num_replicas=0", "reward.prm.num_replicas=0"),
         ("reward.prm.max_batch_tokens=0", "reward.prm.max_batch_tokens=0"),
         ("reward.prm.device=tpu", "reward.prm.device='tpu'"),
-        ("reward.prm.device=cuda", "needs reward.prm.num_gpus > 0"),
+        ("reward.prm.device=cuda", "needs cluster.prm.num_gpus > 0"),
     ],
 )
 def test_bad_prm_service_settings_name_the_key(override, match):

@@ -165,32 +165,40 @@ class LearnerGroup:
         seed: int = 0,
         num_cpus_per_rank: float = 0.5,
         timeout_s: float = 600,
+        actor_options: list[dict[str, Any]] | None = None,
     ) -> None:
+        """actor_options: per rank Ray options (resources and placement-group bundle, from
+        rlloop.distributed.placement, which owns that group); None = a PACK group of its own with
+        `num_cpus_per_rank` CPUs per rank."""
         self.world_size = int(learner_cfg["world_size"])
         if self.world_size < 1:
             raise ValueError(f"learner.world_size must be >= 1, got {self.world_size}")
         self.learner_cfg, self.algo_cfg = dict(learner_cfg), dict(algo_cfg)
         self.timeout_s = float(timeout_s)
         self.version = 0
-        self.pg = placement_group([{"CPU": num_cpus_per_rank}] * self.world_size, strategy="PACK")
-        try:
-            ray.get(self.pg.ready(), timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError as err:
-            remove_placement_group(self.pg)
-            raise LearnerError(
-                f"LearnerGroup: placement group of {self.world_size} x {num_cpus_per_rank} CPU not ready "
-                f"within {self.timeout_s:.0f} s (cluster resources: {ray.available_resources()})"
-            ) from err
+        self.pg = None
+        if actor_options is None:
+            self.pg = placement_group([{"CPU": num_cpus_per_rank}] * self.world_size, strategy="PACK")
+            try:
+                ray.get(self.pg.ready(), timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError as err:
+                remove_placement_group(self.pg)
+                raise LearnerError(
+                    f"LearnerGroup: placement group of {self.world_size} x {num_cpus_per_rank} CPU not ready "
+                    f"within {self.timeout_s:.0f} s (cluster resources: {ray.available_resources()})"
+                ) from err
+            actor_options = [
+                {
+                    "num_cpus": num_cpus_per_rank,
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                        placement_group=self.pg, placement_group_bundle_index=rank
+                    ),
+                }
+                for rank in range(self.world_size)
+            ]
         actor_cls = ray.remote(LearnerActor)
         self.actors = [
-            actor_cls.options(
-                num_cpus=num_cpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank
-                ),
-                name=None,
-            ).remote()
-            for rank in range(self.world_size)
+            actor_cls.options(**actor_options[rank], name=None).remote() for rank in range(self.world_size)
         ]
         try:
             # Rank 0 hosts the torch.distributed store: its node's address, a port free there.

@@ -52,9 +52,14 @@ class PRMPool:
         max_restarts: int = 0,
         call: Call | None = None,
         timeout_s: float = 600.0,
+        actor_options: Sequence[dict[str, Any]] | None = None,
         **scorer_kwargs: Any,
     ) -> PRMPool:
-        """Start `num_replicas` PRMService actors with the same PRMScorer arguments (not awaited)."""
+        """Start `num_replicas` PRMService actors with the same PRMScorer arguments (not awaited).
+
+        actor_options: per replica Ray options (resources and placement-group bundle, from
+        rlloop.distributed.placement); they replace num_cpus/num_gpus.
+        """
         from rlloop.rewards.prm.service import PRMService
 
         if num_replicas < 1:
@@ -62,9 +67,11 @@ class PRMPool:
         options: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": max_restarts}
         if num_gpus:
             options["num_gpus"] = num_gpus  # Ray makes a GPU visible to an actor only when it asks for one
-        actors = [
-            PRMService.options(**options).remote(model_path, **scorer_kwargs) for _ in range(num_replicas)
+        per_replica = [
+            options if actor_options is None else {**actor_options[i], "max_restarts": max_restarts}
+            for i in range(num_replicas)
         ]
+        actors = [PRMService.options(**o).remote(model_path, **scorer_kwargs) for o in per_replica]
         return cls(actors, call, timeout_s)
 
     def name(self, i: int) -> str:
