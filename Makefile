@@ -39,5 +39,11 @@ lint: setup
 job: setup
 	bash launch/local_job.sh $(ARGS)
 
+# Hydra multirun sweep (launch/sweep.sh): one run per combination, e.g.
+#   make sweep SWEEP="reward.w_prm=0,0.2 trainer.seed=0,1" ARGS="model=tiny trainer.total_steps=5"
+SWEEP ?= reward.w_prm=0,0.2,0.4 trainer.seed=0,1,2
+sweep: setup
+	PYTHON=$(PY) bash launch/sweep.sh $(SWEEP) $(ARGS)
+
 clean:
 	rm -rf outputs multirun .pytest_cache

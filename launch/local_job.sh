@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start a local Ray head bound to 127.0.0.1, submit one rlloop run with `ray job submit`, stop the head.
+# Start a local Ray head bound to 127.0.0.1, submit one rlloop run to it with launch/submit.sh (`ray job
+# submit`), stop the head.
 #   bash launch/local_job.sh [hydra overrides...]      e.g.  bash launch/local_job.sh model=tiny trainer.total_steps=1
 # Env: NUM_CPUS (2), RAY_PORT (6390), RAY_DASHBOARD_PORT (8266), OUT_DIR (outputs/ray_job/<time>), PYTHON (.venv's).
 set -euo pipefail
@@ -48,29 +49,8 @@ setsid "$RAY" start --head --node-ip-address=127.0.0.1 --num-cpus="${NUM_CPUS:-2
   --metrics-export-port="$METRICS" >/dev/null
 RAY_SID=$(ps -o sid= -p "$(pgrep -f -- "$RAY_TMP" | head -n 1)" | tr -d ' ')
 
-# The working dir travels to the cluster; the venv, outputs and git history do not.
-# Right after `ray start` the head's job agent may not be registered yet ("No available agent to submit
-# job"): submit without waiting, retrying only that error, then follow the logs and report the status.
-SID="rlloop-$(date +%Y%m%d-%H%M%S)-$$"
-for attempt in $(seq 1 30); do
-  if OUT=$("$RAY" job submit --no-wait --submission-id "$SID" --address "http://127.0.0.1:$DASH" --working-dir "$ROOT" \
-      --runtime-env-json '{"excludes": [".venv", ".git", "outputs", "multirun", "wandb", "*.png", ".pytest_cache", ".hypothesis"]}' \
-      -- "$PYTHON" -m rlloop.train hydra.run.dir="$OUT_DIR" "$@" 2>&1); then
-    break
-  fi
-  if ! grep -q "No available agent" <<<"$OUT" || [ "$attempt" = 30 ]; then
-    echo "$OUT" >&2
-    echo "error: ray job submit failed (attempt $attempt)" >&2
-    exit 1
-  fi
-  sleep 2
-done
-echo "submitted $SID (attempt $attempt)"
-"$RAY" job logs --follow --address "http://127.0.0.1:$DASH" "$SID"
-STATUS=$("$RAY" job status --address "http://127.0.0.1:$DASH" "$SID" 2>&1)
+# Submit through launch/submit.sh (the same script as for a remote cluster): ships the working dir,
+# retries while the fresh head's job agent registers, follows the logs, fails when the job fails.
 echo "outputs: $OUT_DIR"
-if ! grep -q "Job '$SID' succeeded" <<<"$STATUS"; then
-  echo "$STATUS" | tail -n 5 >&2
-  echo "error: job $SID did not succeed" >&2
-  exit 1
-fi
+PYTHON="$PYTHON" RAY="$RAY" bash "$ROOT/launch/submit.sh" --address "http://127.0.0.1:$DASH" \
+  --working-dir "$ROOT" -- hydra.run.dir="$OUT_DIR" "$@"
