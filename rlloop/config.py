@@ -188,6 +188,11 @@ class LearnerConfig:
     bf16: bool = False
     num_threads: int = 1  # torch threads per rank
     master_port: int = 0  # 0 = pick a free port
+    # weight sync to the rollout workers (rlloop.distributed.weight_sync): buckets of this many MB
+    # (float32), one call per bucket and worker; every call times out after sync_timeout_s
+    sync_bucket_mb: float = 256.0
+    sync_timeout_s: float = 300.0
+    sync_probe_every: int = 10  # steps between sync probes (rollout vs learner logprobs); 0 = off
 
 
 @dataclass
@@ -206,6 +211,11 @@ class TrainerConfig:
     # a learner rank that dies or hangs stops the whole DeepSpeed group; the run then restarts itself from
     # its last complete checkpoint (from scratch if there is none) this often, then fails
     max_restarts: int = 2
+    # off-policy training (rlloop.distributed.async_rollout): off | one_step | bounded
+    async_mode: str = "off"
+    max_staleness: int = 1  # policy versions; older samples are never trained on
+    stale_policy: str = "drop"  # drop (their groups) | wait (regenerate them with the current weights)
+    async_lookahead: int = 0  # bounded: batches generated ahead of the learner (0 = max_staleness)
 
 
 @dataclass

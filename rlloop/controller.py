@@ -281,7 +281,16 @@ class Trainer:
                 self._get(actor.__ray_ready__.remote(), f"{name} start-up")
         self._implicit_prm_weights_ref = None  # the implicit PRM's latest weights (for a restarted actor)
         self.policy_version = 0
-        self._weights_ref = None  # the current policy's weights in the object store (for restarted workers)
+        # the current policy's weight buckets in the object store (for restarted workers); None: initial
+        self._weights_refs: list | None = None
+        self._pending_sync = None  # a sync whose worker loads are not yet confirmed (async mode)
+        self.pipeline = None  # rollouts generated ahead of the learner (trainer.async_mode)
+        t = cfg.trainer
+        if t.async_mode != "off":
+            from rlloop.distributed.async_rollout import RolloutPipeline, lookahead
+
+            ahead = lookahead(t.async_mode, t.max_staleness, t.async_lookahead)
+            self.pipeline = RolloutPipeline(self._produce, ahead)
         self._prm_weights_ref = None  # the online PRM's latest weights (for a restarted PRM service)
         self._prm_version = 0
         self.restarts: dict[str, int] = {}
@@ -694,12 +703,14 @@ class Trainer:
 
     def _restore_worker(self, i: int) -> None:
         """Load the current policy version into a restarted rollout worker."""
-        if self._weights_ref is None:
+        from rlloop.distributed.weight_sync import send_buckets
+
+        if self._weights_refs is None:
             return  # still at the initial weights, which the restarted process loaded itself
         version = self._get(
-            self.workers[i].update_weights.remote(self._weights_ref, self.policy_version),
-            f"rollout worker {i} update_weights after restart",
-        )
+            send_buckets(self.workers[i], self._weights_refs, self.policy_version),
+            f"rollout worker {i} weight buckets after restart",
+        )[-1]
         if version != self.policy_version:
             raise RuntimeError(
                 f"rollout worker {i} restored to version {version}, expected {self.policy_version}"
@@ -707,6 +718,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint of the whole run at the current step (see rlloop.checkpoint)."""
+        self._quiesce()
+        # async: prompts already drawn for batches not yet trained on are drawn again after a resume
+        queued = self.pipeline.drain() if self.pipeline is not None else []
+        stream = (
+            queued[0]["stream"]
+            if queued
+            else {"epoch": self.stream.epoch, "pos": self.stream.pos, "seed": self.stream.seed}
+        )
         tmp = checkpoint.begin(self.ckpt_root, self.step)
         self.learner.save_checkpoint(str(tmp / "learner"))
         if self.prm is not None and self.cfg.reward.prm.online:
@@ -717,7 +736,7 @@ class Trainer:
             "step": self.step,
             "policy_version": self.policy_version,
             "prm_version": self._prm_version,
-            "stream": {"epoch": self.stream.epoch, "pos": self.stream.pos, "seed": self.stream.seed},
+            "stream": stream,
             "trained_groups": self.trained_groups,
             "restarts": self.restarts,
             "model_fingerprint": checkpoint.model_fingerprint(self.model_path),
@@ -747,11 +766,8 @@ class Trainer:
         self.stream.pos = int(state["stream"]["pos"])
         self.trained_groups = list(state.get("trained_groups", []))
         self.restarts = dict(state.get("restarts", {}))
-        self._weights_ref = self.learner.state_dict_ref()
-        versions = self._get(
-            [w.update_weights.remote(self._weights_ref, self.policy_version) for w in self.workers],
-            "rollout workers update_weights (resume)",
-        )
+        self.sync_weights(version=self.policy_version)
+        versions = self._get([w.get_policy_version.remote() for w in self.workers], "policy versions")
         logger.info(
             "resumed from %s: step %d, policy version %d (learner optimizer steps %d), workers at %s",
             path,
@@ -795,27 +811,73 @@ class Trainer:
             restore=lambda: self._restore_prm(i),
         )
 
-    def sync_weights(self) -> None:
-        ref = self.learner.state_dict_ref()
-        self.policy_version += 1
-        self._weights_ref = ref
-        versions = [
-            self._call_worker(
-                i,
-                w.update_weights.remote(ref, self.policy_version),
-                lambda w: w.update_weights.remote(ref, self.policy_version),
-                what="update_weights",
+    def sync_weights(self, *, version: int | None = None, wait: bool = True) -> dict[str, float]:
+        """Push the learner's weights to every rollout worker as policy `version` (default: the next one),
+        bucketed (learner.sync_bucket_mb) and versioned (rlloop.distributed.weight_sync). wait=False
+        returns once every bucket is queued; `finish_sync` then confirms the workers' loads (async mode:
+        a worker busy generating the next batch loads after it). Returns sync/buckets, sync/mb."""
+        from rlloop.distributed.weight_sync import push_weights
+
+        self.finish_sync()
+        lc = self.cfg.learner
+        version = self.policy_version + 1 if version is None else int(version)
+        result = push_weights(
+            self.learner, self.workers, version, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s
+        )
+        # a worker restarted from here on is restored to this version (_restore_worker)
+        self.policy_version, self._weights_refs = version, result.bucket_refs
+        self._pending_sync = result
+        if wait:
+            self.finish_sync()
+        return result.metrics()
+
+    def finish_sync(self) -> None:
+        """Wait until every worker serves the last pushed version (WeightSyncError naming the worker and
+        bucket on a timeout); a worker that died mid-sync is restarted and restored to it."""
+        from rlloop.distributed.weight_sync import wait_loaded
+
+        result, self._pending_sync = self._pending_sync, None
+        if result is None:
+            return
+
+        def on_dead(i: int, err: Exception) -> int:
+            return self._call_worker(
+                i, result.pending[i][-1], lambda w: w.get_policy_version.remote(), what="weight sync"
             )
-            for i, w in enumerate(self.workers)
-        ]
-        if any(v != self.policy_version for v in versions):
-            raise RuntimeError(
-                f"weight sync: workers report versions {versions}, expected {self.policy_version}"
-            )
+
+        wait_loaded(result, timeout_s=self.cfg.learner.sync_timeout_s, on_dead=on_dead)
+
+    def sync_probe(self) -> dict[str, float]:
+        """`sync/probe_logprob_mismatch`: every rollout worker samples a small fixed probe batch (the first
+        held-out prompts, fixed seed) and the learner scores the same tokens; the mean |difference| of
+        their logprobs over response tokens, the worst worker's. Near 0 when the sync was exact (float
+        noise, or the bf16/vLLM kernels' own mismatch); a wrong or partial sync shows as a jump."""
+        r = self.cfg.rollout
+        self.finish_sync()
+        samples = (self.test_set or self.train_set)[:4]
+        prompts = [self._prompt(s) for s in samples]
+        gen = {"n": 1, "max_new_tokens": min(16, r.max_new_tokens), "temperature": r.temperature}
+        outs = self._get(
+            [w.generate.remote(prompts, **gen, seed=self.cfg.trainer.seed) for w in self.workers],
+            "sync probe",
+        )
+        flat = [ro for out in outs for ro in out]
+        stale = sorted({ro.policy_version for ro in flat} - {self.policy_version})
+        if stale:
+            raise RuntimeError(f"sync probe: workers serve versions {stale}, expected {self.policy_version}")
+        batch = build_batch(flat, self.pad_id)
+        diff = np.abs(self.learner.compute_logprobs(batch, "policy") - batch.rollout_logprobs)
+        mask = batch.response_mask > 0
+        per_worker, start = [], 0
+        for out in outs:
+            rows = slice(start, start + len(out))
+            start += len(out)
+            per_worker.append(float(diff[rows][mask[rows]].mean()) if mask[rows].any() else 0.0)
+        return {"sync/probe_logprob_mismatch": max(per_worker)}
 
     # ---------------------------------------------------------------- the loop
     def _sample_round(
-        self, samples: list[Sample], timer: StepTimer, seed: int
+        self, samples: list[Sample], timer: StepTimer, seed: int, prm_stats: dict | None = None
     ) -> tuple[list[Rollout], list[dict] | None]:
         """Generate n samples per prompt, then verify while the PRM scores them.
 
@@ -852,24 +914,29 @@ class Trainer:
         if self.prm_pool is None:
             return rollouts, None
         by_rollout: dict[int, dict] = {}
+        prm_stats = self._prm_stats if prm_stats is None else prm_stats
         with timer.phase("prm_wait"):
             for out, pending in submitted:
                 results, stats = self.prm_pool.gather(pending)
                 by_rollout.update({id(ro): res for ro, res in zip(out, results, strict=True)})
                 timer.seconds["prm"] = timer.seconds.get("prm", 0.0) + stats.pop("seconds")
                 for key, value in stats.items():  # tokens, padded_tokens, batches of this step
-                    self._prm_stats[key] = self._prm_stats.get(key, 0.0) + value
+                    prm_stats[key] = prm_stats.get(key, 0.0) + value
         return rollouts, [by_rollout[id(ro)] for ro in rollouts]
 
-    def collect(self, timer: StepTimer) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
+    def collect(
+        self, timer: StepTimer, *, step: int | None = None, prm_stats: dict | None = None
+    ) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
         """One step's rollouts; with algo.dynamic_sampling, groups whose outcomes all tie are dropped
-        and refilled by up to dynamic_sampling_max_rounds extra rounds (DAPO)."""
+        and refilled by up to dynamic_sampling_max_rounds extra rounds (DAPO). `step`: the training
+        step they are for (default the next); `prm_stats`: where PRM packing counts go (default
+        self._prm_stats) — both given by the async producer thread."""
         from rlloop.algos.sampling import filter_tied_groups, select_groups
 
         cfg, a = self.cfg, self.cfg.algo
         want = cfg.rollout.prompts_per_step
-        seed = cfg.trainer.seed * 7919 + self.step * 101
-        rollouts, prm_out = self._sample_round(self.stream.take(want), timer, seed)
+        seed = cfg.trainer.seed * 7919 + (self.step if step is None else step - 1) * 101
+        rollouts, prm_out = self._sample_round(self.stream.take(want), timer, seed, prm_stats)
         if not a.dynamic_sampling:
             return rollouts, prm_out, {}
         kept_ro: list[Rollout] = []
@@ -880,7 +947,9 @@ class Trainer:
                 missing = want - len({ro.group for ro in kept_ro})
                 if missing <= 0:
                     break
-                rollouts, prm_out = self._sample_round(self.stream.take(missing), timer, seed + round_)
+                rollouts, prm_out = self._sample_round(
+                    self.stream.take(missing), timer, seed + round_, prm_stats
+                )
             group_ids = group_index([ro.group for ro in rollouts])
             outcome = torch.tensor([ro.outcome["correct"] for ro in rollouts])
             keep, _ = filter_tied_groups(outcome, group_ids, keep_singletons=False)
@@ -907,7 +976,10 @@ class Trainer:
         cfg, timer = self.cfg, StepTimer()
         t_step = time.perf_counter()
         self._prm_stats: dict[str, float] = {}
-        rollouts, prm_out, sampling_stats = self.collect(timer)
+        if self.pipeline is None:
+            rollouts, prm_out, sampling_stats = self.collect(timer)
+        else:
+            rollouts, prm_out, sampling_stats = self._collect_async(timer)
         rollouts, prm_out, filter_stats = self._prime_filter(rollouts, prm_out)
         sampling_stats.update(filter_stats)
         self.step += 1
@@ -943,7 +1015,12 @@ class Trainer:
         with timer.phase("learner"):
             learner_metrics = self.learner.train_step(batch)
         with timer.phase("sync"):
-            self.sync_weights()
+            # async: the workers load the buckets after the batch they are generating (finish_sync)
+            sync_metrics = self.sync_weights(wait=self.pipeline is None)
+        every = cfg.learner.sync_probe_every
+        if every and self.step % every == 0:
+            with timer.phase("sync_probe"):
+                sync_metrics.update(self.sync_probe())
         prm_metrics: dict[str, float] = {}
         if prm_update is not None:
             with timer.phase("prm_update"):
@@ -988,8 +1065,96 @@ class Trainer:
             **fusion_metrics,
             **prm_metrics,
             **learner_metrics,
+            **sync_metrics,
             **timing,
         }
+
+    # ---------------------------------------------------------------- off-policy (trainer.async_mode)
+    def _produce(self, step: int) -> dict[str, Any]:
+        """The batch of training step `step`, built in the producer thread (RolloutPipeline): its own
+        timer and PRM counts, and the stream position before its prompts were drawn (for checkpoints)."""
+        timer, prm_stats = StepTimer(), {}
+        stream = {"epoch": self.stream.epoch, "pos": self.stream.pos, "seed": self.stream.seed}
+        rollouts, prm_out, stats = self.collect(timer, step=step, prm_stats=prm_stats)
+        return {
+            "rollouts": rollouts,
+            "prm_out": prm_out,
+            "stats": stats,
+            "seconds": timer.seconds,
+            "prm_stats": prm_stats,
+            "stream": stream,
+        }
+
+    def _collect_async(self, timer: StepTimer) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
+        """The next step's batch from the pipeline (generated ahead with older weights), then the batches
+        of later steps queued so that they generate during this update. Groups older than
+        trainer.max_staleness versions are dropped or regenerated (trainer.stale_policy); `time/generate`
+        is the wait on generation that the learner's update did not hide, `async/rollout_s` the
+        producer's own seconds for this batch."""
+        from rlloop.distributed.async_rollout import stale_groups, staleness
+
+        t = self.cfg.trainer
+        with timer.phase("generate"):
+            job = self.pipeline.take(self.step + 1)
+        with timer.phase("sync_wait"):
+            self.finish_sync()  # the last update's weights are loaded: later batches sample from them
+        self.pipeline.fill(self.step + 2)
+        for key, value in job["prm_stats"].items():
+            self._prm_stats[key] = self._prm_stats.get(key, 0.0) + value
+        timer.seconds["prm"] = timer.seconds.get("prm", 0.0) + job["seconds"].get("prm", 0.0)
+        rollouts, prm_out = job["rollouts"], job["prm_out"]
+        version = self.policy_version  # the learner's weights that this update starts from
+        stale = set(
+            stale_groups(
+                [ro.group for ro in rollouts],
+                [ro.policy_version for ro in rollouts],
+                version,
+                t.max_staleness,
+            )
+        )
+        keep = [k for k, ro in enumerate(rollouts) if ro.group not in stale]
+        dropped = len(rollouts) - len(keep)
+        if stale:
+            logger.info(
+                "step %d: %d groups older than %d versions (learner at %d): %s",
+                self.step + 1,
+                len(stale),
+                t.max_staleness,
+                version,
+                "regenerating them" if t.stale_policy == "wait" else "dropped",
+            )
+            refill = list(stale) if t.stale_policy == "wait" or not keep else []
+            rollouts = [rollouts[k] for k in keep]
+            prm_out = None if prm_out is None else [prm_out[k] for k in keep]
+            if refill:
+                by_uid = {s.uid: s for s in self.train_set}
+                seed = t.seed * 7919 + self.step * 101 + 50_000
+                fresh, fresh_prm = self._sample_round([by_uid[g] for g in refill], timer, seed)
+                rollouts += fresh
+                if prm_out is not None and fresh_prm is not None:
+                    prm_out += fresh_prm
+        ages = staleness([ro.policy_version for ro in rollouts], version)
+        if ages.size and int(ages.max()) > t.max_staleness:  # the guarantee, checked
+            raise RuntimeError(f"async: about to train on samples {int(ages.max())} versions old")
+        return (
+            rollouts,
+            prm_out,
+            {
+                **job["stats"],
+                "async/staleness_mean": float(ages.mean()) if ages.size else 0.0,
+                "async/staleness_max": float(ages.max()) if ages.size else 0.0,
+                "async/dropped": float(dropped),
+                "async/learner_version": float(version),
+                "async/rollout_s": float(sum(v for k, v in job["seconds"].items() if k != "prm")),
+            },
+        )
+
+    def _quiesce(self) -> None:
+        """Async mode: wait for the batches generated ahead and the last sync (before evaluation and
+        checkpoints, which must not interleave with the producer thread's calls)."""
+        if self.pipeline is not None:
+            self.pipeline.drain()
+        self.finish_sync()
 
     def stream_seen(self) -> int:
         """Training prompts drawn so far (refill rounds included)."""
@@ -998,6 +1163,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Greedy (or eval_temperature) accuracy on the held-out set with the current policy."""
         cfg = self.cfg
+        self._quiesce()
         t0 = time.perf_counter()
         samples = self.test_set if cfg.task.num_test <= 0 else self.test_set[: cfg.task.num_test]
         temperature = cfg.rollout.eval_temperature
@@ -1127,6 +1293,9 @@ class Trainer:
 
     def shutdown(self) -> None:
         import ray
+
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.close()
 
         for closer in (getattr(self, "learner", None), getattr(self, "verifier", None)):
             if closer is not None:

@@ -48,6 +48,7 @@ def validate_config(cfg: Any) -> None:
     _require(t.max_restarts >= 0, "trainer.max_restarts", t.max_restarts, "must be >= 0 (0 = fail at once)")
     _require(t.max_actor_restarts >= 0, "trainer.max_actor_restarts", t.max_actor_restarts, "must be >= 0")
     _require(t.call_timeout_s > 0, "trainer.call_timeout_s", t.call_timeout_s, "must be > 0")
+    _check_sync_and_async(lr, t, a)
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = only before/after)")
     _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
     _require(
@@ -122,6 +123,43 @@ def validate_config(cfg: Any) -> None:
         "choose offline, online or disabled",
     )
     check_verifiers(rw.verifier)
+
+
+def _check_sync_and_async(lr: Any, t: Any, a: Any) -> None:
+    """Weight-sync keys (learner.sync_*) and off-policy keys (trainer.async_mode, max_staleness, ...)."""
+    _require(lr.sync_bucket_mb > 0, "learner.sync_bucket_mb", lr.sync_bucket_mb, "must be > 0")
+    _require(lr.sync_timeout_s > 0, "learner.sync_timeout_s", lr.sync_timeout_s, "must be > 0")
+    _require(
+        lr.sync_probe_every >= 0, "learner.sync_probe_every", lr.sync_probe_every, "must be >= 0 (0 = off)"
+    )
+    modes = ("off", "one_step", "bounded")
+    _require(t.async_mode in modes, "trainer.async_mode", t.async_mode, f"choose one of {', '.join(modes)}")
+    _require(
+        t.stale_policy in ("drop", "wait"), "trainer.stale_policy", t.stale_policy, "choose drop or wait"
+    )
+    _require(t.max_staleness >= 0, "trainer.max_staleness", t.max_staleness, "must be >= 0 policy versions")
+    _require(t.async_lookahead >= 0, "trainer.async_lookahead", t.async_lookahead, "must be >= 0 (0 = auto)")
+    if t.async_mode == "off":
+        return
+    _require(
+        t.async_mode != "one_step" or t.max_staleness >= 1,
+        "trainer.max_staleness",
+        t.max_staleness,
+        "one_step trains on samples one version old: needs max_staleness >= 1",
+    )
+    _require(
+        t.async_mode != "bounded" or t.max_staleness >= 1 or t.async_lookahead >= 1,
+        "trainer.max_staleness",
+        t.max_staleness,
+        "bounded with max_staleness 0 generates nothing ahead: set it >= 1 (or async_mode=off)",
+    )
+    _require(
+        a.tis_cap is not None,
+        "algo.tis_cap",
+        a.tis_cap,
+        f"trainer.async_mode={t.async_mode} trains on samples of older policies: set algo.tis_cap "
+        "(e.g. 2.0), the importance weight min(pi_old / pi_rollout, cap) on the rollout logprobs",
+    )
 
 
 def _check_prm_service(p: Any) -> None:

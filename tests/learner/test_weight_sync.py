@@ -86,7 +86,9 @@ def _prompts(model_path: str) -> list[dict]:
 
     tok = AutoTokenizer.from_pretrained(model_path)
     texts = ["12 + 30 =", "What is 7 - 5?", "The quick brown fox"]
-    return [{"uid": f"p{i}", "prompt_ids": tok(t)["input_ids"], "prompt_text": t} for i, t in enumerate(texts)]
+    return [
+        {"uid": f"p{i}", "prompt_ids": tok(t)["input_ids"], "prompt_text": t} for i, t in enumerate(texts)
+    ]
 
 
 def _sync_check(ray, model_path: str, zero_stage: int) -> dict:
