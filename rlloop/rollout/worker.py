@@ -14,11 +14,12 @@ import numpy as np
 
 from rlloop.rollout.engine import HFEngine, RolloutEngine
 from rlloop.rollout.steps import decode_with_offsets, find_step_ends
+from rlloop.rollout.vllm_engine import VLLMEngine  # imports vllm only when an engine is built
 from rlloop.types import Rollout
 
 logger = logging.getLogger(__name__)
 
-ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFEngine}
+ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFEngine, "vllm": VLLMEngine}
 
 
 class RolloutWorkerCore:

