@@ -249,3 +249,30 @@ def test_colocated_run_trains_one_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "placement (colocated, PACK): shared: 2 x {'CPU': 0.75}" in proc.stdout + proc.stderr
     assert (out / "metrics.jsonl").read_text().count('"reward/total"') == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU (Ray sees none on this machine)")
+def test_gpu_colocated_run_shares_one_gpu_between_learner_and_rollout(tmp_path):
+    """cluster=gpu_colocated on one GPU: learner rank 0 and rollout worker 0 each take half of GPU 0 in
+    one bundle, the PRM is off; one GRPO step trains."""
+    out = tmp_path / "run"
+    proc = run_cli(
+        [
+            *TINY_RUN,
+            "cluster=gpu_colocated",
+            "cluster.learner.num_cpus=1",
+            "cluster.rollout.num_cpus=1",
+            "learner.world_size=1",
+            "rollout.num_workers=1",
+            "reward=rule",
+            "trainer.total_steps=1",
+            "trainer.eval_before=false",
+            f"hydra.run.dir={out}",
+        ],
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "placement (colocated, PACK): shared: 1 x {'CPU': 2.0, 'GPU': 1.0}" in proc.stdout + proc.stderr
+    assert (out / "metrics.jsonl").read_text().count('"reward/total"') == 1
