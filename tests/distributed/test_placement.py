@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -275,4 +276,42 @@ def test_gpu_colocated_run_shares_one_gpu_between_learner_and_rollout(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "placement (colocated, PACK): shared: 1 x {'CPU': 2.0, 'GPU': 1.0}" in proc.stdout + proc.stderr
+    assert (out / "metrics.jsonl").read_text().count('"reward/total"') == 1
+
+
+@pytest.mark.slow
+def test_learner_ranks_on_two_nodes_train_one_step(tmp_path):
+    """Multi-node on one machine: two 1-CPU Ray nodes, cluster.strategy=STRICT_SPREAD puts the two
+    learner ranks on different nodes (Ray places the group only so), and the DeepSpeed group across them
+    trains a step. The run joins the cluster through cluster.address, as under ray job submit."""
+    import subprocess
+    import sys
+
+    from rlloop.distributed.env import without_dist_env
+
+    out = tmp_path / "run"
+    args = [
+        *TINY_RUN,
+        "task.num_test=4",
+        "reward=rule",
+        "trainer.total_steps=1",
+        "trainer.eval_before=false",
+        "cluster.strategy=STRICT_SPREAD",
+        "cluster.learner.num_cpus=0.4",
+        "cluster.rollout.num_cpus=0.1",
+        f"hydra.run.dir={out}",
+    ]
+    env = without_dist_env({**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("two_node_run.py")), *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, log
+    assert "placement (separate, STRICT_SPREAD): learner: 2 x {'CPU': 0.4}" in proc.stdout + proc.stderr, log
+    assert "learner group up: 2 ranks" in proc.stdout + proc.stderr, log
     assert (out / "metrics.jsonl").read_text().count('"reward/total"') == 1
