@@ -214,6 +214,9 @@ class TrainerConfig:
     total_steps: int = 60
     eval_every: int = 20  # 0 = only before and after
     eval_before: bool = True
+    # also sample this many answers per held-out prompt at rollout.temperature (the training
+    # distribution) -> eval/accuracy_sampled; 0 = greedy eval only
+    eval_samples: int = 0
     seed: int = 0
     save_final: bool = True
     log_samples_every: int = 10

@@ -1172,12 +1172,19 @@ class Trainer:
         rollouts = self.generate(samples, n=1, temperature=temperature, seed=cfg.trainer.seed)
         self.verify(rollouts)
         acc = float(np.mean([ro.outcome["correct"] >= 1.0 for ro in rollouts]))
-        return {
+        out = {
             "eval/accuracy": acc,
             "eval/num_samples": float(len(rollouts)),
             "eval/response_length": float(np.mean([len(ro.response_ids) for ro in rollouts])),
-            "time/eval": time.perf_counter() - t0,
         }
+        k = cfg.trainer.eval_samples
+        if k > 0:
+            # pass@1 of the sampling distribution RL trains, averaged over k samples per prompt: it moves
+            # before the greedy answer flips, and k samples cut its variance k-fold
+            sampled = self.generate(samples, n=k, temperature=cfg.rollout.temperature, seed=cfg.trainer.seed)
+            self.verify(sampled)
+            out["eval/accuracy_sampled"] = float(np.mean([ro.outcome["correct"] >= 1.0 for ro in sampled]))
+        return out | {"time/eval": time.perf_counter() - t0}
 
     def memory_metrics(self) -> dict[str, float]:
         """`mem/<role>_rss_gb`: peak RSS in GiB, the max over each role's actors, plus the controller's.
@@ -1249,6 +1256,8 @@ class Trainer:
                 ev = self.evaluate()
                 tracker.log(ev, step=0)
                 summary["eval_before"] = ev["eval/accuracy"]
+                if "eval/accuracy_sampled" in ev:
+                    summary["eval_before_sampled"] = ev["eval/accuracy_sampled"]
             bar = tqdm(
                 range(self.step, cfg.trainer.total_steps),
                 initial=self.step,
@@ -1276,6 +1285,8 @@ class Trainer:
             ev = self.evaluate()
             tracker.log(ev, step=self.step)
             summary["eval_after"] = ev["eval/accuracy"]
+            if "eval/accuracy_sampled" in ev:
+                summary["eval_after_sampled"] = ev["eval/accuracy_sampled"]
             if cfg.trainer.save_final:
                 ckpt = self.out_dir / "checkpoint"
                 self.learner.save_hf(str(ckpt), tokenizer_path=self.model_path)

@@ -31,11 +31,19 @@ def plot_run(metrics_path: str | Path, out_png: str | Path, *, title: str = "rll
     ax = axes[1]
     if evals:
         ax.plot(
-            [r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy"
+            [r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="greedy"
         )
+        sampled = [r for r in evals if r.get("eval/accuracy_sampled") is not None]
+        if sampled:
+            ax.plot(
+                [r["step"] for r in sampled],
+                [r["eval/accuracy_sampled"] for r in sampled],
+                "s--",
+                label="sampled (training temperature)",
+            )
     ax.set_xlabel("RL step")
     ax.set_ylim(0, 1)
-    ax.set_title("held-out evaluation (greedy)")
+    ax.set_title("held-out accuracy")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.suptitle(title)

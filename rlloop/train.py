@@ -226,7 +226,11 @@ def _main(cfg: DictConfig) -> None:
     logger.info("summary: %s", json.dumps(summary))
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before is not None and after is not None:
-        print(f"held-out accuracy: before {before:.3f} -> after {after:.3f}")
+        line = f"held-out accuracy: before {before:.3f} -> after {after:.3f} (greedy)"
+        sb, sa = summary.get("eval_before_sampled"), summary.get("eval_after_sampled")
+        if sb is not None and sa is not None:
+            line += f"; sampled at the training temperature: {sb:.3f} -> {sa:.3f}"
+        print(line)
     print(f"outputs: {out_dir}  (metrics.jsonl, training.png, checkpoint/)")
 
 

@@ -50,6 +50,7 @@ def validate_config(cfg: Any) -> None:
     _require(t.call_timeout_s > 0, "trainer.call_timeout_s", t.call_timeout_s, "must be > 0")
     _check_sync_and_async(lr, t, a)
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = only before/after)")
+    _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0 (0 = greedy eval only)")
     _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
     _require(
         r.n >= 2 or a.advantage not in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "gdpo"),

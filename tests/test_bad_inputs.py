@@ -41,6 +41,7 @@ CASES = [
     ("zero stage 4", ["learner.zero_stage=4"], ["learner.zero_stage"]),
     ("unknown logger", ["logger=[console,tensorboard]"], ["logger", "tensorboard"]),
     ("negative max_restarts", ["trainer.max_restarts=-1"], ["trainer.max_restarts"]),
+    ("negative eval_samples", ["trainer.eval_samples=-2"], ["trainer.eval_samples"]),
     ("no room for a prompt", ["rollout.max_new_tokens=300"], ["rollout.max_new_tokens=300", "256"]),
     # ---- data sets ---------------------------------------------------------------------------
     ("file task without path", ["task=file"], ["task.train_path"]),

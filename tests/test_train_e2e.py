@@ -47,6 +47,7 @@ def test_two_steps_through_every_actor(tmp_path, zero_stage):
         [
             *TINY_RUN,
             "trainer.total_steps=2",
+            "trainer.eval_samples=2",
             f"learner.zero_stage={zero_stage}",
             "learner.world_size=2",
             "reward=tdrm",
@@ -75,13 +76,14 @@ def test_two_steps_through_every_actor(tmp_path, zero_stage):
     assert train_rows[1]["rollout/policy_version"] == 1
     evals = [r for r in rows if r.get("eval/accuracy") is not None]
     assert [r["step"] for r in evals] == [0, 2]
+    assert all(0.0 <= r["eval/accuracy_sampled"] <= 1.0 for r in evals), evals
     # The final checkpoint loads with plain transformers and differs from the initial weights.
     ckpt = out / "checkpoint"
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     cfg = (out / "config_resolved.yaml").read_text()
     assert f"zero_stage: {zero_stage}" in cfg
     summary_line = [ln for ln in proc.stdout.splitlines() if ln.startswith("held-out accuracy")]
-    assert summary_line, proc.stdout[-2000:]
+    assert summary_line and "sampled at the training temperature" in summary_line[0], proc.stdout[-2000:]
     model_path = json.loads((out / "summary.json").read_text())["model_path"]
     init = load_file(f"{model_path}/model.safetensors")
     trained = model.state_dict()

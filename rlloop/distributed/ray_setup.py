@@ -62,6 +62,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, host: str 
     else:
         cpus = num_cpus or os.cpu_count() or 2
         ray.init(
+            # "local": always a new cluster of our own; without it ray.init() joins whatever cluster
+            # `ray start` left running on this machine (and then refuses num_cpus)
+            address="local",
             num_cpus=cpus,
             include_dashboard=False,
             runtime_env=runtime_env,
