@@ -92,8 +92,8 @@ def _prompts(model_path: str) -> list[dict]:
 
 
 def _sync_check(ray, model_path: str, zero_stage: int) -> dict:
-    from rlloop.distributed.weight_sync import push_weights, wait_loaded
-    from rlloop.learner.group import LearnerGroup
+    from rlloop.distributed.weight_sync import WeightSyncError, push_weights, wait_loaded
+    from rlloop.learner.group import LearnerError, LearnerGroup
     from rlloop.rollout.worker import RolloutWorker
 
     batch = make_batch(num_rows=4, seed=3)
@@ -138,6 +138,17 @@ def _sync_check(ray, model_path: str, zero_stage: int) -> dict:
         out["after_last"] = ray.get(
             workers[0].load_weight_bucket.remote(2, len(refs) - 1, len(refs), refs[-1]), timeout=60
         )
+        # timeouts name the culprit: a learner gather, a worker busy generating a long batch
+        with pytest.raises(LearnerError, match=rf"rank 0.* running 'gather_weight_bucket 1/{len(refs)}'"):
+            group.gather_weight_bucket(0, len(refs), timeout_s=1e-4)
+        busy = workers[0].generate.remote(prompts * 8, **{**gen, "max_new_tokens": 60})
+        result = push_weights(group, workers[:1], 3, bucket_mb=1e-3, timeout_s=120)
+        with pytest.raises(
+            WeightSyncError, match=rf"version 3: rollout worker 0, bucket 1/{len(refs)} .*no answer"
+        ):
+            wait_loaded(result, timeout_s=0.01)
+        ray.get(busy, timeout=300)
+        out["after_timeout"] = wait_loaded(result, timeout_s=120)  # the sync itself completes
     finally:
         group.shutdown()
         for w in workers:
@@ -175,3 +186,9 @@ def test_partial_version_is_never_served(synced, stage):
     assert all(r.policy_version == 1 for r in run["during_partial"])
     assert [r.response_ids for r in run["during_partial"]] == [r.response_ids for r in run["bucketed"]]
     assert run["after_last"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sync_timeouts_name_rank_worker_and_bucket(synced, stage):
+    assert synced[stage]["after_timeout"] == [3]
