@@ -25,7 +25,7 @@ class TaskConfig:
     min_ops: int = 1  # arith: operations per problem
     max_ops: int = 2
     min_digits: int = 1  # arith: digits per operand
-    max_digits: int = 2
+    max_digits: int = 1
     ops: List[str] = field(default_factory=lambda: ["+", "-"])
     seed: int = 0
     system_prompt: Optional[str] = None
@@ -45,7 +45,7 @@ class ModelConfig:
     vocab_size: int = 384
     max_position_embeddings: int = 256
     # arith-small pretraining (python -m rlloop.sft)
-    sft_steps: int = 300  # ~3 min on 2 cores; stopped early on purpose so RL has room to improve
+    sft_steps: int = 150  # ~1-5 min on 2 cores; stopped early on purpose so RL has room to improve
     sft_batch_size: int = 64
     sft_lr: float = 1.5e-3
     cache_dir: Optional[str] = None  # default $RLLOOP_CACHE or ~/.cache/rlloop

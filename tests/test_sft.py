@@ -60,4 +60,4 @@ def test_resolve_arith_small_pretrains_in_a_subprocess_once(tmp_path):
     assert leftovers == []  # the temp build folder was renamed away
     # a changed task knob is a different model
     key = json.loads((Path(path) / "rlloop_cache_key.json").read_text())
-    assert key["task"]["max_digits"] == 2 and key["sft_steps"] == 3
+    assert key["task"]["max_digits"] == task_cfg.max_digits and key["sft_steps"] == 3
