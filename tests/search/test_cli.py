@@ -61,11 +61,21 @@ def test_run_search_table_with_a_scripted_backend(tmp_path):
     from rlloop.config import TaskConfig
     from rlloop.data import build_datasets
 
+    # 2-digit problems: the script below needs the first two to have different answers (on the default
+    # 1-digit task, seed 0, they share one)
     cfg = compose_cfg(
-        ["model=tiny", "num_problems=2", "n=[1,3]", "beams=[{top_k:1,num_branch:3}]", "ray=false"]
+        [
+            "model=tiny",
+            "num_problems=2",
+            "n=[1,3]",
+            "beams=[{top_k:1,num_branch:3}]",
+            "ray=false",
+            "task.max_digits=2",
+        ]
     )
     _, test = build_datasets(TaskConfig(**{k: v for k, v in cfg.task.items()}))
     g0, g1 = test[0].ground_truth, test[1].ground_truth
+    assert g0 != g1, (g0, g1)
     wrong = "99999"
     # problem 0: first sample wrong, majority wrong, the PRM likes the right one
     # problem 1: first sample right, majority right, the PRM likes a wrong one
