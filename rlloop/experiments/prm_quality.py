@@ -199,7 +199,10 @@ def run(
     eval_n: int = 16,
     kinds: tuple[str, ...] = KINDS,
     model_overrides: dict | None = None,
+    task_overrides: dict | None = None,
 ) -> dict:
+    """`task_overrides` / `model_overrides`: TaskConfig / ModelConfig fields that differ from the defaults
+    (the arith-small build and the train/test problems follow them)."""
     from rlloop.config import ModelConfig, TaskConfig
     from rlloop.models import resolve_model
     from rlloop.tasks.arith import make_splits
@@ -207,8 +210,9 @@ def run(
     torch.set_num_threads(2)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(ModelConfig(name=model_name, **(model_overrides or {})), TaskConfig())
-    train_samples, test_samples = make_splits(TaskConfig())
+    task_cfg = TaskConfig(**(task_overrides or {}))
+    model_path = resolve_model(ModelConfig(name=model_name, **(model_overrides or {})), task_cfg)
+    train_samples, test_samples = make_splits(task_cfg)
     t0 = time.perf_counter()
     train_rows = sample_rollouts(
         model_path,
@@ -272,7 +276,12 @@ def run(
     return result
 
 
-NAMES = {"td0": "TD(0)", "nstep": "n-step (n=2)", "td_lambda": "TD(λ=0.7)", "mc": "ScalarPRM (outcome labels)"}
+NAMES = {
+    "td0": "TD(0)",
+    "nstep": "n-step (n=2)",
+    "td_lambda": "TD(λ=0.7)",
+    "mc": "ScalarPRM (outcome labels)",
+}
 
 
 def markdown(result: dict) -> str:
@@ -289,7 +298,9 @@ def markdown(result: dict) -> str:
             f"{h['prm/smoothness']:.4f} | " + " | ".join(f"{b[f'bon@{n}']:.3f}" for n in ns) + " |"
         )
     any_b = next(result[k]["best_of_n"] for k in KINDS if k in result)
-    lines.append("| majority vote (no PRM) | | | | " + " | ".join(f"{any_b[f'vote@{n}']:.3f}" for n in ns) + " |")
+    lines.append(
+        "| majority vote (no PRM) | | | | " + " | ".join(f"{any_b[f'vote@{n}']:.3f}" for n in ns) + " |"
+    )
     lines.append("| pass@N (ceiling) | | | | " + " | ".join(f"{any_b[f'pass@{n}']:.3f}" for n in ns) + " |")
     return "\n".join(lines)
 
@@ -297,7 +308,9 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="outputs/experiments/prm_quality")
-    ap.add_argument("--model", default="arith-small", help="built-in model name (arith-small | tiny | smollm2)")
+    ap.add_argument(
+        "--model", default="arith-small", help="built-in model name (arith-small | tiny | smollm2)"
+    )
     ap.add_argument("--eval-n", type=int, default=16, help="samples per held-out prompt (Best-of-N up to it)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="PRM kinds to train, comma-separated")
     ap.add_argument("--train-prompts", type=int, default=128)
