@@ -199,10 +199,7 @@ def run(
     eval_n: int = 16,
     kinds: tuple[str, ...] = KINDS,
     model_overrides: dict | None = None,
-    task_overrides: dict | None = None,
 ) -> dict:
-    """`task_overrides` / `model_overrides`: TaskConfig / ModelConfig fields that differ from the defaults
-    (the arith-small build and the train/test problems follow them)."""
     from rlloop.config import ModelConfig, TaskConfig
     from rlloop.models import resolve_model
     from rlloop.tasks.arith import make_splits
@@ -210,7 +207,7 @@ def run(
     torch.set_num_threads(2)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    task_cfg = TaskConfig(**(task_overrides or {}))
+    task_cfg = TaskConfig()  # the arith-small build and the train/test problems share it
     model_path = resolve_model(ModelConfig(name=model_name, **(model_overrides or {})), task_cfg)
     train_samples, test_samples = make_splits(task_cfg)
     t0 = time.perf_counter()
