@@ -188,6 +188,10 @@ class AlgoConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens before max length (0 = off)
     overlong_penalty: float = 1.0  # its size at max length
     ppo_epochs: int = 1
+    # where the PPO ratio's old logprobs come from: "auto" = the update's own forward, detached, when
+    # ppo_epochs == 1 (on-policy, one optimizer step per batch: identical values, one forward pass less),
+    # else a separate no-grad pass before the update; "recompute" = always that separate pass
+    old_logprobs: str = "auto"
 
 
 @dataclass

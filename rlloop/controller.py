@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -879,13 +879,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def _sample_round(
-        self, samples: list[Sample], timer: StepTimer, seed: int, prm_stats: dict | None = None
+        self,
+        samples: list[Sample],
+        timer: StepTimer,
+        seed: int,
+        prm_stats: dict | None = None,
+        after_verify: Callable[[list[Rollout]], None] | None = None,
     ) -> tuple[list[Rollout], list[dict] | None]:
         """Generate n samples per prompt, then verify while the PRM scores them.
 
         Each rollout worker's share is queued on the PRM replicas as soon as that worker returns, so
         scoring overlaps the other workers' generation and the verification; `time/prm_wait` is what the
         loop still blocks on the PRM afterwards, `time/prm` the replicas' scoring seconds (summed).
+        `after_verify(rollouts)` runs before that wait (train_step starts the reference-logprob pass there,
+        so the learner ranks work while the PRM scores).
         """
         r = self.cfg.rollout
         submitted: list[tuple[list[Rollout], Any]] = []
@@ -913,6 +920,8 @@ class Trainer:
             )
         with timer.phase("verify"):
             self.verify(rollouts)
+        if after_verify is not None:
+            after_verify(rollouts)
         if self.prm_pool is None:
             return rollouts, None
         by_rollout: dict[int, dict] = {}
@@ -927,18 +936,26 @@ class Trainer:
         return rollouts, [by_rollout[id(ro)] for ro in rollouts]
 
     def collect(
-        self, timer: StepTimer, *, step: int | None = None, prm_stats: dict | None = None
+        self,
+        timer: StepTimer,
+        *,
+        step: int | None = None,
+        prm_stats: dict | None = None,
+        after_verify: Callable[[list[Rollout]], None] | None = None,
     ) -> tuple[list[Rollout], list[dict] | None, dict[str, float]]:
         """One step's rollouts; with algo.dynamic_sampling, groups whose outcomes all tie are dropped
         and refilled by up to dynamic_sampling_max_rounds extra rounds (DAPO). `step`: the training
         step they are for (default the next); `prm_stats`: where PRM packing counts go (default
-        self._prm_stats) — both given by the async producer thread."""
+        self._prm_stats) — both given by the async producer thread. `after_verify`: see _sample_round
+        (first round only)."""
         from rlloop.algos.sampling import filter_tied_groups, select_groups
 
         cfg, a = self.cfg, self.cfg.algo
         want = cfg.rollout.prompts_per_step
         seed = cfg.trainer.seed * 7919 + (self.step if step is None else step - 1) * 101
-        rollouts, prm_out = self._sample_round(self.stream.take(want), timer, seed, prm_stats)
+        rollouts, prm_out = self._sample_round(
+            self.stream.take(want), timer, seed, prm_stats, after_verify=after_verify
+        )
         if not a.dynamic_sampling:
             return rollouts, prm_out, {}
         kept_ro: list[Rollout] = []
@@ -978,8 +995,9 @@ class Trainer:
         cfg, timer = self.cfg, StepTimer()
         t_step = time.perf_counter()
         self._prm_stats: dict[str, float] = {}
+        early: dict[str, Any] = {}
         if self.pipeline is None:
-            rollouts, prm_out, sampling_stats = self.collect(timer)
+            rollouts, prm_out, sampling_stats = self.collect(timer, after_verify=self._early_ref(early))
         else:
             rollouts, prm_out, sampling_stats = self._collect_async(timer)
         rollouts, prm_out, filter_stats = self._prime_filter(rollouts, prm_out)
@@ -1007,13 +1025,22 @@ class Trainer:
                 [ro.step_char_ends for ro in rollouts],
                 [ro.outcome["correct"] for ro in rollouts],
             )
-        batch = build_batch(rollouts, self.pad_id)
+        if early.get("rollouts") is rollouts:  # the reference pass already runs on this batch
+            batch = early["batch"]
+        else:
+            batch = build_batch(rollouts, self.pad_id)
+            if "ref" in early:  # filtered since: collect the stale pass (errors surface), then redo it
+                self.learner.gather_logprobs(early.pop("ref"))
         token_scores, token_metrics, implicit_prm_update = self._score_tokens(rollouts, batch, timer)
         fusion_metrics = {**token_metrics, **self.score(rollouts, batch, prm_out, token_scores)}
         with timer.phase("logprobs"):
-            batch.old_logprobs = self.learner.compute_logprobs(batch, "policy")
-            if cfg.algo.use_ref:
-                batch.ref_logprobs = self.learner.compute_logprobs(batch, "ref")
+            ref_pending = early.get("ref")
+            if ref_pending is None and cfg.algo.use_ref:
+                ref_pending = self.learner.submit_logprobs(batch, "ref")
+            if not self._fused_old_logprobs:
+                batch.old_logprobs = self.learner.compute_logprobs(batch, "policy")
+            if ref_pending is not None:
+                batch.ref_logprobs = self.learner.gather_logprobs(ref_pending)
         with timer.phase("learner"):
             learner_metrics = self.learner.train_step(batch)
         with timer.phase("sync"):
@@ -1048,8 +1075,8 @@ class Trainer:
         timer.seconds["step"] = time.perf_counter() - t_step
         timing = {**timer.metrics(), **step_overhead(timer.seconds)}
         lengths = np.array([len(ro.response_ids) for ro in rollouts], dtype=np.float32)
-        mask = batch.response_mask > 0
-        mismatch = np.abs(batch.old_logprobs - batch.rollout_logprobs)[mask]
+        # learner vs rollout engine logprobs on the sampled tokens, measured by the update itself
+        mismatch = learner_metrics.pop("actor/rollout_logprob_mismatch", 0.0)
         self._last_rollouts = rollouts
         return {
             **base,
@@ -1058,7 +1085,7 @@ class Trainer:
             "response_length/mean": float(lengths.mean()),
             "response_length/clip_frac": float(np.mean([ro.finish_reason == "length" for ro in rollouts])),
             "rollout/policy_version": float(min(ro.policy_version for ro in rollouts)),
-            "rollout/logprob_mismatch": float(mismatch.mean()) if mismatch.size else 0.0,
+            "rollout/logprob_mismatch": float(mismatch),
             "kl": float(learner_metrics.get("actor/kl_ref", 0.0)),
             "entropy": float(learner_metrics.get("actor/entropy", float("nan"))),
             "verifier/unscored_frac": float(np.mean([bool(ro.outcome_info) for ro in rollouts])),
@@ -1070,6 +1097,26 @@ class Trainer:
             **sync_metrics,
             **timing,
         }
+
+    @property
+    def _fused_old_logprobs(self) -> bool:
+        """The update takes the PPO ratio's old logprobs from its own forward (see AlgoConfig.old_logprobs)."""
+        a = self.cfg.algo
+        return a.old_logprobs == "auto" and a.ppo_epochs == 1
+
+    def _early_ref(self, early: dict[str, Any]) -> Callable[[list[Rollout]], None] | None:
+        """Sync mode with a PRM and a reference model: a hook for collect() that builds the batch and
+        starts the reference-logprob pass on the learner ranks before the loop blocks on PRM scoring, so
+        both run at once (two processes, two cores). Dynamic sampling replaces rows after the first
+        round, so it gets no hook."""
+        if not self.cfg.algo.use_ref or self.prm_pool is None or self.cfg.algo.dynamic_sampling:
+            return None
+
+        def start(rollouts: list[Rollout]) -> None:
+            early["rollouts"], early["batch"] = rollouts, build_batch(rollouts, self.pad_id)
+            early["ref"] = self.learner.submit_logprobs(early["batch"], "ref")
+
+        return start
 
     # ---------------------------------------------------------------- off-policy (trainer.async_mode)
     def _produce(self, step: int) -> dict[str, Any]:

@@ -80,6 +80,10 @@ def validate_config(cfg: Any) -> None:
         f"unknown; choose from {sorted(POLICY_LOSSES)}",
     )
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
+    _require(a.ppo_epochs >= 1, "algo.ppo_epochs", a.ppo_epochs, "must be >= 1")
+    _require(
+        a.old_logprobs in ("auto", "recompute"), "algo.old_logprobs", a.old_logprobs, "choose auto or recompute"
+    )
     _require(
         rw.fusion in ("outcome", "step", "token", "prime"),
         "reward.fusion",

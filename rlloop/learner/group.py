@@ -309,10 +309,23 @@ class LearnerGroup:
 
     def compute_logprobs(self, batch: Batch, which: str = "policy") -> np.ndarray:
         """[B, T] float32 logprobs of `batch` (rows sharded evenly over the ranks, results in order)."""
+        return self.gather_logprobs(self.submit_logprobs(batch, which))
+
+    def submit_logprobs(self, batch: Batch, which: str = "policy") -> tuple[list[ray.ObjectRef], int]:
+        """Start compute_logprobs on every rank without waiting; `gather_logprobs` collects it. The
+        controller overlaps this pass with PRM scoring in other processes. Calls to a rank run in order,
+        so a train_step submitted afterwards sees the same weights."""
         padded, n = pad_rows(batch, self.world_size)
         shards = shard_slices(len(padded), self.world_size)
-        parts = self._call_all("compute_logprobs", [(padded.select(s), which) for s in shards])
-        return np.concatenate(parts, axis=0)[:n]
+        refs = [
+            actor.call.remote("compute_logprobs", padded.select(s), which)
+            for actor, s in zip(self.actors, shards, strict=True)
+        ]
+        return refs, n
+
+    def gather_logprobs(self, pending: tuple[list[ray.ObjectRef], int]) -> np.ndarray:
+        refs, n = pending
+        return np.concatenate(self._gather(refs, "compute_logprobs"), axis=0)[:n]
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One update (ppo_epochs optimizer steps) on `batch`; returns metrics of the whole batch."""

@@ -254,9 +254,15 @@ class PolicyLearner:
         from rlloop.algos.losses import aggregate_loss, compute_policy_loss, entropy_from_logits
 
         algo = self.algo_cfg
-        if batch.old_logprobs is None:
+        ppo_epochs = int(algo.get("ppo_epochs", 1))
+        # One epoch = one optimizer step after every micro-batch's forward: the update's own logprobs,
+        # detached, ARE the old policy's (what a separate no-grad pass would recompute), so the ratio
+        # starts at exactly 1 with one forward pass less per micro-batch.
+        fused_old = batch.old_logprobs is None and ppo_epochs == 1
+        if batch.old_logprobs is None and not fused_old:
             raise ValueError(
-                "train_step: batch.old_logprobs is None (compute_logprobs(which='policy') first)"
+                f"train_step: batch.old_logprobs is None with ppo_epochs={ppo_epochs} "
+                "(compute_logprobs(which='policy') first; only a one-epoch update takes them from its own forward)"
             )
         loss_agg = algo.get("loss_agg", "token-mean")
         kl_coef = float(algo.get("kl_coef", 0.0))
@@ -265,7 +271,6 @@ class PolicyLearner:
             raise ValueError("train_step: kl_coef > 0 with kl_in_reward = False needs batch.ref_logprobs")
         entropy_coef = float(algo.get("entropy_coef", 0.0))
         tis_cap = algo.get("tis_cap")
-        ppo_epochs = int(algo.get("ppo_epochs", 1))
 
         mask = torch.tensor(batch.response_mask, dtype=torch.float32)
         total_tokens = float(mask.sum())
@@ -293,10 +298,16 @@ class PolicyLearner:
                 token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
                 logits = self._forward(self.engine, ids, att)
                 logprobs = token_logprobs(logits, ids, self.temperature)
+                old = logprobs.detach() if fused_old else arr(batch.old_logprobs, rows, n)
+                if batch.rollout_logprobs is not None:
+                    # learner vs rollout engine on the sampled tokens (the controller's
+                    # rollout/logprob_mismatch), before this update's optimizer step
+                    diff = (old - arr(batch.rollout_logprobs, rows, n)).abs()
+                    add("actor/rollout_logprob_mismatch", float(_masked_mean(diff, micro_mask)) * token_share)
                 pg_loss, pg_metrics = compute_policy_loss(
                     algo.get("policy_loss", "ppo"),
                     logprobs,
-                    arr(batch.old_logprobs, rows, n),
+                    old,
                     arr(batch.advantages, rows, n),
                     micro_mask,
                     loss_agg=loss_agg,

@@ -92,6 +92,33 @@ def test_micro_batching_does_not_change_the_update(tiny_model_path, dist_port, l
         np.testing.assert_allclose(w1[key], w4[key], atol=2e-5, err_msg=key)
 
 
+def test_one_epoch_update_takes_old_logprobs_from_its_own_forward(tiny_model_path, dist_port):
+    """With ppo_epochs=1 and no old_logprobs the update uses its own forward, detached: the same step
+    as a separate no-grad pass (the recompute path), and it reports the learner/rollout mismatch."""
+    batch = make_batch(num_rows=4, seed=2)
+    results = []
+    for fused in (False, True):
+        learner = inprocess_learner(tiny_model_path, dist_port, micro_batch_size=2)
+        recomputed = learner.compute_logprobs(batch)
+        batch.old_logprobs = None if fused else recomputed
+        batch.rollout_logprobs = recomputed - 0.25 * batch.response_mask  # a known engine mismatch
+        results.append((learner.train_step(batch), learner.full_state_dict()))
+    (m_sep, w_sep), (m_fused, w_fused) = results
+    for key in ("actor/pg_loss", "actor/entropy", "actor/ppo_kl", "actor/pg_clipfrac"):
+        assert m_fused[key] == pytest.approx(m_sep[key], abs=1e-6), key
+    assert m_fused["actor/ppo_kl"] == 0.0 and m_fused["actor/pg_clipfrac"] == 0.0  # ratio exactly 1
+    assert m_fused["actor/rollout_logprob_mismatch"] == pytest.approx(0.25, abs=1e-5)
+    assert m_sep["actor/rollout_logprob_mismatch"] == pytest.approx(0.25, abs=1e-5)
+    for key in w_sep:
+        np.testing.assert_allclose(w_fused[key], w_sep[key], atol=1e-6, err_msg=key)
+
+    # more than one epoch needs the old policy's logprobs from before the first optimizer step
+    learner = inprocess_learner(tiny_model_path, dist_port, algo=algo_cfg(ppo_epochs=2))
+    batch.old_logprobs = None
+    with pytest.raises(ValueError, match="old_logprobs is None with ppo_epochs=2"):
+        learner.train_step(batch)
+
+
 def test_bf16_step(tiny_model_path, dist_port):
     learner = inprocess_learner(tiny_model_path, dist_port, bf16=True)
     batch = make_batch(num_rows=3, seed=3)
