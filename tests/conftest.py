@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small, fast settings for end-to-end runs on the tiny model (2 cores).
 TINY_RUN = [
     "model=tiny",
+    "rollout.num_workers=1",  # one process less per e2e test (the default runs two)
     "rollout.prompts_per_step=4",
     "rollout.n=4",
     "rollout.max_new_tokens=24",

@@ -336,9 +336,33 @@ def local_resources(num_cpus: int | None) -> dict[str, float]:
     return {"CPU": float(num_cpus or os.cpu_count() or 2), "GPU": float(gpus)}
 
 
+def thread_oversubscription(cfg: Any, cores: int) -> list[str]:
+    """Warnings for CPU roles whose processes run at the same time with more torch threads than `cores`.
+
+    The rollout workers generate together and the learner ranks compute together; torch's OpenMP
+    threads spin while they wait, so oversubscribed cores cost far more than their share: 2 rollout
+    workers x 2 threads on 2 cores generated 3.5x slower than 2 x 1 (benchmarks/RESULTS.md,
+    "Rollout workers"). Fractional Ray CPUs do not limit threads; these keys do."""
+    out = []
+    roles = [
+        ("rollout.num_workers", "rollout.num_threads", cfg.cluster.rollout.num_gpus),
+        ("learner.world_size", "learner.num_threads", cfg.cluster.learner.num_gpus),
+    ]
+    for procs_key, threads_key, gpus in roles:
+        procs, threads = (int(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])) for k in (procs_key, threads_key))
+        if gpus or procs * threads <= cores:
+            continue
+        out.append(
+            f"{procs_key} x {threads_key} = {procs} x {threads} torch threads working at once on {cores} "
+            f"cores oversubscribe the CPU (spinning OpenMP threads); set {threads_key}={max(1, cores // procs)}"
+        )
+    return out
+
+
 def preflight_check(cfg: Any) -> None:
     """Before Ray starts: the plan is possible, and fits the local cluster init_ray would start (a cluster
-    to join, cluster.address or $RAY_ADDRESS, is checked by `place` once joined)."""
+    to join, cluster.address or $RAY_ADDRESS, is checked by `place` once joined). Warns about torch
+    threads that oversubscribe this machine's cores."""
     import os
 
     plan = plan_placement(cfg)
@@ -346,6 +370,8 @@ def preflight_check(cfg: Any) -> None:
         return
     local = local_resources(cfg.cluster.num_cpus)
     check_resources(plan, local, [local], what="the local Ray cluster (this machine)")
+    for warning in thread_oversubscription(cfg, os.cpu_count() or 1):
+        logger.warning(warning)
 
 
 def place(cfg: Any) -> Placement:

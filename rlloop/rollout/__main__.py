@@ -119,7 +119,8 @@ def run(cfg: DictConfig) -> str:
         model_path,
         engine=r.engine,
         dtype=cfg.model.dtype,
-        num_threads=r.num_threads,
+        # one process doing every worker's share: the threads of all rollout.num_workers
+        num_threads=r.num_threads * r.num_workers,
         seed=cfg.seed,
         step_delimiter=r.step_delimiter,
         step_regex=r.step_regex,

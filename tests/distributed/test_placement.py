@@ -20,7 +20,8 @@ from tests.conftest import TINY_RUN, run_cli
 
 
 def _cfg(*overrides: str):
-    return compose_config(["model=tiny", *overrides])
+    # one rollout worker (rollout=hf runs two by default) unless a test asks for more
+    return compose_config(["model=tiny", "rollout.num_workers=1", *overrides])
 
 
 # ---------------------------------------------------------------- the plan (no Ray)
@@ -28,16 +29,17 @@ def _cfg(*overrides: str):
 
 def test_local_preset_keeps_the_cpu_resources_it_always_had():
     """cluster=local: learner ranks 0.5 CPU in their own group (as LearnerGroup made it), rollout workers
-    0.25, PRM replicas 0.1, no GPU anywhere; 1.55 CPUs in all with the 2 verifier workers."""
-    plan = plan_placement(_cfg())
+    0.25 (two of them, rollout=hf), PRM replicas 0.1, no GPU anywhere; 1.8 CPUs in all with the 2
+    verifier workers."""
+    plan = plan_placement(compose_config(["model=tiny"]))
     assert plan.mode == "separate" and plan.strategy == "PACK"
     assert plan.groups == {
         "learner": [{"CPU": 0.5}, {"CPU": 0.5}],
-        "rollout": [{"CPU": 0.25}],
+        "rollout": [{"CPU": 0.25}, {"CPU": 0.25}],
         "prm": [{"CPU": 0.1}],
     }
-    assert plan.total("CPU") == pytest.approx(1.55) and plan.total("GPU") == 0
-    assert "prm" not in plan_placement(_cfg("reward=rule")).groups  # no PRM, no PRM group
+    assert plan.total("CPU") == pytest.approx(1.8) and plan.total("GPU") == 0
+    assert "prm" not in plan_placement(compose_config(["reward=rule"])).groups  # no PRM, no PRM group
 
 
 def test_colocated_bundle_b_hosts_rank_b_and_worker_b_sharing_one_gpu():
@@ -50,6 +52,7 @@ def test_colocated_bundle_b_hosts_rank_b_and_worker_b_sharing_one_gpu():
     shared = plan_placement(
         _cfg(
             "cluster=gpu_colocated",
+            "rollout.num_workers=1",
             "cluster.colocate=[learner,rollout,prm]",
             "cluster.learner.num_gpus=0.4",
             "cluster.rollout.num_gpus=0.4",
@@ -61,7 +64,9 @@ def test_colocated_bundle_b_hosts_rank_b_and_worker_b_sharing_one_gpu():
 
 
 def test_separate_gpu_preset_gives_each_actor_its_own_gpus():
-    plan = plan_placement(_cfg("cluster=gpu_separate", "learner.world_size=4", "cluster.rollout.num_gpus=2"))
+    plan = plan_placement(
+        _cfg("cluster=gpu_separate", "learner.world_size=4", "rollout.num_workers=1", "cluster.rollout.num_gpus=2")
+    )
     assert plan.groups["learner"] == [{"CPU": 2.0, "GPU": 1.0}] * 4
     assert plan.groups["rollout"] == [{"CPU": 2.0, "GPU": 2.0}]
     assert plan.total("GPU") == 7
@@ -315,3 +320,18 @@ def test_learner_ranks_on_two_nodes_train_one_step(tmp_path):
     assert "placement (separate, STRICT_SPREAD): learner: 2 x {'CPU': 0.4}" in proc.stdout + proc.stderr, log
     assert "learner group up: 2 ranks" in proc.stdout + proc.stderr, log
     assert (out / "metrics.jsonl").read_text().count('"reward/total"') == 1
+
+
+def test_thread_oversubscription_is_named_with_the_keys_to_change():
+    from rlloop.distributed.placement import thread_oversubscription
+
+    default = compose_config(["model=tiny"])
+    assert thread_oversubscription(default, cores=2) == []  # the default: 2 x 1 rollout, 2 x 1 learner
+    (msg,) = thread_oversubscription(compose_config(["rollout.num_threads=2"]), cores=2)
+    assert "rollout.num_workers x rollout.num_threads = 2 x 2" in msg and "rollout.num_threads=1" in msg
+    (msg,) = thread_oversubscription(_cfg("learner.num_threads=4"), cores=4)
+    assert "learner.world_size x learner.num_threads = 2 x 4" in msg and "learner.num_threads=2" in msg
+    assert thread_oversubscription(_cfg("rollout.num_threads=8"), cores=16) == []
+    # GPU roles keep their threads off the CPU's critical path
+    gpu = compose_config(["cluster=gpu_separate", "rollout.num_threads=8", "learner.num_threads=8"])
+    assert thread_oversubscription(gpu, cores=2) == []
