@@ -203,7 +203,12 @@ def _summarise(
     return out
 
 
-def run_rlloop(a, run_dir: Path, world_size: int, reward: str) -> dict:
+# rlloop's training modes: sync (generate, then learn) and one-step-off-policy async (the next batch is
+# generated while the learner updates; importance weights capped at 2 correct the one version of lag)
+MODES = {"sync": [], "async": ["trainer.async_mode=one_step", "trainer.max_staleness=1", "algo.tis_cap=2.0"]}
+
+
+def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync") -> dict:
     pn = a.prompts_per_step * a.n
     cmd = [
         sys.executable, "-m", "rlloop.train",
@@ -215,6 +220,7 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str) -> dict:
         f"trainer.total_steps={a.steps}", f"trainer.seed={a.seed}",
         "trainer.eval_before=false", "trainer.eval_every=0", "trainer.save_final=false",
         "logger=[jsonl]", f"hydra.run.dir={run_dir}",
+        *MODES[mode],
         *a.rlloop_override,
     ]  # fmt: skip
     wall, sampler, rc = _run_measured(cmd, run_dir.with_suffix(".log"), a.timeout_s)
@@ -226,7 +232,7 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str) -> dict:
     )
     eval_s = sum(s.get("time/eval", 0.0) for s in steps)
     steps = [s for s in steps if "time/step" in s]
-    name = f"rlloop-ws{world_size}" + ("" if reward == "rule" else f"-{reward}")
+    name = f"rlloop-ws{world_size}" + ("" if reward == "rule" else f"-{reward}") + ("" if mode == "sync" else f"-{mode}")
     out = _summarise(name, wall, sampler, steps, "reward/total", a, eval_s)
     out["rc"] = rc
     out["log"] = str(run_dir.with_suffix(".log"))
@@ -458,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="rlloop,trl", help="comma list of rlloop, trl")
     p.add_argument("--world-sizes", default="1", help="rlloop learner.world_size values, e.g. 1,2")
     p.add_argument("--rewards", default="rule", help="rlloop reward configs, e.g. rule,tdrm")
+    p.add_argument("--modes", default="sync", help="rlloop training modes: sync and/or async (one step off-policy)")
     p.add_argument("--out", default="outputs/bench_vs_trl")
     p.add_argument("--json", default=None, help="write all results here (default: <out>/results.json)")
     p.add_argument(
@@ -487,23 +494,29 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(systems) - {"rlloop", "trl"}
     if bad:
         p.error(f"--systems: unknown {sorted(bad)}; use rlloop and/or trl")
-    variants: list[tuple[str, int, str]] = []
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    if set(modes) - set(MODES):
+        p.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; use {' and/or '.join(MODES)}")
+    variants: list[tuple[str, int, str, str]] = []
     for s in systems:
         if s == "rlloop":
             variants += [
-                ("rlloop", int(w), r) for r in a.rewards.split(",") for w in a.world_sizes.split(",")
+                ("rlloop", int(w), r, m)
+                for m in modes
+                for r in a.rewards.split(",")
+                for w in a.world_sizes.split(",")
             ]
         else:
-            variants.append(("trl", 0, ""))
+            variants.append(("trl", 0, "", ""))
     env = environment()
     results: list[dict] = []
     loads = []
     for run in range(a.runs):
-        for system, ws, reward in variants:  # interleaved: A B A B ...
-            tag = f"{system}-ws{ws}-{reward}-run{run}" if system == "rlloop" else f"trl-run{run}"
+        for system, ws, reward, mode in variants:  # interleaved: A B A B ...
+            tag = f"{system}-ws{ws}-{reward}-{mode}-run{run}" if system == "rlloop" else f"trl-run{run}"
             loads.append(os.getloadavg()[0])
             logger.info("run %s (load %.1f)", tag, loads[-1])
-            res = run_rlloop(a, out / tag, ws, reward) if system == "rlloop" else run_trl(a, out / tag)
+            res = run_rlloop(a, out / tag, ws, reward, mode) if system == "rlloop" else run_trl(a, out / tag)
             res["run"], res["run_dir"] = run, str(out / tag)
             results.append(res)
             logger.info(

@@ -1,4 +1,5 @@
-"""Smoke test for benchmarks/vs_trl.py: one tiny step of rlloop and of TRL's GRPOTrainer, so the script cannot rot.
+"""Smoke test for benchmarks/vs_trl.py: two tiny steps of rlloop (sync and async) and of TRL's GRPOTrainer, so
+the script cannot rot.
 
 Slow on a loaded 2-core machine (rlloop's start-up — Ray, learner group, verifier pool — dominates).
 """
@@ -26,12 +27,13 @@ pytestmark = [
 ]
 
 
-def test_vs_trl_tiny_one_step_both_systems(tmp_path: Path) -> None:
+def test_vs_trl_tiny_both_systems_both_modes(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"),
         "--model", "tiny", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "8",
-        "--steps", "1", "--runs", "1", "--systems", "rlloop,trl", "--out", str(out), "--timeout-s", "500",
+        "--steps", "2", "--runs", "1", "--systems", "rlloop,trl", "--modes", "sync,async", "--out", str(out),
+        "--timeout-s", "500",
         # a short final eval and one verifier worker: this test checks the harness, not the speed
         "--rlloop-override", "task.num_test=4", "--rlloop-override", "reward.verifier.num_workers=1",
     ]  # fmt: skip
@@ -40,9 +42,9 @@ def test_vs_trl_tiny_one_step_both_systems(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads((out / "results.json").read_text())
-    assert {r["system"] for r in report["runs"]} == {"rlloop-ws1", "trl"}
+    assert {r["system"] for r in report["runs"]} == {"rlloop-ws1", "rlloop-ws1-async", "trl"}
     for run in report["runs"]:
-        assert run["steps_done"] == 1, run
+        assert run["steps_done"] == 2, run
         for key in ("wall_s", "s_per_step", "samples_per_s", "peak_rss_gb", "reward_last"):
             assert math.isfinite(run[key]), (run["system"], key, run[key])
         assert run["peak_rss_gb"] > 0.05, run  # a python process with torch is far above 50 MB
@@ -51,4 +53,4 @@ def test_vs_trl_tiny_one_step_both_systems(tmp_path: Path) -> None:
     # the sampler must have found the Ray actors, not only the driver
     assert rl["max_procs"] > 1 and "learner" in rl["peak_rss_gb_by_role"], rl["peak_rss_gb_by_role"]
     table = (out / "table.md").read_text()
-    assert "rlloop-ws1 / trl" in table
+    assert "rlloop-ws1 / trl" in table and "rlloop-ws1-async / trl" in table
