@@ -52,6 +52,8 @@ def test_resolve_arith_small_pretrains_in_a_subprocess_once(tmp_path):
     path = resolve_model(model_cfg, task_cfg)
     assert (Path(path) / "config.json").exists() and (Path(path) / "sft_metrics.json").exists()
     assert resolve_model(model_cfg, task_cfg) == path  # cached: no second build
+    # a smaller or larger quick eval (task.num_test <= 200) is the same model: SFT always holds out 200
+    assert resolve_model(model_cfg, TaskConfig(num_train=50, num_test=16)) == path
     leftovers = [
         p.name
         for p in tmp_path.iterdir()
@@ -61,3 +63,4 @@ def test_resolve_arith_small_pretrains_in_a_subprocess_once(tmp_path):
     # a changed task knob is a different model
     key = json.loads((Path(path) / "rlloop_cache_key.json").read_text())
     assert key["task"]["max_digits"] == task_cfg.max_digits and key["sft_steps"] == 3
+    assert key["task"]["held_out"] == 200 and "num_test" not in key["task"]

@@ -78,13 +78,21 @@ def _cached_build(root: Path, name: str, key: dict, build: Callable[[Path], Any]
     return str(final)
 
 
+# arith-small never sees the first SFT_HELD_OUT test problems, whatever task.num_test a run evaluates on:
+# the test split is a prefix of one stream (rlloop.tasks.arith.split_problems), so runs with
+# task.num_test <= 200 (a quick eval on 16) share one pretrained model instead of each building its own.
+SFT_HELD_OUT = 200
+
+
 def _arith_task_cfg(task_cfg: Any) -> Any:
-    """The task arith-small is pretrained on: the run's task if it is arith, else arith defaults."""
+    """The task arith-small is pretrained on: the run's task if it is arith, else arith defaults, with
+    num_test raised to SFT_HELD_OUT (the problems its SFT data excludes)."""
+    from omegaconf import OmegaConf
+
     from rlloop.config import TaskConfig
 
-    if task_cfg is not None and _get(task_cfg, "name") == "arith":
-        return task_cfg
-    return TaskConfig()
+    t = task_cfg if task_cfg is not None and _get(task_cfg, "name") == "arith" else TaskConfig()
+    return OmegaConf.merge(t, {"num_test": max(int(_get(t, "num_test", SFT_HELD_OUT)), SFT_HELD_OUT)})
 
 
 def arith_small_key(model_cfg: Any, task_cfg: Any) -> dict:
@@ -103,7 +111,7 @@ def arith_small_key(model_cfg: Any, task_cfg: Any) -> dict:
             **knobs(t),
             "seed": int(t.seed),
             "num_train": int(t.num_train),
-            "num_test": int(t.num_test),
+            "held_out": int(t.num_test),  # test problems excluded from SFT (>= SFT_HELD_OUT)
             "system_prompt": t.system_prompt,
             "prompt_template": t.prompt_template,
         },
