@@ -59,6 +59,44 @@ def test_pairs_then_train_end_to_end(tmp_path):
     assert len(rewards[0]) == 2
 
 
+# Held-out pair accuracy of a Q-RM trained on pairs from the default arith-small's own rollouts: measured
+# 0.628 on 441 held-out pairs (1000 train prompts x 8 samples -> 3027 pairs, 2 epochs, lr 1e-4; chance
+# 0.5, binomial SE 0.023); 500 prompts gave 0.587, all 1500 prompts (4544 pairs) 0.657.
+QRM_HELD_OUT_BOUND = 0.58
+
+
+@pytest.mark.slow
+def test_qrm_from_arith_rollouts_beats_chance_on_held_out_pairs(tmp_path):
+    """Pairs of a right and a wrong answer of the policy to the same prompt (train split), a Q-RM on
+    the policy's backbone, and pairs from TEST-split prompts it never saw: about 6 minutes."""
+    for split, prompts, seed in (("train", 1000, 0), ("test", 150, 1)):
+        res = run_cli(
+            [
+                "model=arith-small", f"split={split}", f"num_prompts={prompts}", "n=8", "prompts_per_call=32",
+                f"seed={seed}", "num_threads=2", f"out_path={tmp_path / split}.jsonl",
+                f"hydra.run.dir={tmp_path / ('hydra_' + split)}",
+            ],  # fmt: skip
+            module="rlloop.qrm_pairs",
+            timeout=900,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    res = run_cli(
+        [
+            "model=arith-small", f"data.train_path={tmp_path / 'train'}.jsonl",
+            f"data.eval_path={tmp_path / 'test'}.jsonl", "epochs=2", "num_threads=2", f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],  # fmt: skip
+        module="rlloop.qrm_train",
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "qrm_metrics.json").read_text())
+    assert metrics["num_train_pairs"] > 2000 and metrics["num_eval_pairs"] > 300, metrics
+    assert abs(metrics["eval_before"]["qrm/pair_acc"] - 0.5) < 0.1  # an untrained head is at chance
+    assert metrics["eval"]["qrm/pair_acc"] > QRM_HELD_OUT_BOUND, metrics["eval"]
+
+
 @pytest.mark.parametrize(
     "row, message",
     [
