@@ -1281,6 +1281,12 @@ class Trainer:
                 rows,
                 self.step,
             )
+        if "console" in tracker.backends:
+            # one wrong solution (else the first) step by step with its PRM values: where does V drop?
+            shown = [ro for ro in getattr(self, "_last_rollouts", []) if ro.step_values]
+            wrong = [ro for ro in shown if not ro.outcome.get("correct")]
+            if wrong or shown:
+                logger.info("%s", format_step_values((wrong or shown)[0]))
 
     def run(self) -> dict[str, Any]:
         """Train for trainer.total_steps; evaluate before, every eval_every steps, and after."""
@@ -1374,6 +1380,19 @@ class Trainer:
                 ray.kill(actor)
         if getattr(self, "placement", None) is not None:
             self.placement.remove()
+
+
+def format_step_values(ro: Rollout, width: int = 72) -> str:
+    """A rollout's steps, one per line, each with the PRM's value V_k after it (for the console)."""
+    verdict = "right" if ro.outcome.get("correct") else "wrong"
+    lines = [f"PRM step values of {ro.uid} ({verdict}, gold {ro.ground_truth}):"]
+    start = 0
+    for end, value in zip(ro.step_char_ends, ro.step_values or [], strict=False):
+        text = " ".join(ro.text[start:end].split())
+        text = text if len(text) <= width else text[: width - 3] + "..."
+        lines.append(f"  V={value:.3f} | {text}")
+        start = end
+    return "\n".join(lines)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

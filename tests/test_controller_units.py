@@ -12,6 +12,7 @@ from rlloop.controller import (
     Trainer,
     answer_step,
     build_batch,
+    format_step_values,
     group_index,
     step_overhead,
 )
@@ -141,3 +142,18 @@ def test_peak_rss_is_the_kernels_high_water_mark_in_gib():
     hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     assert got * 2**30 >= block.nbytes
     assert got == pytest.approx(hwm_kib / 2**20, rel=0.05)  # KiB -> GiB, not MB or bytes
+
+
+def test_format_step_values_shows_each_step_with_its_value():
+    text = "3 + 4 = 7\n7 - 2 = 4\n\\boxed{4}"
+    ends = [text.index("\n") + 1, text.rindex("\n") + 1, len(text)]
+    ro = Rollout(
+        uid="p1/0", group="p1", prompt_ids=[1], response_ids=[2], rollout_logprobs=[0.0], step_ends=[0],
+        step_char_ends=ends, text=text, prompt_text="", finish_reason="stop", policy_version=0,
+        ground_truth="5", outcome={"correct": 0.0}, step_values=[0.81, 0.204, 0.1],
+    )  # fmt: skip
+    out = format_step_values(ro).splitlines()
+    assert out[0] == "PRM step values of p1/0 (wrong, gold 5):"
+    assert out[1:] == ["  V=0.810 | 3 + 4 = 7", "  V=0.204 | 7 - 2 = 4", "  V=0.100 | \\boxed{4}"]
+    ro.text, ro.step_char_ends, ro.step_values = "x" * 100, [100], [0.5]
+    assert format_step_values(ro, width=10).splitlines()[1] == "  V=0.500 | xxxxxxx..."
