@@ -79,6 +79,14 @@ def validate_config(cfg: Any) -> None:
         a.policy_loss,
         f"unknown; choose from {sorted(POLICY_LOSSES)}",
     )
+    _require(
+        a.advantage != "gae",
+        "algo.advantage",
+        a.advantage,
+        "needs per-token values from a critic, and the training loop does not wire one yet (the PRM and "
+        "the Q-RM cannot serve as the critic so far): use grpo, dr_grpo, rloo, reinforce_pp, "
+        "reinforce_pp_baseline or gdpo",
+    )
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
     _require(a.ppo_epochs >= 1, "algo.ppo_epochs", a.ppo_epochs, "must be >= 1")
     _require(

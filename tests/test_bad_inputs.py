@@ -40,6 +40,7 @@ CASES = [
     ("top_p above 1", ["rollout.top_p=1.5"], ["rollout.top_p"]),
     ("zero stage 4", ["learner.zero_stage=4"], ["learner.zero_stage"]),
     ("unknown old_logprobs", ["algo.old_logprobs=cached"], ["algo.old_logprobs", "cached"]),
+    ("gae without a critic", ["algo.advantage=gae"], ["algo.advantage", "gae", "critic"]),
     ("zero ppo_epochs", ["algo.ppo_epochs=0"], ["algo.ppo_epochs"]),
     ("unknown logger", ["logger=[console,tensorboard]"], ["logger", "tensorboard"]),
     ("negative max_restarts", ["trainer.max_restarts=-1"], ["trainer.max_restarts"]),
