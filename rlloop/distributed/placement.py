@@ -344,12 +344,12 @@ def thread_oversubscription(cfg: Any, cores: int) -> list[str]:
     workers x 2 threads on 2 cores generated 3.5x slower than 2 x 1 (benchmarks/RESULTS.md,
     "Rollout workers"). Fractional Ray CPUs do not limit threads; these keys do."""
     out = []
+    r, lr = cfg.rollout, cfg.learner
     roles = [
-        ("rollout.num_workers", "rollout.num_threads", cfg.cluster.rollout.num_gpus),
-        ("learner.world_size", "learner.num_threads", cfg.cluster.learner.num_gpus),
+        ("rollout.num_workers", r.num_workers, "rollout.num_threads", r.num_threads, cfg.cluster.rollout.num_gpus),
+        ("learner.world_size", lr.world_size, "learner.num_threads", lr.num_threads, cfg.cluster.learner.num_gpus),
     ]
-    for procs_key, threads_key, gpus in roles:
-        procs, threads = (int(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])) for k in (procs_key, threads_key))
+    for procs_key, procs, threads_key, threads, gpus in roles:
         if gpus or procs * threads <= cores:
             continue
         out.append(
