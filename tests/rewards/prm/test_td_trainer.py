@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from rlloop.rewards.prm.td_trainer import TDPRMTrainer
 
 # Held-out AUROC of V_last that the TD(0)-PRM must beat in the slow arith-small test: a bound below the
 # figure `python -m rlloop.experiments.prm_quality` reported at the reduced size of that test.
-AUROC_BOUND = 0.6  # measured 0.634 on the 1-digit default (128 train / 32 held-out x 4, 2026-12-02)
+AUROC_BOUND = 0.58  # measured 0.626 (192 train / 64 held-out prompts x 4, arith-small 150 steps, 2026-12-02)
 
 
 def tiny_llama_prm(tokenizer, seed: int = 0):
@@ -240,18 +241,20 @@ def test_arith_small_td_prm_beats_chance(tmp_path):
     correct from wrong on held-out rollouts; the ScalarPRM baseline is trained on the same rollouts and
     both are saved as PRM folders the RL loop loads.
 
-    Builds arith-small on first use (minutes). Measured TD(0) AUROC: 0.695 with 64 train prompts on the old
-    default (2-digit task, 300-step model, an AVX-512 machine, 2026-11-22); on the default since 2026-12-01
-    (1-digit task, 150-step model, an AVX2 machine) 0.551 with 64 train prompts and 0.634 with 128 (the
-    data-efficiency suite's setting), hence 128 here. AUROC_BOUND sits below 0.634.
+    Builds arith-small on first use (minutes). Measured TD(0) AUROC on the current arith-small (held-out
+    set of 200, 2026-12-02, seed 0, deterministic on one machine): 0.599 with 128 train / 32 held-out
+    prompts (the size this test had; it failed CI against a bound of 0.6 measured on the model built
+    before the held-out change), 0.606 with 128 / 64, 0.626 with 192 / 64 -- hence 192 / 64 here. 256
+    held-out rollouts also make "beats chance" a statistical claim: the AUROC must clear 0.5 by two
+    standard errors of its null distribution (Mann-Whitney, ~0.04 here), besides AUROC_BOUND.
     """
     from rlloop.experiments import prm_quality
     from rlloop.rewards.prm.model import ValueHeadModel
 
     res = prm_quality.run(
         out=str(tmp_path),
-        train_prompts=128,
-        eval_prompts=32,
+        train_prompts=192,
+        eval_prompts=64,
         n=4,
         max_new_tokens=96,
         temperature=1.0,
@@ -265,6 +268,10 @@ def test_arith_small_td_prm_beats_chance(tmp_path):
     )
     td0, mc = res["td0"]["heldout"], res["mc"]["heldout"]
     assert td0["prm/auroc"] > AUROC_BOUND, res
+    n = res["rollouts"]["heldout"]
+    pos = round(res["rollouts"]["heldout_accuracy"] * n)
+    null_se = math.sqrt((n + 1) / (12 * pos * (n - pos)))  # sd of the AUROC of a random scorer
+    assert td0["prm/auroc"] > 0.5 + 2 * null_se, (td0["prm/auroc"], null_se, res)
     # Smoothness (TDRM: TD smoother than ScalarPRM) is NOT asserted: measured at this size on 2026-11-22,
     # TD(0) 0.00068 vs ScalarPRM 0.00044 (both nearly flat), so the paper's claim did not reproduce here.
     assert td0["prm/smoothness"] >= 0 and mc["prm/smoothness"] >= 0, res
