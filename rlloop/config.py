@@ -164,6 +164,22 @@ class RewardConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model of algo.advantage=gae (PPO): a DeepSpeed learner group of its own (rlloop.learner.critic),
+    sharing learner.zero_stage / bf16 / grad_clip. It is trained toward the GAE returns after every batch."""
+
+    # policy: the policy's backbone + a zero head | prm: the PRM folder in reward.prm.path (the TD-PRM as
+    # critic) | qrm: the Q-RM folder in reward.qrm.path (Q-RM as critic init) | a folder of any of these
+    init: str = "policy"
+    output: str = "auto"  # linear | sigmoid (V in [0, 1], a PRM's success probability); auto: sigmoid for a PRM
+    lr: float = 1e-5
+    value_clip: float = 0.2  # PPO2's clipped value loss around the values the batch was scored with
+    world_size: int = 1
+    micro_batch_size: Optional[int] = None  # None = learner.micro_batch_size
+    num_threads: int = 1
+
+
+@dataclass
 class AlgoConfig:
     name: str = "grpo"
     advantage: str = "grpo"  # registry name (rlloop.algos.advantages)
@@ -192,6 +208,7 @@ class AlgoConfig:
     # ppo_epochs == 1 (on-policy, one optimizer step per batch: identical values, one forward pass less),
     # else a separate no-grad pass before the update; "recompute" = always that separate pass
     old_logprobs: str = "auto"
+    critic: CriticConfig = field(default_factory=CriticConfig)  # advantage=gae only
 
 
 @dataclass
@@ -261,6 +278,7 @@ class ClusterConfig:
     learner: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.5))  # per rank
     rollout: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.25))  # per worker
     prm: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.1))  # per replica
+    critic: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.1))  # per rank (gae)
     ready_timeout_s: float = 300.0  # placement groups not placed by then fail, naming the role
 
 

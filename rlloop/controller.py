@@ -87,6 +87,7 @@ COMPUTE_PHASES = (
     "learner",
     "prm_update",
     "implicit_prm_update",
+    "critic_values",
 )
 # Phase keys the timer holds that are not controller wall time: `prm` is the PRM replicas' own scoring
 # seconds (summed over replicas, overlapping `generate`), `step` the whole step.
@@ -275,6 +276,7 @@ class Trainer:
             timeout_s=cfg.trainer.call_timeout_s,
             actor_options=[self.placement.options("learner", rank) for rank in range(cfg.learner.world_size)],
         )
+        self.critic = self._start_critic() if cfg.algo.advantage == "gae" else None
         self._get([w.__ray_ready__.remote() for w in self.workers], "rollout workers start-up")
         if self.prm_pool is not None:
             self._get([a.__ray_ready__.remote() for a in self.prm_pool.actors], "PRM service start-up")
@@ -297,6 +299,44 @@ class Trainer:
         self._prm_version = 0
         self.restarts: dict[str, int] = {}
         logger.info("actors up in %.1f s (ray %s)", time.perf_counter() - t0, ray.__version__)
+
+    def _start_critic(self) -> Any:
+        """The value model of algo.advantage=gae: a LearnerGroup of CriticLearner ranks (rlloop.learner.critic)
+        initialised from algo.critic.init (the policy, the PRM, the Q-RM or a folder); on resume its
+        DeepSpeed checkpoint replaces these weights (_restore)."""
+        from rlloop.learner.critic import resolve_critic_init
+        from rlloop.learner.group import LearnerGroup
+
+        cfg = self.cfg
+        c, rw = cfg.algo.critic, cfg.reward
+        try:
+            init = resolve_critic_init(
+                c.init, c.output, policy_path=self.model_path, prm_path=rw.prm.path, qrm_path=rw.qrm.path
+            )
+        except ValueError as err:
+            raise RlloopError(str(err)) from err
+        learner_cfg = to_dict(cfg.learner) | {
+            "world_size": c.world_size,
+            "lr": c.lr,
+            "micro_batch_size": c.micro_batch_size or cfg.learner.micro_batch_size,
+            "num_threads": c.num_threads,
+            "master_port": 0,  # a free port of its own (learner.master_port belongs to the policy group)
+        }
+        algo_cfg = to_dict(cfg.algo)
+        algo_cfg["critic"] |= {"init_path": init.path, "init_kind": init.kind, "output": init.output}
+        logger.info("critic: %s init from %s, %s output", init.kind, init.path, init.output)
+        r = cfg.rollout
+        return LearnerGroup(
+            init.path,
+            learner_cfg,
+            algo_cfg,
+            temperature=r.temperature,
+            train_batch_size=r.prompts_per_step * r.n,
+            seed=cfg.trainer.seed,
+            timeout_s=cfg.trainer.call_timeout_s,
+            actor_options=[self.placement.options("critic", rank) for rank in range(c.world_size)],
+            role="critic",
+        )
 
     def _start_token_sources(self) -> None:
         """Q-RM (frozen) and PRIME's implicit PRM (online): the per-token reward sources of
@@ -459,6 +499,7 @@ class Trainer:
         group_ids = group_index([ro.group for ro in rollouts])
         outcome = torch.tensor([ro.outcome["correct"] for ro in rollouts], dtype=torch.float32)
         metrics: dict[str, float] = {}
+        values = None if batch.values is None else torch.from_numpy(batch.values)  # the critic's (gae)
         if a.overlong_buffer > 0:
             lengths = torch.tensor([len(ro.response_ids) for ro in rollouts])
             penalty = overlong_penalty(
@@ -479,7 +520,7 @@ class Trainer:
             )
             token_rewards = place_on_last_token(total, mask)
             adv, ret = compute_advantages(
-                a.advantage, token_rewards, mask, group_ids, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
+                a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
             )
         elif rw.fusion == "step":
             if steps is None:
@@ -518,7 +559,7 @@ class Trainer:
                 metrics=metrics,
             )
             adv, ret = compute_advantages(
-                a.advantage, token_rewards, mask, group_ids, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
+                a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
             )
             total = token_rewards.sum(-1)
         else:  # prime
@@ -534,6 +575,8 @@ class Trainer:
         batch.advantages = adv.numpy().astype(np.float32)
         batch.returns = ret.numpy().astype(np.float32)
         metrics["reward/total"] = float(total.mean())
+        if values is not None:
+            metrics.update(critic_metrics(values, ret, mask))
         return metrics
 
     def _score_tokens(
@@ -730,6 +773,8 @@ class Trainer:
         )
         tmp = checkpoint.begin(self.ckpt_root, self.step)
         self.learner.save_checkpoint(str(tmp / "learner"))
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(tmp / "critic"))
         if self.prm is not None and self.cfg.reward.prm.online:
             self._get(self.prm.save.remote(str(tmp / "prm")), "PRM save")
         if self.implicit_prm is not None and self.cfg.reward.implicit_prm.online:
@@ -754,6 +799,13 @@ class Trainer:
     def _restore(self, path: Path, state: dict) -> None:
         """Continue from a checkpoint: learner (weights + optimizer), data position, versions, workers."""
         version = self.learner.load_checkpoint(str(path / "learner"))
+        if self.critic is not None:
+            if not (path / "critic").is_dir():
+                raise RlloopError(
+                    f"{path}: no critic state to resume algo.advantage=gae from (was the run started with another "
+                    "algo.advantage?); resume with that config, or start afresh"
+                )
+            self.critic.load_checkpoint(str(path / "critic"))
         self.step = int(state["step"])
         self.policy_version = int(state["policy_version"])
         self._prm_version = int(state.get("prm_version", 0))
@@ -1031,7 +1083,12 @@ class Trainer:
             batch = build_batch(rollouts, self.pad_id)
             if "ref" in early:  # filtered since: collect the stale pass (errors surface), then redo it
                 self.learner.gather_logprobs(early.pop("ref"))
+        # gae: the critic's values of this batch, computed while the token sources score it
+        values_pending = self.critic.submit_values(batch) if self.critic is not None else None
         token_scores, token_metrics, implicit_prm_update = self._score_tokens(rollouts, batch, timer)
+        if values_pending is not None:
+            with timer.phase("critic_values"):
+                batch.values = self.critic.gather_values(values_pending)
         fusion_metrics = {**token_metrics, **self.score(rollouts, batch, prm_out, token_scores)}
         with timer.phase("logprobs"):
             ref_pending = early.get("ref")
@@ -1042,7 +1099,11 @@ class Trainer:
             if ref_pending is not None:
                 batch.ref_logprobs = self.learner.gather_logprobs(ref_pending)
         with timer.phase("learner"):
+            # the critic (its own processes) regresses toward the GAE returns while the policy updates
+            critic_pending = self.critic.submit_train_step(batch) if self.critic is not None else None
             learner_metrics = self.learner.train_step(batch)
+            if critic_pending is not None:
+                learner_metrics.update(self.critic.gather_train_step(critic_pending))
         with timer.phase("sync"):
             # async: the workers load the buckets after the batch they are generating (finish_sync)
             sync_metrics = self.sync_weights(wait=self.pipeline is None)
@@ -1248,6 +1309,8 @@ class Trainer:
             ("learner", self.learner.peak_rss_gb),
             ("verifier", self.verifier.peak_rss_gb),
         ]
+        if self.critic is not None:
+            roles.append(("critic", self.critic.peak_rss_gb))
         if self.prm_pool is not None:
             actors = self.prm_pool.actors
             roles.append(("prm", lambda: self._get([a.peak_rss_gb.remote() for a in actors], "peak_rss_gb")))
@@ -1350,6 +1413,9 @@ class Trainer:
                 if self.implicit_prm is not None and cfg.reward.implicit_prm.online:
                     self._save_implicit_prm(self.out_dir / "implicit_prm")
                     summary["implicit_prm_checkpoint"] = str(self.out_dir / "implicit_prm")
+                if self.critic is not None:  # a value-head folder (a PRM folder when its output is sigmoid)
+                    self.critic.save_value_model(str(self.out_dir / "critic"))
+                    summary["critic_checkpoint"] = str(self.out_dir / "critic")
         finally:
             tracker.finish()
         if (self.out_dir / "metrics.jsonl").exists():
@@ -1363,7 +1429,11 @@ class Trainer:
         if getattr(self, "pipeline", None) is not None:
             self.pipeline.close()
 
-        for closer in (getattr(self, "learner", None), getattr(self, "verifier", None)):
+        for closer in (
+            getattr(self, "learner", None),
+            getattr(self, "critic", None),
+            getattr(self, "verifier", None),
+        ):
             if closer is not None:
                 try:
                     closer.shutdown()
@@ -1422,6 +1492,19 @@ def _wait_ready(actor: Any, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def critic_metrics(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How well the critic's values (before its update) predict the GAE returns on the response tokens:
+    critic/values, critic/returns (means) and critic/explained_var = 1 - Var(R - V) / Var(R) (1 = perfect,
+    0 = no better than a constant, as OpenAI baselines / verl log it; NaN when the returns are constant)."""
+    m = mask.bool()
+    v, r = values[m].double(), returns[m].double()
+    if v.numel() == 0:
+        return {}
+    var_r = float(r.var()) if r.numel() > 1 else 0.0
+    explained = 1.0 - float((r - v).var()) / var_r if var_r > 1e-12 else float("nan")
+    return {"critic/values": float(v.mean()), "critic/returns": float(r.mean()), "critic/explained_var": explained}
 
 
 def group_index(groups: list[str]) -> torch.Tensor:

@@ -69,6 +69,7 @@ class Batch:
     old_logprobs: np.ndarray | None = None  # float32 [B, T]
     ref_logprobs: np.ndarray | None = None  # float32 [B, T]
     token_rewards: np.ndarray | None = None  # float32 [B, T]
+    values: np.ndarray | None = None  # float32 [B, T], the critic's V before token t (algo.advantage=gae)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -79,14 +79,8 @@ def validate_config(cfg: Any) -> None:
         a.policy_loss,
         f"unknown; choose from {sorted(POLICY_LOSSES)}",
     )
-    _require(
-        a.advantage != "gae",
-        "algo.advantage",
-        a.advantage,
-        "needs per-token values from a critic, and the training loop does not wire one yet (the PRM and "
-        "the Q-RM cannot serve as the critic so far): use grpo, dr_grpo, rloo, reinforce_pp, "
-        "reinforce_pp_baseline or gdpo",
-    )
+    if a.advantage == "gae":
+        _check_critic(a, rw)
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
     _require(a.ppo_epochs >= 1, "algo.ppo_epochs", a.ppo_epochs, "must be >= 1")
     _require(
@@ -138,6 +132,35 @@ def validate_config(cfg: Any) -> None:
         "choose offline, online or disabled",
     )
     check_verifiers(rw.verifier)
+
+
+def _check_critic(a: Any, rw: Any) -> None:
+    """algo.critic.* for algo.advantage=gae (PPO with a critic, rlloop.learner.critic)."""
+    c = a.critic
+    _require(
+        rw.fusion in ("outcome", "token"),
+        "reward.fusion",
+        rw.fusion,
+        "algo.advantage=gae turns token rewards into advantages with the critic's values: use fusion "
+        "outcome or token (step and prime fusion compute advantages of their own, without a critic)",
+    )
+    _require(
+        c.init not in ("prm", "qrm") or bool(rw[c.init].path),
+        "algo.critic.init",
+        c.init,
+        f"initialises the critic from reward.{c.init}.path, which is unset (a trained folder is needed)",
+    )
+    _require(c.output in ("auto", "linear", "sigmoid"), "algo.critic.output", c.output, "choose auto, linear or sigmoid")
+    _require(c.lr > 0, "algo.critic.lr", c.lr, "must be > 0")
+    _require(c.value_clip > 0, "algo.critic.value_clip", c.value_clip, "must be > 0")
+    _require(c.world_size >= 1, "algo.critic.world_size", c.world_size, "must be >= 1")
+    _require(
+        c.micro_batch_size is None or c.micro_batch_size >= 1,
+        "algo.critic.micro_batch_size",
+        c.micro_batch_size,
+        "must be >= 1 (or null = learner.micro_batch_size)",
+    )
+    _require(c.num_threads >= 1, "algo.critic.num_threads", c.num_threads, "must be >= 1")
 
 
 def _check_sync_and_async(lr: Any, t: Any, a: Any) -> None:

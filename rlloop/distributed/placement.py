@@ -31,14 +31,15 @@ from rlloop.errors import ConfigError, RlloopError
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("learner", "rollout", "prm")
+ROLES = ("learner", "rollout", "prm", "critic")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _COUNT_KEY = {
     "learner": "learner.world_size",
     "rollout": "rollout.num_workers",
     "prm": "reward.prm.num_replicas",
+    "critic": "algo.critic.world_size",
 }
-_ACTOR = {"learner": "rank", "rollout": "worker", "prm": "replica"}
+_ACTOR = {"learner": "rank", "rollout": "worker", "prm": "replica", "critic": "rank"}
 
 
 class ResourceError(RlloopError):
@@ -87,12 +88,14 @@ def prm_num_gpus(cfg: Any) -> tuple[float, str]:
 
 
 def role_demands(cfg: Any) -> dict[str, RoleDemand]:
-    """The placed roles of a composed Config (the PRM only when reward.prm.enabled)."""
+    """The placed roles of a composed Config (the PRM only when reward.prm.enabled, the critic only when
+    algo.advantage=gae)."""
     c = cfg.cluster
     counts = {
         "learner": int(cfg.learner.world_size),
         "rollout": int(cfg.rollout.num_workers),
         "prm": int(cfg.reward.prm.num_replicas) if cfg.reward.prm.enabled else 0,
+        "critic": int(cfg.algo.critic.world_size) if cfg.algo.advantage == "gae" else 0,
     }
     demands = {}
     for role in ROLES:

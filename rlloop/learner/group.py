@@ -63,10 +63,12 @@ class LearnerActor:
 
         return peak_rss_gb()
 
-    def setup(self, *args: Any, **kwargs: Any) -> None:
-        from rlloop.learner.policy import PolicyLearner
-
-        self.learner = PolicyLearner(*args, **kwargs)
+    def setup(self, *args: Any, role: str = "policy", **kwargs: Any) -> None:
+        if role == "critic":
+            from rlloop.learner.critic import CriticLearner as cls
+        else:
+            from rlloop.learner.policy import PolicyLearner as cls
+        self.learner = cls(*args, **kwargs)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         attr = getattr(self.learner, method)
@@ -135,16 +137,17 @@ def merge_rank_metrics(
 ) -> dict[str, float]:
     """Whole-batch metrics from per-rank ones.
 
-    actor/pg_loss: mean over ranks of loss_r * scale_r (= the global loss, see rank_loss_scales);
+    actor/pg_loss, critic/vf_loss: mean over ranks of loss_r * scale_r (= the global loss, see
+    rank_loss_scales);
     grad_norm and lr are global already (plain mean); per-token statistics: token-weighted mean.
     """
     total = sum(tokens)
     merged = {}
     for key in results[0]:
         values = [r[key] for r in results]
-        if key == "actor/pg_loss":
+        if key in ("actor/pg_loss", "critic/vf_loss"):
             merged[key] = float(np.mean([v * s for v, s in zip(values, scales, strict=True)]))
-        elif key in ("actor/grad_norm", "actor/lr") or total == 0:
+        elif key in ("actor/grad_norm", "actor/lr", "critic/grad_norm", "critic/lr") or total == 0:
             merged[key] = float(np.mean(values))
         else:
             merged[key] = float(sum(v * t for v, t in zip(values, tokens, strict=True)) / total)
@@ -152,7 +155,8 @@ def merge_rank_metrics(
 
 
 class LearnerGroup:
-    """`learner_cfg["world_size"]` PolicyLearner ranks as Ray actors in one PACK placement group."""
+    """`learner_cfg["world_size"]` PolicyLearner ranks as Ray actors in one PACK placement group
+    (`role="critic"`: CriticLearner ranks, the value model of algo.advantage=gae)."""
 
     def __init__(
         self,
@@ -166,10 +170,14 @@ class LearnerGroup:
         num_cpus_per_rank: float = 0.5,
         timeout_s: float = 600,
         actor_options: list[dict[str, Any]] | None = None,
+        role: str = "policy",
     ) -> None:
         """actor_options: per rank Ray options (resources and placement-group bundle, from
         rlloop.distributed.placement, which owns that group); None = a PACK group of its own with
         `num_cpus_per_rank` CPUs per rank."""
+        if role not in ("policy", "critic"):
+            raise ValueError(f"LearnerGroup: role must be policy or critic, got {role!r}")
+        self.role = role
         self.world_size = int(learner_cfg["world_size"])
         if self.world_size < 1:
             raise ValueError(f"learner.world_size must be >= 1, got {self.world_size}")
@@ -222,6 +230,7 @@ class LearnerGroup:
                         temperature=temperature,
                         train_batch_size=train_batch_size,
                         seed=seed,
+                        role=role,
                     )
                     for rank, actor in enumerate(self.actors)
                 ],
@@ -231,7 +240,8 @@ class LearnerGroup:
             self.shutdown()
             raise
         logger.info(
-            "learner group up: %d ranks, ZeRO-%s, %s:%d, %.1f s; rank 0 init phases %s",
+            "%s learner group up: %d ranks, ZeRO-%s, %s:%d, %.1f s; rank 0 init phases %s",
+            role,
             self.world_size,
             learner_cfg.get("zero_stage"),
             master_addr,
@@ -315,32 +325,54 @@ class LearnerGroup:
         """Start compute_logprobs on every rank without waiting; `gather_logprobs` collects it. The
         controller overlaps this pass with PRM scoring in other processes. Calls to a rank run in order,
         so a train_step submitted afterwards sees the same weights."""
+        return self._submit_rows("compute_logprobs", batch, which)
+
+    def gather_logprobs(self, pending: tuple[list[ray.ObjectRef], int]) -> np.ndarray:
+        return self._gather_rows(pending, "compute_logprobs")
+
+    def submit_values(self, batch: Batch) -> tuple[list[ray.ObjectRef], int]:
+        """Critic: start compute_values ([B, T] V before each token) on every rank; `gather_values`."""
+        return self._submit_rows("compute_values", batch)
+
+    def gather_values(self, pending: tuple[list[ray.ObjectRef], int]) -> np.ndarray:
+        return self._gather_rows(pending, "compute_values")
+
+    def _submit_rows(self, method: str, batch: Batch, *args: Any) -> tuple[list[ray.ObjectRef], int]:
         padded, n = pad_rows(batch, self.world_size)
         shards = shard_slices(len(padded), self.world_size)
         refs = [
-            actor.call.remote("compute_logprobs", padded.select(s), which)
-            for actor, s in zip(self.actors, shards, strict=True)
+            actor.call.remote(method, padded.select(s), *args) for actor, s in zip(self.actors, shards, strict=True)
         ]
         return refs, n
 
-    def gather_logprobs(self, pending: tuple[list[ray.ObjectRef], int]) -> np.ndarray:
+    def _gather_rows(self, pending: tuple[list[ray.ObjectRef], int], method: str) -> np.ndarray:
         refs, n = pending
-        return np.concatenate(self._gather(refs, "compute_logprobs"), axis=0)[:n]
+        return np.concatenate(self._gather(refs, method), axis=0)[:n]
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One update (ppo_epochs optimizer steps) on `batch`; returns metrics of the whole batch."""
+        return self.gather_train_step(self.submit_train_step(batch))
+
+    def submit_train_step(self, batch: Batch) -> tuple[list[ray.ObjectRef], list[float], list[float]]:
+        """Start train_step on every rank without waiting (the critic's update runs while the policy's
+        does); `gather_train_step` collects the metrics."""
         padded, n = pad_rows(batch, self.world_size)
         shards = shard_slices(len(padded), self.world_size)
         scales = rank_loss_scales(
             padded.response_mask, n, shards, self.algo_cfg.get("loss_agg", "token-mean")
         )
-        results = self._call_all(
-            "train_step", [(padded.select(s), scale) for s, scale in zip(shards, scales, strict=True)]
-        )
+        refs = [
+            actor.call.remote("train_step", padded.select(s), scale)
+            for actor, s, scale in zip(self.actors, shards, scales, strict=True)
+        ]
+        return refs, scales, [float(padded.response_mask[s].sum()) for s in shards]
+
+    def gather_train_step(self, pending: tuple[list[ray.ObjectRef], list[float], list[float]]) -> dict[str, float]:
+        refs, scales, tokens = pending
+        results = self._gather(refs, "train_step")
         self.version = int(self._gather([self.actors[0].call.remote("version")], "version")[0])
-        return merge_rank_metrics(results, scales, [float(padded.response_mask[s].sum()) for s in shards]) | {
-            "actor/policy_version": float(self.version)
-        }
+        key = "actor/policy_version" if self.role == "policy" else "critic/version"
+        return merge_rank_metrics(results, scales, tokens) | {key: float(self.version)}
 
     def state_dict_ref(self) -> ray.ObjectRef:
         """ObjectRef of rank 0's full numpy state dict; every rank takes part in the gather.
@@ -388,6 +420,10 @@ class LearnerGroup:
 
     def save_hf(self, path: str, tokenizer_path: str | None = None) -> None:
         self._call_all("save_hf", [(path, tokenizer_path)] * self.world_size)
+
+    def save_value_model(self, path: str) -> None:
+        """Critic: write it as a PRM folder (CriticLearner.save_pretrained); every rank takes part."""
+        self._call_all("save_pretrained", [(path,)] * self.world_size)
 
     def save_checkpoint(self, path: str) -> None:
         """Every rank writes its DeepSpeed state (weights, optimizer, ZeRO partitions) into `path`."""

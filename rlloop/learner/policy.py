@@ -144,7 +144,6 @@ class PolicyLearner:
         timings = {"start": time.perf_counter()}
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from transformers import AutoModelForCausalLM
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         accel = get_accelerator()
@@ -153,7 +152,7 @@ class PolicyLearner:
         self.device = torch.device(accel.current_device_name())
         timings["init_distributed"] = time.perf_counter()
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = self._load_model(model_path)
         timings["load model"] = time.perf_counter()
         self.hf_config = model.config
         self.ref_model: torch.nn.Module | None = None
@@ -196,6 +195,12 @@ class PolicyLearner:
             ds_config["bf16"]["enabled"],
             self.init_timings,
         )
+
+    def _load_model(self, model_path: str) -> torch.nn.Module:
+        """The trained module, in float32 (CriticLearner loads a value model instead)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
     # ------------------------------------------------------------------ forward passes
 

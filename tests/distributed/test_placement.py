@@ -42,6 +42,28 @@ def test_local_preset_keeps_the_cpu_resources_it_always_had():
     assert "prm" not in plan_placement(compose_config(["reward=rule"])).groups  # no PRM, no PRM group
 
 
+def test_ppo_places_its_critic_ranks():
+    """algo=ppo (advantage=gae) adds the critic's DeepSpeed ranks as a role of their own; on the 2-core
+    local preset they fit beside the rest (1.9 CPUs), on GPUs each rank asks for a GPU (or shares one)."""
+    plan = plan_placement(compose_config(["model=tiny", "algo=ppo"]))
+    assert plan.groups["critic"] == [{"CPU": 0.1}]
+    assert plan.total("CPU") == pytest.approx(1.9)
+    assert "critic" not in plan_placement(compose_config(["model=tiny"])).groups  # grpo: no critic
+    plan = plan_placement(_cfg("algo=ppo", "algo.critic.world_size=2", "cluster=gpu_separate"))
+    assert plan.groups["critic"] == [{"CPU": 2.0, "GPU": 1.0}] * 2
+    shared = plan_placement(
+        _cfg(
+            "algo=ppo",
+            "cluster=gpu_colocated",
+            "cluster.colocate=[learner,critic]",
+            "cluster.learner.num_gpus=0.5",
+            "cluster.critic.num_gpus=0.5",
+            "learner.world_size=1",
+        )
+    )
+    assert shared.where[("critic", 0)] == shared.where[("learner", 0)] == ("shared", 0)
+
+
 def test_colocated_bundle_b_hosts_rank_b_and_worker_b_sharing_one_gpu():
     plan = plan_placement(_cfg("cluster=gpu_colocated", "learner.world_size=4", "rollout.num_workers=2"))
     assert plan.groups["shared"] == [{"CPU": 4.0, "GPU": 1.0}] * 2 + [{"CPU": 2.0, "GPU": 1.0}] * 2
@@ -86,7 +108,7 @@ def test_reward_prm_num_gpus_still_sets_the_prm_gpus():
     [
         (["cluster.placement=hybrid"], "cluster.placement='hybrid'"),
         (["cluster.strategy=pack"], "cluster.strategy='pack'"),
-        (["cluster.placement=colocated", "cluster.colocate=[learner,critic]"], "unknown role 'critic'"),
+        (["cluster.placement=colocated", "cluster.colocate=[learner,ref]"], "unknown role 'ref'"),
         (
             ["cluster=gpu_colocated", "cluster.rollout.num_gpus=0.7"],
             r"cluster.rollout.num_gpus=0.7 = 1.2 GPU",
