@@ -488,6 +488,7 @@ class Trainer:
             outcome_fusion,
             place_on_last_token,
             step_fusion,
+            step_token_rewards,
             token_fusion,
             value_before_answer_step,
         )
@@ -526,24 +527,44 @@ class Trainer:
             if steps is None:
                 raise RlloopError("reward.fusion=step needs the PRM: set reward.prm.enabled=true")
             positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
-            adv, ret = step_fusion(
-                outcome,
-                steps["values"],
-                positions * steps["mask"].long(),
-                steps["mask"],
-                mask,
-                group_ids,
-                w_rule=rw.w_rule,
-                w_prm=rw.w_prm,
-                gamma=a.gamma,
-                process=rw.step_process,
-                norm=rw.step_norm,
-                prompt_value=steps["prompt_value"],
-                eps=a.adv_eps,
-                metrics=metrics,
-            )
-            token_rewards = place_on_last_token(outcome, mask)
-            total = outcome
+            if values is not None:  # gae: raw step rewards as token rewards, credited through the critic
+                token_rewards = step_token_rewards(
+                    outcome,
+                    steps["values"],
+                    positions * steps["mask"].long(),
+                    steps["mask"],
+                    mask,
+                    group_ids,
+                    w_rule=rw.w_rule,
+                    w_prm=rw.w_prm,
+                    gamma=a.gamma,
+                    process=rw.step_process,
+                    prompt_value=steps["prompt_value"],
+                    metrics=metrics,
+                )
+                adv, ret = compute_advantages(
+                    a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
+                )
+                total = token_rewards.sum(-1)
+            else:
+                adv, ret = step_fusion(
+                    outcome,
+                    steps["values"],
+                    positions * steps["mask"].long(),
+                    steps["mask"],
+                    mask,
+                    group_ids,
+                    w_rule=rw.w_rule,
+                    w_prm=rw.w_prm,
+                    gamma=a.gamma,
+                    process=rw.step_process,
+                    norm=rw.step_norm,
+                    prompt_value=steps["prompt_value"],
+                    eps=a.adv_eps,
+                    metrics=metrics,
+                )
+                token_rewards = place_on_last_token(outcome, mask)
+                total = outcome
         elif token_scores is None:
             raise RlloopError(
                 f"reward.fusion={rw.fusion!r} needs a token-reward source, which is not configured"

@@ -138,11 +138,11 @@ def _check_critic(a: Any, rw: Any) -> None:
     """algo.critic.* for algo.advantage=gae (PPO with a critic, rlloop.learner.critic)."""
     c = a.critic
     _require(
-        rw.fusion in ("outcome", "token"),
+        rw.fusion != "prime",
         "reward.fusion",
         rw.fusion,
-        "algo.advantage=gae turns token rewards into advantages with the critic's values: use fusion "
-        "outcome or token (step and prime fusion compute advantages of their own, without a critic)",
+        "prime fusion computes leave-one-out advantages of its own, without a critic; with "
+        "algo.advantage=gae use fusion outcome, step or token",
     )
     _require(
         c.init not in ("prm", "qrm") or bool(rw[c.init].path),

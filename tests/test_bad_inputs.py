@@ -40,7 +40,7 @@ CASES = [
     ("top_p above 1", ["rollout.top_p=1.5"], ["rollout.top_p"]),
     ("zero stage 4", ["learner.zero_stage=4"], ["learner.zero_stage"]),
     ("unknown old_logprobs", ["algo.old_logprobs=cached"], ["algo.old_logprobs", "cached"]),
-    ("gae with step fusion", ["algo=ppo", "reward.fusion=step"], ["reward.fusion", "step", "gae"]),
+    ("gae with prime fusion", ["algo=ppo", "reward=prime"], ["reward.fusion", "prime", "gae"]),
     ("PRM critic without a PRM", ["algo=ppo", "algo.critic.init=prm"], ["algo.critic.init", "reward.prm.path"]),
     ("unknown critic output", ["algo=ppo", "algo.critic.output=tanh"], ["algo.critic.output", "tanh"]),
     ("unknown critic key", ["algo=ppo", "+algo.critic.warmup=3"], ["algo.critic.warmup"]),

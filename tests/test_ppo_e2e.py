@@ -1,6 +1,7 @@
 """End to end: PPO with a critic (algo=ppo, advantage=gae) in `rlloop.train` on the tiny model — the
 critic is its own DeepSpeed learner group, initialised from a PRM folder (the PRM as critic), trained
-toward the GAE returns while the policy updates, checkpointed with the run and resumed from it."""
+toward the GAE returns of the PRM's step rewards + the outcome while the policy updates, checkpointed
+with the run and resumed from it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from tests.conftest import FIXTURES, LENGTH_REWARD, TINY_RUN, run_cli
 
@@ -33,12 +35,16 @@ def test_ppo_with_a_prm_initialised_critic_trains_saves_and_resumes(tmp_path):
     prm = ValueHeadModel.from_backbone(policy)
     torch.nn.init.normal_(prm.head.weight, std=0.2)
     prm.save_pretrained(str(tmp_path / "prm"))
+    AutoTokenizer.from_pretrained(policy).save_pretrained(str(tmp_path / "prm"))  # as prm_train writes it
 
     run = [
         *TINY_RUN,
         *LENGTH_REWARD,
         "algo=ppo",
-        "reward=rule",
+        # the PRM twice: dense step rewards (shaping, scored by the PRM service) and the critic's start
+        "reward=tdrm",
+        "reward.fusion=step",
+        "reward.w_prm=0.5",
         "algo.critic.init=prm",
         f"reward.prm.path={tmp_path / 'prm'}",
         "algo.critic.lr=1e-3",
@@ -56,6 +62,7 @@ def test_ppo_with_a_prm_initialised_critic_trains_saves_and_resumes(tmp_path):
         assert np.isfinite(r["critic/vf_loss"]) and r["critic/vf_loss"] > 0
         assert 0 < r["critic/values"] < 1  # a PRM-initialised critic: V = sigmoid(head), success probability
         assert "critic/explained_var" in r and r["time/critic_values"] > 0
+        assert r["fusion/prm_shaping_sum/std"] > 0  # step rewards from the PRM reached the token rewards
     assert "mem/critic_rss_gb" in rows[-1]
 
     # the trained critic: a PRM folder whose head moved away from the initial PRM's

@@ -199,7 +199,7 @@ def _normalise(x: Tensor, mask: Tensor, group_ids: Tensor, norm: str, eps: float
     return ((x - mean) if center else x) / (std + eps) * m
 
 
-def step_fusion(
+def _process_events(
     outcome: Tensor,
     step_values: Tensor,
     step_positions: Tensor,
@@ -207,41 +207,13 @@ def step_fusion(
     response_mask: Tensor,
     group_ids: Tensor,
     *,
-    w_rule: float,
-    w_prm: float,
-    gamma: float = 1.0,
-    process: str = "value",
-    norm: str = "group",
-    prompt_value: Tensor | None = None,
-    eps: float = 1e-6,
-    whiten: bool = False,
-    metrics: dict[str, float] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Dense fusion of per-step PRM values with the outcome -> (advantages [B, T], returns [B, T]).
-
-    outcome [B]; step_values [B, K] (V_k = PRM value after step k); step_positions [B, K] long (index in
-    [0, T) of step k's last token; valid ones strictly increasing and on response tokens); step_mask
-    [B, K] (valid steps, a prefix of each row); response_mask [B, T]; group_ids [B].
-
-    1. Process reward per step, at the step's last token:
-       process="value":   r_k = V_k.
-       process="shaping": r_k = gamma * Phi_{k+1} - Phi_k with potential Phi_{k+1} = V_k (state after step
-       k), Phi_0 = prompt_value (0 if None) and Phi = 0 at the terminal state (the last response token;
-       if it is not a step end, one more shaping reward -Phi_K sits there). Why it matters: these terms
-       telescope, so from any token in step j the process return is exactly -Phi_j -- a baseline that
-       depends only on the state, never on what the policy does afterwards. Ng et al. (1999): the optimal
-       policy is unchanged, and the policy gradient is unbiased, while credit still moves to the steps
-       where V rose or fell. Raw values (process="value") are not of that form: every extra step with
-       V > 0 adds reward, so the policy can gain by padding its solution with steps (reward hacking).
-    2. Outcome at the last response token.
-    3. Each source normalised on its own over its valid entries, per group or over the batch (or
-       "none"). Outcome and "value" rewards are z-scored; "shaping" rewards are only divided by their
-       std (subtracting a mean per step would add -mean * (number of steps), a length bonus or penalty
-       that breaks the telescoping above).
-    4. Returns per source by reverse cumulative sum, discounted by gamma once per step (at each step's
-       last token), and summed: R = w_rule * G_outcome + w_prm * G_process. advantages = R, or R
-       whitened over the batch with `whiten=True` (PRIME's final step).
-    """
+    gamma: float,
+    process: str,
+    prompt_value: Tensor | None,
+) -> dict:
+    """Validate step_fusion's inputs and compute its raw process rewards ("events", step 1 of its
+    docstring): values [B, K+1], mask [B, K+1], token positions pos [B, K+1] (the K steps plus the terminal
+    shaping transition), and the checked step positions / masks."""
     outcome = _check_rows("outcome", outcome)
     B = outcome.shape[0]
     step_values = check_tensor("step_values", step_values, ndim=2, float_dtype=True)
@@ -264,7 +236,6 @@ def step_fusion(
     T = response_mask.shape[1]
     group_ids = check_group_ids(group_ids, B)
     check_choice("reward.step_process", process, ("value", "shaping"))
-    check_choice("reward.step_norm", norm, ("group", "batch", "none"))
     check_range("gamma", gamma, 0.0, 1.0)
     dtype, device = outcome.dtype, outcome.device
     step_values = step_values.to(dtype)
@@ -324,6 +295,63 @@ def step_fusion(
     event_mask = torch.cat([step_mask, extra_valid[:, None]], dim=1)
     event_pos = torch.cat([pos, last.clamp(min=0)[:, None]], dim=1)
 
+    return {
+        "values": event_values, "mask": event_mask, "pos": event_pos, "step_pos": pos, "step_mask": step_mask,
+        "rmask": rmask, "dtype": dtype, "device": device, "has_tokens": has_tokens, "outcome": outcome,
+        "response_mask": response_mask,
+    }  # fmt: skip
+
+
+def step_fusion(
+    outcome: Tensor,
+    step_values: Tensor,
+    step_positions: Tensor,
+    step_mask: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    w_rule: float,
+    w_prm: float,
+    gamma: float = 1.0,
+    process: str = "value",
+    norm: str = "group",
+    prompt_value: Tensor | None = None,
+    eps: float = 1e-6,
+    whiten: bool = False,
+    metrics: dict[str, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Dense fusion of per-step PRM values with the outcome -> (advantages [B, T], returns [B, T]).
+
+    outcome [B]; step_values [B, K] (V_k = PRM value after step k); step_positions [B, K] long (index in
+    [0, T) of step k's last token; valid ones strictly increasing and on response tokens); step_mask
+    [B, K] (valid steps, a prefix of each row); response_mask [B, T]; group_ids [B].
+
+    1. Process reward per step, at the step's last token:
+       process="value":   r_k = V_k.
+       process="shaping": r_k = gamma * Phi_{k+1} - Phi_k with potential Phi_{k+1} = V_k (state after step
+       k), Phi_0 = prompt_value (0 if None) and Phi = 0 at the terminal state (the last response token;
+       if it is not a step end, one more shaping reward -Phi_K sits there). Why it matters: these terms
+       telescope, so from any token in step j the process return is exactly -Phi_j -- a baseline that
+       depends only on the state, never on what the policy does afterwards. Ng et al. (1999): the optimal
+       policy is unchanged, and the policy gradient is unbiased, while credit still moves to the steps
+       where V rose or fell. Raw values (process="value") are not of that form: every extra step with
+       V > 0 adds reward, so the policy can gain by padding its solution with steps (reward hacking).
+    2. Outcome at the last response token.
+    3. Each source normalised on its own over its valid entries, per group or over the batch (or
+       "none"). Outcome and "value" rewards are z-scored; "shaping" rewards are only divided by their
+       std (subtracting a mean per step would add -mean * (number of steps), a length bonus or penalty
+       that breaks the telescoping above).
+    4. Returns per source by reverse cumulative sum, discounted by gamma once per step (at each step's
+       last token), and summed: R = w_rule * G_outcome + w_prm * G_process. advantages = R, or R
+       whitened over the batch with `whiten=True` (PRIME's final step).
+    """
+    ev = _process_events(outcome, step_values, step_positions, step_mask, response_mask, group_ids, gamma=gamma,
+                         process=process, prompt_value=prompt_value)  # fmt: skip
+    event_values, event_mask, event_pos, pos = ev["values"], ev["mask"], ev["pos"], ev["step_pos"]
+    step_mask, rmask, dtype, device = ev["step_mask"], ev["rmask"], ev["dtype"], ev["device"]
+    outcome, response_mask, has_tokens = ev["outcome"], ev["response_mask"], ev["has_tokens"]
+    B, T = outcome.shape[0], response_mask.shape[1]
+    check_choice("reward.step_norm", norm, ("group", "batch", "none"))
     event_norm = _normalise(event_values, event_mask, group_ids, norm, eps, center=(process == "value"))
     outcome_norm = _normalise(outcome, has_tokens, group_ids, norm, eps, center=True)
 
@@ -341,6 +369,34 @@ def step_fusion(
     components = {"outcome": outcome, f"prm_{process}_sum": (event_values * event_mask).sum(-1)}
     _record(metrics, components | {"return_at_start": start_return}, outcome)
     return advantages * rmask, returns * rmask
+
+
+def step_token_rewards(
+    outcome: Tensor,
+    step_values: Tensor,
+    step_positions: Tensor,
+    step_mask: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    w_rule: float,
+    w_prm: float,
+    gamma: float = 1.0,
+    process: str = "shaping",
+    prompt_value: Tensor | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Tensor:
+    """reward.fusion=step under a critic (algo.advantage=gae): token rewards [B, T] = w_rule * outcome on
+    the last response token + w_prm * the process rewards of `step_fusion` (step 1 of its docstring, raw)
+    at each step's last token. Not normalised: the critic learns their scale and GAE whitens the
+    advantages. Arguments as `step_fusion`'s."""
+    ev = _process_events(outcome, step_values, step_positions, step_mask, response_mask, group_ids, gamma=gamma,
+                         process=process, prompt_value=prompt_value)  # fmt: skip
+    outcome, rmask = ev["outcome"], ev["rmask"]
+    process_tokens = torch.zeros_like(rmask).scatter_add(1, ev["pos"], ev["values"] * ev["mask"].to(rmask.dtype))
+    components = {"outcome": outcome, f"prm_{process}_sum": (ev["values"] * ev["mask"]).sum(-1)}
+    _record(metrics, components, outcome)
+    return (w_rule * place_on_last_token(outcome, ev["response_mask"]) + w_prm * process_tokens) * rmask
 
 
 def _first_token_index(mask: Tensor) -> Tensor:

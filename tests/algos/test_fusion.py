@@ -179,6 +179,22 @@ def test_step_fusion_hand_worked():
     close(ret, [[0, 0, 0.0, 0.4, 0.4]])
 
 
+def test_step_token_rewards_hand_worked():
+    """fusion=step under gae: raw (unnormalised) process rewards at the step ends plus the outcome on the
+    last token; with gamma 1 their sum equals step_fusion's return at the first response token."""
+    from rlloop.algos.fusion import step_token_rewards
+
+    t = torch.tensor
+    args = (t([1.0]), t([[0.6, 0.9]]), t([[2, 4]]), t([[1, 1]]), t([[0, 0, 1, 1, 1]]), t([0]))
+    # shaping: F0 = 0.6 - 0.5 = 0.1 @2, F1 = 0 - 0.6 @4 (terminal Phi = 0); w_rule 0.8 * outcome @4
+    r = step_token_rewards(*args, w_rule=0.8, w_prm=0.5, process="shaping", prompt_value=t([0.5]))
+    close(r, [[0, 0, 0.05, 0, 0.8 - 0.3]], atol=1e-6)
+    r = step_token_rewards(*args, w_rule=1.0, w_prm=1.0, process="value")
+    close(r, [[0, 0, 0.6, 0, 1.9]], atol=1e-6)
+    with pytest.raises(ValueError, match="step_positions"):
+        step_token_rewards(*args[:2], t([[2, 1]]), *args[3:], w_rule=1.0, w_prm=1.0)
+
+
 def test_step_fusion_group_normalisation_hand_worked():
     # two rows of one group, one token each, one step each: returns = w_rule * z(outcome) + w_prm * z(V)
     d = dict(outcome=[1.0, 0.0], values=[[0.8], [0.4]], pos=[[0], [0]], smask=[[1], [1]], mask=[[1], [1]],
