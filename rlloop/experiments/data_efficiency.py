@@ -5,7 +5,9 @@ Arms (TDRM, arXiv 2509.15110, in miniature on the built-in `arith` task):
 - `rule`            — verifiable outcome reward only (GRPO baseline);
 - `rule+scalar`     — outcome + a frozen ScalarPRM, `outcome` fusion (R = w_rule·outcome + w_prm·g(V));
 - `rule+td`         — outcome + a frozen TD(0)-PRM, `outcome` fusion (TDRM's released recipe);
-- `rule+td-step-online` — outcome + the TD(0)-PRM as a dense `step` reward, TD-updated online as the critic.
+- `rule+td-step-online` — outcome + the TD(0)-PRM as a dense `step` reward, TD-updated online as the critic;
+- `ppo`             — outcome reward, PPO with a critic (`algo=ppo`, GAE) started from the policy's backbone;
+- `ppo+td-critic`   — the same with the TD(0)-PRM as the critic's initialisation (`algo.critic.init=prm`).
 
 The two PRMs are trained first on the same rollouts of the starting policy by
 `rlloop.experiments.prm_quality` (or taken from `--prm-dir`, a previous run's `prms/` folder). Every arm
@@ -29,7 +31,8 @@ from rlloop.experiments import common
 
 logger = logging.getLogger(__name__)
 
-ARMS = ("rule", "rule+scalar", "rule+td", "rule+td-step-online")
+ARMS = ("rule", "rule+scalar", "rule+td", "rule+td-step-online", "ppo", "ppo+td-critic")
+DEFAULT_ARMS = ARMS[:4]
 
 
 def arm_overrides(arm: str, prms: dict[str, str], w_prm: float) -> list[str]:
@@ -45,6 +48,10 @@ def arm_overrides(arm: str, prms: dict[str, str], w_prm: float) -> list[str]:
             "reward=tdrm", f"reward.prm.path={prms['td0']}", "reward.fusion=step", "reward.prm.online=true",
             f"reward.w_prm={w_prm}", f"reward.w_rule={1 - w_prm}",
         ]  # fmt: skip
+    if arm == "ppo":
+        return ["reward=rule", "algo=ppo"]
+    if arm == "ppo+td-critic":
+        return ["reward=rule", "algo=ppo", "algo.critic.init=prm", f"reward.prm.path={prms['td0']}"]
     raise RlloopError(f"unknown arm {arm!r}; expected one of {list(ARMS)}")
 
 
@@ -94,7 +101,7 @@ def base_overrides(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="outputs/experiments/data_efficiency")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"some of {','.join(ARMS)}")
     ap.add_argument("--w-prm", type=float, default=0.2, help="PRM weight of the PRM arms (TDRM: 0.2)")
     common.add_run_arguments(ap)
     args = common.parse_run_args(ap, argv)
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.w_prm <= 1.0:
         raise RlloopError(f"--w-prm must be in [0, 1], got {args.w_prm}")
     seeds = common.parse_seeds(args.seeds)
-    prms = prepare_prms(args, out) if any(a != "rule" for a in arms) else {}
+    prms = prepare_prms(args, out) if any(a not in ("rule", "ppo") for a in arms) else {}
     results = []
     for seed in seeds:  # seeds outermost: a partial run still compares every arm
         for arm in arms:
