@@ -171,6 +171,22 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
+        self.critic_init = None  # algo.advantage=gae: where the critic starts, checked before any actor
+        if cfg.algo.advantage == "gae":
+            from rlloop.learner.critic import resolve_critic_init
+
+            c = cfg.algo.critic
+            try:
+                self.critic_init = resolve_critic_init(
+                    c.init,
+                    c.output,
+                    policy_path=self.model_path,
+                    prm_path=cfg.reward.prm.path,
+                    qrm_path=cfg.reward.qrm.path,
+                    policy_tokenizer=self.tokenizer,
+                )
+            except (ValueError, OSError) as err:
+                raise RlloopError(str(err)) from err
         self._render = render_prompt
         self._prompt_cache: dict[str, dict] = {}
         self.stream = PromptStream(self.train_set, cfg.trainer.seed)
@@ -304,17 +320,10 @@ class Trainer:
         """The value model of algo.advantage=gae: a LearnerGroup of CriticLearner ranks (rlloop.learner.critic)
         initialised from algo.critic.init (the policy, the PRM, the Q-RM or a folder); on resume its
         DeepSpeed checkpoint replaces these weights (_restore)."""
-        from rlloop.learner.critic import resolve_critic_init
         from rlloop.learner.group import LearnerGroup
 
         cfg = self.cfg
-        c, rw = cfg.algo.critic, cfg.reward
-        try:
-            init = resolve_critic_init(
-                c.init, c.output, policy_path=self.model_path, prm_path=rw.prm.path, qrm_path=rw.qrm.path
-            )
-        except ValueError as err:
-            raise RlloopError(str(err)) from err
+        c, init = cfg.algo.critic, self.critic_init
         learner_cfg = to_dict(cfg.learner) | {
             "world_size": c.world_size,
             "lr": c.lr,

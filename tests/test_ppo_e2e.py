@@ -25,12 +25,13 @@ def _train_rows(out) -> list[dict]:
 
 @pytest.mark.slow
 def test_ppo_with_a_prm_initialised_critic_trains_saves_and_resumes(tmp_path):
-    from rlloop.config import ModelConfig, TaskConfig
     from rlloop.models import resolve_model
     from rlloop.rewards.prm.model import HEAD_FILE, ValueHeadModel
+    from rlloop.train import compose_config
 
     # a PRM folder on the tiny policy's backbone with a non-zero head: the critic starts from it
-    policy = resolve_model(ModelConfig(name="tiny"), TaskConfig())
+    cfg = compose_config(["model=tiny"])
+    policy = resolve_model(cfg.model, cfg.task)  # the run's policy: the critic init shares its tokenizer
     torch.manual_seed(0)
     prm = ValueHeadModel.from_backbone(policy)
     torch.nn.init.normal_(prm.head.weight, std=0.2)
@@ -91,3 +92,41 @@ def test_ppo_with_a_prm_initialised_critic_trains_saves_and_resumes(tmp_path):
     rows = _train_rows(again)
     assert [r["step"] for r in rows] == [3, 4]
     assert [r["critic/version"] for r in rows] == [3.0, 4.0]
+
+
+@pytest.mark.slow
+def test_ppo_with_qrm_token_rewards_and_a_qrm_initialised_critic(tmp_path):
+    """Q-RM twice, as issue 6 asks: its per-token rewards (token fusion, std-normalised) go through GAE,
+    and the critic starts from the Q-RM's backbone and token head (linear V)."""
+    from rlloop.models import resolve_model
+    from rlloop.rewards.qrm.model import TokenQModel
+    from rlloop.train import compose_config
+
+    cfg = compose_config(["model=tiny"])
+    policy = resolve_model(cfg.model, cfg.task)  # the run's policy: the critic init shares its tokenizer
+    torch.manual_seed(0)
+    TokenQModel.from_backbone(policy).save_pretrained(str(tmp_path / "qrm"))
+    AutoTokenizer.from_pretrained(policy).save_pretrained(str(tmp_path / "qrm"))
+    out = tmp_path / "run"
+    proc = run_cli(
+        [
+            *TINY_RUN,
+            *LENGTH_REWARD,
+            "algo=ppo",
+            "reward=qrm",
+            f"reward.qrm.path={tmp_path / 'qrm'}",
+            "algo.critic.init=qrm",
+            "learner.world_size=1",
+            "trainer.eval_before=false",
+            "trainer.total_steps=2",
+            f"hydra.run.dir={out}",
+        ],
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "critic: qrm init from" in proc.stdout + proc.stderr and "linear output" in proc.stdout + proc.stderr
+    rows = _train_rows(out)
+    assert [r["critic/version"] for r in rows] == [1.0, 2.0]
+    for r in rows:
+        assert r["qrm/token_std"] > 0 and np.isfinite(r["critic/vf_loss"])
+        assert r["critic/values"] != 0  # the Q-RM head, not a zero head

@@ -48,9 +48,17 @@ class CriticInit:
 
 
 def resolve_critic_init(
-    init: str, output: str, *, policy_path: str, prm_path: str | None, qrm_path: str | None
+    init: str,
+    output: str,
+    *,
+    policy_path: str,
+    prm_path: str | None,
+    qrm_path: str | None,
+    policy_tokenizer: Any = None,
 ) -> CriticInit:
-    """algo.critic.init / .output -> CriticInit; errors name the key and what is missing."""
+    """algo.critic.init / .output -> CriticInit; errors name the key and what is missing. With
+    `policy_tokenizer`, a folder other than the policy must have the same tokenizer: the critic reads the
+    policy's token ids."""
     from rlloop.rewards.prm.model import has_value_head
     from rlloop.rewards.qrm.model import has_qrm_head
 
@@ -82,6 +90,19 @@ def resolve_critic_init(
         output = (_saved_critic_output(path) or "sigmoid") if kind == "prm" else "linear"
     if output not in OUTPUTS:
         raise ValueError(f"algo.critic.output={output!r}: choose auto, linear or sigmoid")
+    if policy_tokenizer is not None and path != policy_path:
+        from transformers import AutoTokenizer
+
+        from rlloop.rewards.qrm.service import check_same_tokenizer
+
+        check_same_tokenizer(
+            AutoTokenizer.from_pretrained(path),
+            policy_tokenizer,
+            f"critic init {path} (algo.critic.init={init})",
+            "the policy's",
+            "the critic reads the policy's token ids, so it must start from a model with the policy's "
+            "tokenizer (a PRM with another tokenizer can score steps, not serve as the critic)",
+        )
     return CriticInit(path, kind, output)
 
 

@@ -75,6 +75,26 @@ def test_resolve_critic_init_names_what_is_missing(tiny_model_path, prm_path, tm
         resolve_critic_init("policy", "tanh", **kw)
 
 
+def test_a_critic_init_with_another_tokenizer_is_refused(tiny_model_path, prm_path, tmp_path):
+    """The critic reads the policy's token ids: a PRM folder with another tokenizer can score steps (text
+    offsets) but cannot be the critic; the error names the key and the folder."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from rlloop.learner.critic import resolve_critic_init
+
+    def tokenizer(words: list[str]):
+        vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+    tokenizer(["a", "b"]).save_pretrained(prm_path)
+    kw = {"policy_path": tiny_model_path, "prm_path": prm_path, "qrm_path": None}
+    assert resolve_critic_init("prm", "auto", **kw, policy_tokenizer=tokenizer(["a", "b"])).kind == "prm"
+    with pytest.raises(ValueError, match=r"algo.critic.init=prm.*tokenizers differ.*critic reads the policy"):
+        resolve_critic_init("prm", "auto", **kw, policy_tokenizer=tokenizer(["a", "c"]))
+
+
 def test_critic_from_a_prm_reads_its_values_and_learns_toward_returns(prm_path, dist_port, tmp_path):
     """The TD-PRM as critic: its values are the PRM's sigmoid(head) at the previous token; a few clipped
     value steps move them toward the returns; the saved critic loads as a PRM folder with the same values."""

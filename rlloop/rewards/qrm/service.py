@@ -148,15 +148,18 @@ class QRMScorer:
         return True
 
 
-def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
+def check_same_tokenizer(a, b, name_a: str, name_b: str, hint: str | None = None) -> None:
     """Raise ValueError unless tokenizers `a` and `b` map every token to the same id (and agree on EOS)."""
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb or a.eos_token_id != b.eos_token_id:
         diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
+        hint = hint or (
+            "the Q-RM scores the policy's token ids, so train it from the policy's backbone/tokenizer "
+            "(python -m rlloop.qrm_train model.path=<policy>)"
+        )
         raise ValueError(
             f"{name_a} and {name_b} tokenizers differ (vocab sizes {len(va)} vs {len(vb)}, eos "
-            f"{a.eos_token_id} vs {b.eos_token_id}, e.g. {diff}); the Q-RM scores the policy's token ids, "
-            "so train it from the policy's backbone/tokenizer (python -m rlloop.qrm_train model.path=<policy>)"
+            f"{a.eos_token_id} vs {b.eos_token_id}, e.g. {diff}); {hint}"
         )
 
 
