@@ -2,7 +2,7 @@
 and micro-batches packed under a token budget vs a fixed number of rows.
 
     python benchmarks/prm_scoring.py                       # tiny random Llama + BPE built on the fly
-    python benchmarks/prm_scoring.py --model PATH --trajectories 32 --steps 8
+    python benchmarks/prm_scoring.py --model PATH --trajectories 32 --steps 4 8 16
     python benchmarks/prm_scoring.py --batching-trajectories 96 --repeats 5   # the batching comparison
 
 Both methods use PRMScorer's batching (right padding, batches sorted by length); the per-prefix method
@@ -124,6 +124,54 @@ def batching_comparison(
     return result
 
 
+def compare_methods(scorer: PRMScorer, args: argparse.Namespace, steps: int) -> dict:
+    """One pass per trajectory vs one pass per prefix on `args.trajectories` trajectories of `steps` steps:
+    tokens each method feeds the model, best wall time of `args.repeats`, and their value agreement."""
+    prompts, responses = make_trajectories(args.trajectories, steps, args.words_per_step, seed=0)
+    prefix_prompts, prefix_responses, prefix_ends = [], [], []
+    for p, r in zip(prompts, responses, strict=True):
+        for _, end in split_steps(r):
+            prefix_prompts.append(p)
+            prefix_responses.append(r[:end])
+            prefix_ends.append([end])
+
+    def one_pass():
+        return scorer.score(prompts, responses)
+
+    def per_prefix():
+        return scorer.score(prefix_prompts, prefix_responses, prefix_ends)
+
+    timings = {}
+    for name, fn in [("one_pass", one_pass), ("per_prefix", per_prefix)]:
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - t0)
+        timings[name] = (best, out)
+
+    one = [v for res in timings["one_pass"][1] for v in res["step_values"]]
+    per = [res["step_values"][0] for res in timings["per_prefix"][1]]
+    max_diff = max(abs(a - b) for a, b in zip(one, per, strict=True))
+
+    def count(ps, rs):
+        return sum(len(scorer.encode(p, r).input_ids) for p, r in zip(ps, rs, strict=True))
+
+    tokens, prefix_tokens = count(prompts, responses), count(prefix_prompts, prefix_responses)
+    return {
+        "steps_per_trajectory": steps,
+        "tokens_per_trajectory": tokens / args.trajectories,
+        "one_pass_tokens": tokens,
+        "per_prefix_tokens": prefix_tokens,
+        "token_ratio": round(prefix_tokens / tokens, 2),
+        "one_pass_s": round(timings["one_pass"][0], 4),
+        "per_prefix_s": round(timings["per_prefix"][0], 4),
+        "speedup": round(timings["per_prefix"][0] / timings["one_pass"][0], 2),
+        "max_abs_value_diff": max_diff,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,7 +182,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--trajectories", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16], help="steps per trajectory, one row each")
     parser.add_argument("--words-per-step", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
@@ -165,50 +213,16 @@ def main() -> None:
         with torch.no_grad():  # a random head, so values differ between prefixes
             torch.manual_seed(0)
             scorer.model.head.weight.normal_(0.0, 0.5)
-        prompts, responses = make_trajectories(args.trajectories, args.steps, args.words_per_step, seed=0)
-
-        prefix_prompts, prefix_responses, prefix_ends = [], [], []
-        for p, r in zip(prompts, responses, strict=True):
-            for _, end in split_steps(r):
-                prefix_prompts.append(p)
-                prefix_responses.append(r[:end])
-                prefix_ends.append([end])
-
-        def one_pass():
-            return scorer.score(prompts, responses)
-
-        def per_prefix():
-            return scorer.score(prefix_prompts, prefix_responses, prefix_ends)
-
-        timings = {}
-        for name, fn in [("one_pass", one_pass), ("per_prefix", per_prefix)]:
-            fn()  # warm-up
-            best = float("inf")
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                out = fn()
-                best = min(best, time.perf_counter() - t0)
-            timings[name] = (best, out)
-
-        one = [v for res in timings["one_pass"][1] for v in res["step_values"]]
-        per = [res["step_values"][0] for res in timings["per_prefix"][1]]
-        max_diff = max(abs(a - b) for a, b in zip(one, per, strict=True))
-        tokens = sum(len(scorer.encode(p, r).input_ids) for p, r in zip(prompts, responses, strict=True))
         result = {
             "model": args.model or f"tiny-llama h{args.hidden} L{args.layers}",
             "device": args.device,
             "threads": args.threads,
             "trajectories": args.trajectories,
-            "steps_per_trajectory": args.steps,
-            "tokens_per_trajectory": tokens / args.trajectories,
-            "one_pass_s": round(timings["one_pass"][0], 4),
-            "per_prefix_s": round(timings["per_prefix"][0], 4),
-            "speedup": round(timings["per_prefix"][0] / timings["one_pass"][0], 2),
-            "max_abs_value_diff": max_diff,
+            "by_steps": [compare_methods(scorer, args, steps) for steps in args.steps],
         }
         if args.batching_trajectories:
             result["batching"] = batching_comparison(
-                scorer, args.batching_trajectories, 2 * args.steps, args.words_per_step, args.repeats
+                scorer, args.batching_trajectories, 2 * args.steps[0], args.words_per_step, args.repeats
             )
     print(json.dumps(result, indent=2))
     if args.out:
