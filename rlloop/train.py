@@ -63,7 +63,8 @@ def preflight(cfg: Any, run_dir: str | None = None) -> None:
         _check_model_folder(resolve_model(cfg.model, cfg.task), key, tokenizer=False)
     prm = cfg.reward.prm
     if prm.enabled and prm.path:
-        _check_model_folder(prm.path, "reward.prm.path", tokenizer=False)
+        # the PRM service tokenizes with the PRM folder's own tokenizer (steps map through text offsets)
+        _check_model_folder(prm.path, "reward.prm.path")
     out_dir = cfg.output_dir or run_dir
     resume = None
     if cfg.trainer.resume and (out_dir or cfg.trainer.resume != "auto"):

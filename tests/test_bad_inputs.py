@@ -76,6 +76,11 @@ CASES = [
     ("config.json not JSON", ["model.path={models}/bad_json"], ["bad_json", "not valid JSON"]),
     ("model without weights", ["model.path={models}/no_weights"], ["no_weights", "no weights"]),
     ("missing PRM dir", ["reward=tdrm", "reward.prm.path={models}/no_prm"], ["reward.prm.path", "no_prm"]),
+    (
+        "PRM without a tokenizer",
+        ["reward=tdrm", "reward.prm.path={models}/no_tokenizer"],
+        ["reward.prm.path", "no_tokenizer", "tokenizer"],
+    ),
     # ---- reward-function paths ---------------------------------------------------------------
     (
         "custom fn module missing",
@@ -156,6 +161,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (models / "no_config" / "model.safetensors").write_bytes(b"x")
     (models / "bad_json").mkdir()
     (models / "bad_json" / "config.json").write_text("{")
+    (models / "no_tokenizer").mkdir()  # config and weights, but no tokenizer files
+    (models / "no_tokenizer" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (models / "no_tokenizer" / "model.safetensors").write_bytes(b"x")
     (models / "no_weights").mkdir()
     (models / "no_weights" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (code / "bad_rewards.py").write_text("SCORE = 1.0\n\n\ndef two_args(text, answer):\n    return 1.0\n")
