@@ -133,6 +133,17 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(
             f"prm.path={cfg.prm.path}: no such folder (train one with python -m rlloop.prm_train)"
         )
+    if cfg.prm.path and not cfg.prm.tokenizer_path:
+        # the PRM tokenizes with its own tokenizer unless prm.tokenizer_path says otherwise
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(cfg.prm.path)
+        except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+            raise ConfigError(
+                f"prm.path={cfg.prm.path}: cannot load its tokenizer ({type(err).__name__}); a PRM folder from "
+                "python -m rlloop.prm_train has one, or set prm.tokenizer_path"
+            ) from None
 
 
 # ----- backends: where generation and scoring run ------------------------------------------------

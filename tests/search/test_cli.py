@@ -172,3 +172,15 @@ def test_cli_bad_prm_path_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "prm.path=/nonexistent/prm" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_cli_prm_folder_without_tokenizer_is_one_clear_error(tmp_path):
+    (tmp_path / "prm").mkdir()  # a folder, but nothing to tokenize with
+    proc = run_cli(
+        ["model=tiny", "ray=false", "num_problems=1", f"prm.path={tmp_path / 'prm'}", f"output_dir={tmp_path}"],
+        module="rlloop.search",
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "cannot load its tokenizer" in proc.stdout + proc.stderr and "prm.tokenizer_path" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
