@@ -510,6 +510,12 @@ class Trainer:
         outcome = torch.tensor([ro.outcome["correct"] for ro in rollouts], dtype=torch.float32)
         metrics: dict[str, float] = {}
         values = None if batch.values is None else torch.from_numpy(batch.values)  # the critic's (gae)
+
+        def advantages(token_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return compute_advantages(
+                a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
+            )
+
         if a.overlong_buffer > 0:
             lengths = torch.tensor([len(ro.response_ids) for ro in rollouts])
             penalty = overlong_penalty(
@@ -529,49 +535,26 @@ class Trainer:
                 outcome, prm_value, w_rule=rw.w_rule, w_prm=rw.w_prm, g=rw.prm.g, metrics=metrics
             )
             token_rewards = place_on_last_token(total, mask)
-            adv, ret = compute_advantages(
-                a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
-            )
+            adv, ret = advantages(token_rewards)
         elif rw.fusion == "step":
             if steps is None:
                 raise RlloopError("reward.fusion=step needs the PRM: set reward.prm.enabled=true")
             positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
+            step_args = (outcome, steps["values"], positions * steps["mask"].long(), steps["mask"], mask, group_ids)
+            step_kw = {
+                "w_rule": rw.w_rule,
+                "w_prm": rw.w_prm,
+                "gamma": a.gamma,
+                "process": rw.step_process,
+                "prompt_value": steps["prompt_value"],
+                "metrics": metrics,
+            }
             if values is not None:  # gae: raw step rewards as token rewards, credited through the critic
-                token_rewards = step_token_rewards(
-                    outcome,
-                    steps["values"],
-                    positions * steps["mask"].long(),
-                    steps["mask"],
-                    mask,
-                    group_ids,
-                    w_rule=rw.w_rule,
-                    w_prm=rw.w_prm,
-                    gamma=a.gamma,
-                    process=rw.step_process,
-                    prompt_value=steps["prompt_value"],
-                    metrics=metrics,
-                )
-                adv, ret = compute_advantages(
-                    a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
-                )
+                token_rewards = step_token_rewards(*step_args, **step_kw)
+                adv, ret = advantages(token_rewards)
                 total = token_rewards.sum(-1)
             else:
-                adv, ret = step_fusion(
-                    outcome,
-                    steps["values"],
-                    positions * steps["mask"].long(),
-                    steps["mask"],
-                    mask,
-                    group_ids,
-                    w_rule=rw.w_rule,
-                    w_prm=rw.w_prm,
-                    gamma=a.gamma,
-                    process=rw.step_process,
-                    norm=rw.step_norm,
-                    prompt_value=steps["prompt_value"],
-                    eps=a.adv_eps,
-                    metrics=metrics,
-                )
+                adv, ret = step_fusion(*step_args, norm=rw.step_norm, eps=a.adv_eps, **step_kw)
                 token_rewards = place_on_last_token(outcome, mask)
                 total = outcome
         elif token_scores is None:
@@ -588,9 +571,7 @@ class Trainer:
                 token_norm=rw.token_norm,
                 metrics=metrics,
             )
-            adv, ret = compute_advantages(
-                a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
-            )
+            adv, ret = advantages(token_rewards)
             total = token_rewards.sum(-1)
         else:  # prime
             adv, ret = prime_advantages(
