@@ -10,12 +10,12 @@ import torch
 from .conftest import algo_cfg, learner_cfg, make_batch
 
 
-def critic(model_path: str, port: int, *, kind: str, output: str, lr: float = 1e-2, **algo):
+def critic(model_path: str, port: int, *, kind: str, output: str, lr: float = 1e-2, bf16: bool = False, **algo):
     from rlloop.learner.critic import CriticLearner
 
     return CriticLearner(
         model_path,
-        learner_cfg(lr=lr),
+        learner_cfg(lr=lr, bf16=bf16),
         algo_cfg(
             advantage="gae",
             critic={"init_path": model_path, "init_kind": kind, "output": output, "value_clip": 0.2},
@@ -160,3 +160,16 @@ def test_qrm_head_initialises_the_critic(tiny_model_path, tmp_path):
     ids = torch.randint(1, 200, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), qrm(ids))  # V(h) = s(h): the Q-RM's token scores
+
+
+def test_bf16_critic_step(prm_path, dist_port):
+    """learner.bf16 casts the engine's parameters, the value head included: a step still runs and the
+    values stay finite and in (0, 1) for a sigmoid critic."""
+    learner = critic(prm_path, dist_port, kind="prm", output="sigmoid", bf16=True, lr=1e-4)
+    batch = make_batch(num_rows=4, seed=5)
+    batch.values = learner.compute_values(batch)
+    batch.returns = batch.response_mask.copy()
+    metrics = learner.train_step(batch)
+    assert np.isfinite(metrics["critic/vf_loss"])
+    v = learner.compute_values(batch)[batch.response_mask.astype(bool)]
+    assert np.all((v > 0) & (v < 1))

@@ -118,7 +118,8 @@ class ValueHeadModel(nn.Module):
         """Value logits at every token: input_ids `[B, T]` -> `[B, T]` float32 (V = sigmoid)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.head(hidden.float()).squeeze(-1)
+        # float32 head (see the class doc) unless an engine cast it (DeepSpeed bf16 casts every parameter)
+        return self.head(hidden.to(self.head.weight.dtype)).float().squeeze(-1)
 
 
 def gather_positions(logits: torch.Tensor, positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
