@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlloop.learner.policy import PolicyLearner, micro_batch_weight, micro_slices, used_length
+from rlloop.learner.policy import PolicyLearner, micro_batch_weight, micro_slices, replace_dir, used_length
 from rlloop.rewards.prm.model import META_FILE
 
 logger = logging.getLogger(__name__)
@@ -249,10 +249,6 @@ class CriticLearner(PolicyLearner):
                 meta["value"] = "head(h) at every token, unbounded (a linear critic, not a probability)"
             with open(meta_path, "w") as f:
                 json.dump(meta, f, indent=2)
-            old = f"{path}.old-{os.getpid()}"
-            if os.path.exists(path):
-                os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, path)
         if dist.is_initialized() and self.world_size > 1:
             dist.barrier()

@@ -516,12 +516,17 @@ def _write_hf_folder(
     model.save_pretrained(tmp)
     if tokenizer_path is not None:
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(tmp)
+    replace_dir(tmp, path)
+    logger.info("saved policy to %s", path)
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Move the finished folder `tmp` to `path`, replacing an existing `path` only once `tmp` is whole."""
     old = f"{path}.old-{os.getpid()}"
     if os.path.exists(path):
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-    logger.info("saved policy to %s", path)
 
 
 def _is_tied(model: torch.nn.Module, key: str) -> bool:
