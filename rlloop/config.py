@@ -151,6 +151,9 @@ class RewardConfig:
     fusion: str = "outcome"  # outcome | step | token | prime
     w_rule: float = 1.0
     w_prm: float = 0.0
+    # added to the outcome when the verifier found an answer where it looks (its `format` score, e.g. a
+    # \boxed{}): a small shaping bonus that teaches a pretrained model the answer format (0 = off)
+    w_format: float = 0.0
     # fusion=token: weight of the per-token source (Q-RM, or the implicit PRM); fusion=prime: weight of
     # the implicit PRM's process advantage next to w_rule's outcome advantage
     w_token: float = 0.0

@@ -24,7 +24,7 @@ import torch
 
 from rlloop import checkpoint
 from rlloop.config import to_dict
-from rlloop.errors import RlloopError
+from rlloop.errors import ConfigError, RlloopError
 from rlloop.types import Batch, Rollout, Sample
 
 logger = logging.getLogger(__name__)
@@ -523,6 +523,10 @@ class Trainer:
             )
             outcome = outcome + penalty
             metrics["reward/overlong_penalty"] = float(penalty.mean())
+        if rw.w_format > 0:
+            bonus = rw.w_format * torch.tensor(format_scores(rollouts), dtype=torch.float32)
+            outcome = outcome + bonus
+            metrics["reward/format_bonus"] = float(bonus.mean())
         steps = self._step_tensors(rollouts, prm_out) if prm_out is not None else None
         if rw.fusion == "outcome":
             prm_value = None
@@ -1522,6 +1526,21 @@ def group_index(groups: list[str]) -> torch.Tensor:
     """Integer group ids [B] (in order of first appearance) for prompt uids."""
     index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
     return torch.tensor([index[g] for g in groups], dtype=torch.long)
+
+
+def format_scores(rollouts: list[Rollout]) -> list[float]:
+    """The verifier's `format` score of each rollout (1 when it found an answer where it looks).
+
+    A rollout the verifier could not score (timeout, crash) has none and gets 0. A batch in which no
+    rollout has one means the verifier never reports it (code, a custom function): reward.w_format needs
+    one that does, so that is an error naming a sample rather than a silent 0.
+    """
+    if rollouts and not any("format" in ro.outcome for ro in rollouts):
+        raise ConfigError(
+            f"reward.w_format > 0 but the verifier reports no `format` score (sample {rollouts[0].uid} "
+            f"has {sorted(rollouts[0].outcome)}); use the math or format verifier, or set reward.w_format=0"
+        )
+    return [float(ro.outcome.get("format", 0.0)) for ro in rollouts]
 
 
 def _extra_scores(rollouts: list[Rollout]) -> dict[str, float]:

@@ -94,6 +94,7 @@ def validate_config(cfg: Any) -> None:
     )
     _require(0 <= rw.w_prm <= 1, "reward.w_prm", rw.w_prm, "must be in [0, 1]")
     _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
+    _require(0 <= rw.w_format <= 1, "reward.w_format", rw.w_format, "must be in [0, 1]")
     _require(rw.w_prm == 0 or rw.prm.enabled, "reward.w_prm", rw.w_prm, "is > 0 but reward.prm.enabled=false")
     _require(rw.prm.g in ("logit", "sigmoid"), "reward.prm.g", rw.prm.g, "choose logit or sigmoid")
     _require(

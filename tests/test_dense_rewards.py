@@ -208,3 +208,33 @@ def test_prime_prompt_filter_drops_solved_and_unsolved_groups():
     assert stats["implicit_prm/filtered_frac"] == pytest.approx(0.5)
     off = _trainer("reward=prime", "reward.implicit_prm.prompt_filter=false")
     assert off._prime_filter(rollouts, None)[0] == rollouts
+
+
+# ------------------------------------------------------------------------------ reward.w_format
+
+
+def test_format_bonus_is_added_to_the_outcome():
+    """reward.w_format adds w * format to the outcome: three rows of one group, right / boxed but wrong /
+    no answer -> rewards 1.1, 0.1, 0.0 on the last tokens, group-normalised."""
+    trainer = _trainer("reward=rule", "reward.w_format=0.1")
+    rollouts = [_rollout("g/0", [1], [2], 1.0), _rollout("g/1", [1], [3], 0.0), _rollout("g/2", [1], [4], 0.0)]
+    for ro, fmt in zip(rollouts, [1.0, 1.0, 0.0]):
+        ro.outcome["format"] = fmt
+    batch = build_batch(rollouts, pad_id=0)
+    metrics = trainer.score(rollouts, batch, None)
+    np.testing.assert_allclose(batch.token_rewards[:, -1], [1.1, 0.1, 0.0], atol=1e-6)
+    assert metrics["reward/format_bonus"] == pytest.approx(0.2 / 3)
+    r = np.array([1.1, 0.1, 0.0])
+    np.testing.assert_allclose(batch.advantages[:, -1], (r - r.mean()) / (r.std(ddof=1) + 1e-6), atol=1e-4)
+
+
+def test_format_bonus_without_a_format_score_names_the_sample():
+    trainer = _trainer("reward=rule", "reward.w_format=0.1")
+    rollouts, batch, _ = _two_rollouts()  # outcome holds `correct` only (as from a custom verifier)
+    with pytest.raises(ConfigError, match=r"reward\.w_format > 0 .*sample g/0"):
+        trainer.score(rollouts, batch, None)
+
+
+def test_format_bonus_out_of_range_names_the_key():
+    with pytest.raises(ConfigError, match=r"config reward\.w_format=1\.5.*in \[0, 1\]"):
+        validate_config(_compose("reward=rule", "reward.w_format=1.5"))
