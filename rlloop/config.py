@@ -169,7 +169,7 @@ class RewardConfig:
 @dataclass
 class CriticConfig:
     """The value model of algo.advantage=gae (PPO): a DeepSpeed learner group of its own (rlloop.learner.critic),
-    sharing learner.zero_stage / bf16 / grad_clip. It is trained toward the GAE returns after every batch."""
+    sharing learner.zero_stage / bf16 / grad_clip / gradient_checkpointing. It is trained toward the GAE returns after every batch."""
 
     # policy: the policy's backbone + a zero head | prm: the PRM folder in reward.prm.path (the TD-PRM as
     # critic) | qrm: the Q-RM folder in reward.qrm.path (Q-RM as critic init) | a folder of any of these
@@ -224,6 +224,9 @@ class LearnerConfig:
     micro_batch_size: int = 16  # sequences per rank per forward/backward
     grad_clip: float = 1.0
     bf16: bool = False
+    # recompute each decoder layer's activations in the backward pass instead of keeping them: much less
+    # memory for ~30 % more compute (TRL's GRPOConfig default; rlloop's is off)
+    gradient_checkpointing: bool = False
     num_threads: int = 1  # torch threads per rank
     master_port: int = 0  # 0 = pick a free port
     # weight sync to the rollout workers (rlloop.distributed.weight_sync): buckets of this many MB

@@ -22,15 +22,28 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, start: int = 0
+) -> torch.Tensor:
     """log p(input_ids[:, t] | input_ids[:, :t]) from the logits of a causal LM.
 
-    logits [B, T, V], input_ids [B, T] -> [B, T] float32 with column 0 set to 0 (nothing predicts it).
+    logits [B, T - start, V] are those of positions start..T-1 (all of them when start = 0), input_ids
+    [B, T] -> [B, T] float32 with columns 0..start set to 0 (no logits predict them).
     Logits are divided by the sampling temperature first, as the rollout engine samples from them.
     """
     scaled = logits[:, :-1].float() / temperature
-    picked = torch.log_softmax(scaled, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(picked, (1, 0))
+    picked = torch.log_softmax(scaled, dim=-1).gather(-1, input_ids[:, start + 1 :, None]).squeeze(-1)
+    return torch.nn.functional.pad(picked, (start + 1, 0))
+
+
+def first_logit_position(response_mask: np.ndarray) -> int:
+    """The first position whose logits any row needs: one before the earliest response token (0 if none).
+
+    Rows hold their prompt, then their response (right-padded), so prompt tokens before this column
+    predict nothing that is trained on or compared: the LM head can skip them (logits_to_keep).
+    """
+    cols = np.flatnonzero(np.asarray(response_mask).any(axis=0))
+    return max(int(cols[0]) - 1, 0) if len(cols) else 0
 
 
 def micro_slices(num_rows: int, micro_batch_size: int) -> list[slice]:
@@ -154,6 +167,9 @@ class PolicyLearner:
 
         model = self._load_model(model_path)
         timings["load model"] = time.perf_counter()
+        gc_layers = 0
+        if self.learner_cfg.get("gradient_checkpointing", False):
+            gc_layers = enable_gradient_checkpointing(model)
         self.hf_config = model.config
         self.ref_model: torch.nn.Module | None = None
         if self.algo_cfg.get("use_ref", False):
@@ -179,6 +195,8 @@ class PolicyLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         # Dropout off in every forward, so logprobs of the update match the old/ref logprobs at ratio 1.
         self.engine.eval()
+        if gc_layers:
+            checkpoint_in_eval_mode(model)
         timings["deepspeed.initialize"] = time.perf_counter()
         phases = list(timings)
         # seconds per init phase, for the group's start-up log
@@ -186,13 +204,15 @@ class PolicyLearner:
             b: round(timings[b] - timings[a], 2) for a, b in zip(phases, phases[1:], strict=False)
         }
         logger.info(
-            "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s, phases %s",
+            "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s, "
+            "gradient checkpointing %s, phases %s",
             rank,
             world_size,
             self.zero_stage,
             self.micro_batch_size,
             grad_accum,
             ds_config["bf16"]["enabled"],
+            f"{gc_layers} layers" if gc_layers else "off",
             self.init_timings,
         )
 
@@ -225,22 +245,33 @@ class PolicyLearner:
         att = torch.tensor(batch.attention_mask[rows, :num_cols], dtype=torch.long, device=self.device)
         return ids, att, num_cols
 
-    def _forward(self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, attention_mask=att, use_cache=False).logits
+    def _forward(
+        self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor, int]:
+        """(logits of positions start..T-1, start). The LM head and the softmax over the vocabulary run
+        only where a response token is predicted (HF `logits_to_keep`); a model without that argument
+        gets logits everywhere and start 0."""
+        if start > 0 and _keeps_logits(model):
+            out = model(input_ids=ids, attention_mask=att, use_cache=False, logits_to_keep=ids.shape[1] - start)
+            return out.logits, start
+        return model(input_ids=ids, attention_mask=att, use_cache=False).logits, 0
 
     def compute_logprobs(self, batch: Any, which: str = "policy") -> np.ndarray:
         """Per-token logprobs of `batch.input_ids` under the policy or the reference model.
 
-        Returns float32 [B, T], aligned with input_ids; 0 at column 0 and on padding. Micro-batched, no
-        grad. Under ZeRO-3 every rank must call this together with the same number of rows.
+        Returns float32 [B, T], aligned with input_ids: the logprob of every response token
+        (batch.response_mask), 0 on prompt and padding columns. The LM head runs only from the
+        micro-batch's earliest response token on. Micro-batched, no grad. Under ZeRO-3 every rank must call this together with the same number of rows.
         """
         model = self._model(which)
         out = np.zeros(batch.input_ids.shape, dtype=np.float32)
         with torch.no_grad():
             for rows in micro_slices(len(batch), self.micro_batch_size):
                 ids, att, num_cols = self._inputs(batch, rows)
-                logprobs = token_logprobs(self._forward(model, ids, att), ids, self.temperature) * att
-                out[rows, :num_cols] = logprobs.cpu().numpy()
+                start = first_logit_position(batch.response_mask[rows, :num_cols])
+                logits, start = self._forward(model, ids, att, start)
+                logprobs = token_logprobs(logits, ids, self.temperature, start).cpu().numpy()
+                out[rows, :num_cols] = logprobs * batch.response_mask[rows, :num_cols]
         return out
 
     # ------------------------------------------------------------------ update
@@ -301,8 +332,9 @@ class PolicyLearner:
                 ids, att, n = self._inputs(batch, rows)
                 micro_mask = mask[rows, :n].to(self.device)
                 token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
-                logits = self._forward(self.engine, ids, att)
-                logprobs = token_logprobs(logits, ids, self.temperature)
+                start = first_logit_position(batch.response_mask[rows, :n])
+                logits, start = self._forward(self.engine, ids, att, start)
+                logprobs = token_logprobs(logits, ids, self.temperature, start)
                 old = logprobs.detach() if fused_old else arr(batch.old_logprobs, rows, n)
                 if batch.rollout_logprobs is not None:
                     # learner vs rollout engine on the sampled tokens (the controller's
@@ -326,7 +358,7 @@ class PolicyLearner:
                 # Entropy of the sampling distribution at each position (column t predicts token t).
                 with torch.set_grad_enabled(entropy_coef != 0.0):
                     ent_mat = torch.nn.functional.pad(
-                        entropy_from_logits(logits[:, :-1].float() / self.temperature), (1, 0)
+                        entropy_from_logits(logits[:, :-1].float() / self.temperature), (start + 1, 0)
                     )
                     entropy = aggregate_loss(ent_mat, micro_mask, loss_agg)
                 if entropy_coef != 0.0:
@@ -490,6 +522,47 @@ class PolicyLearner:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'state') to resume from")
         self._version = int(client.get("version", 0))
         return self._version
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Turn on HF gradient checkpointing (non-reentrant) in `model` or the HF model inside it (a value
+    model's backbone); returns the number of checkpointed layers. A model without support is an error."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    hf = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
+    if hf is None or not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"learner.gradient_checkpointing=true: {type(model).__name__} does not support gradient checkpointing"
+        )
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(
+            f"learner.gradient_checkpointing=true: {type(hf).__name__} has no checkpointable layers"
+        )
+    return len(layers)
+
+
+def checkpoint_in_eval_mode(model: torch.nn.Module) -> None:
+    """HF checkpoints a layer only in training mode; the learner runs in eval mode (no dropout, so the
+    update's logprobs equal the old ones at ratio 1). Mark just the checkpointed layers as training: their
+    children (attention, MLP, any dropout) stay in eval mode, so the recomputation is exact."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.training = True
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the (DeepSpeed-wrapped) HF model's forward takes `logits_to_keep`."""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

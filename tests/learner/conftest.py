@@ -82,7 +82,8 @@ def make_batch(num_rows: int = 5, max_len: int = 16, seed: int = 0) -> Batch:
 
 
 def hf_logprobs(model_path: str, batch: Batch, temperature: float = 1.0) -> np.ndarray:
-    """Obviously-correct reference: one unbatched HF forward per row, a Python loop over positions."""
+    """Obviously-correct reference: one unbatched HF forward per row, a Python loop over the response
+    positions (what compute_logprobs returns; 0 on prompt and padding)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +95,8 @@ def hf_logprobs(model_path: str, batch: Batch, temperature: float = 1.0) -> np.n
             ids = torch.as_tensor(batch.input_ids[b : b + 1, :length])
             logp = torch.log_softmax(model(input_ids=ids).logits[0].double() / temperature, dim=-1)
             for t in range(1, length):
-                out[b, t] = float(logp[t - 1, ids[0, t]])
+                if batch.response_mask[b, t] > 0:
+                    out[b, t] = float(logp[t - 1, ids[0, t]])
     return out
 
 

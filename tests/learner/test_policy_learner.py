@@ -27,7 +27,7 @@ def test_policy_learner_end_to_end(tiny_model_path, dist_port, tmp_path):
     assert old.shape == batch.input_ids.shape and old.dtype == np.float32
     np.testing.assert_allclose(old, expected, atol=1e-5)
     np.testing.assert_allclose(ref, expected, atol=1e-5)
-    assert np.all(old[:, 0] == 0) and np.all(old[batch.attention_mask == 0] == 0)
+    assert np.all(old[batch.response_mask == 0] == 0)
 
     before = learner.full_state_dict()
     hf_keys = set(AutoModelForCausalLM.from_pretrained(tiny_model_path).state_dict())
@@ -117,6 +117,65 @@ def test_one_epoch_update_takes_old_logprobs_from_its_own_forward(tiny_model_pat
     batch.old_logprobs = None
     with pytest.raises(ValueError, match="old_logprobs is None with ppo_epochs=2"):
         learner.train_step(batch)
+
+
+def test_lm_head_on_response_positions_only_gives_the_same_update(tiny_model_path, dist_port, monkeypatch):
+    """The learner asks the model for logits from the earliest response token on (logits_to_keep): the
+    same logprobs, metrics and step as logits at every position (a model without logits_to_keep)."""
+    import rlloop.learner.policy as policy
+
+    batch = make_batch(num_rows=4, seed=4)
+    batch.response_mask[:, :4] = 0  # prompts of 4+ tokens: the LM head skips at least 3 positions
+    assert policy.first_logit_position(batch.response_mask) >= 3
+    algo = algo_cfg(kl_coef=0.1, entropy_coef=0.01)
+    results = []
+    for keeps in (True, False):
+        monkeypatch.setattr(policy, "_keeps_logits", lambda model, keeps=keeps: keeps)
+        learner = inprocess_learner(tiny_model_path, dist_port, algo=algo, micro_batch_size=2)
+        assert policy._keeps_logits(learner.engine) is keeps
+        old = learner.compute_logprobs(batch)
+        batch.old_logprobs, batch.ref_logprobs = old, old - 0.1 * batch.response_mask
+        results.append((old, learner.train_step(batch), learner.full_state_dict()))
+    monkeypatch.undo()
+    assert policy._keeps_logits(learner.engine)  # the tiny Llama takes logits_to_keep
+    (lp_k, m_k, w_k), (lp_f, m_f, w_f) = results
+    np.testing.assert_allclose(lp_k, lp_f, atol=1e-6)
+    np.testing.assert_allclose(lp_k, hf_logprobs(tiny_model_path, batch, temperature=0.7), atol=1e-5)
+    for key in ("actor/pg_loss", "actor/kl_ref", "actor/entropy", "actor/ppo_kl", "actor/grad_norm"):
+        assert m_k[key] == pytest.approx(m_f[key], rel=1e-5, abs=1e-7), key
+    for key in w_k:
+        np.testing.assert_allclose(w_k[key], w_f[key], atol=2e-5, err_msg=key)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_path, dist_port):
+    """learner.gradient_checkpointing recomputes each layer in the backward pass (in the learner's eval
+    mode, so without dropout): the same logprobs, metrics and step as keeping the activations."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    batch = make_batch(num_rows=4, seed=5)
+    algo = algo_cfg(kl_coef=0.1, entropy_coef=0.01)
+    results = []
+    for gc in (False, True):
+        learner = inprocess_learner(tiny_model_path, dist_port, algo=algo, gradient_checkpointing=gc)
+        layers = [m for m in learner.engine.module.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert layers and all(m.gradient_checkpointing is gc for m in layers)
+        if gc:  # checkpointing runs only in training mode: the layers are, their children are not
+            assert all(m.training for m in layers) and not any(c.training for m in layers for c in m.children())
+        old = learner.compute_logprobs(batch)
+        batch.old_logprobs, batch.ref_logprobs = old, old - 0.1 * batch.response_mask
+        calls, mlp = [], layers[0].mlp
+        forward = mlp.forward  # (module hooks do not fire in the recomputation: count the calls)
+        mlp.forward = lambda *a, calls=calls, forward=forward, **k: (calls.append(1), forward(*a, **k))[1]
+        results.append((old, learner.train_step(batch), learner.full_state_dict()))
+        del mlp.forward
+        # 2 micro-batches: the MLP runs once each, and once more in the backward when checkpointed
+        assert len(calls) == (4 if gc else 2)
+    (lp0, m0, w0), (lp1, m1, w1) = results
+    np.testing.assert_allclose(lp1, lp0, atol=1e-6)
+    for key in ("actor/pg_loss", "actor/kl_ref", "actor/entropy", "actor/ppo_kl", "actor/grad_norm"):
+        assert m1[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-7), key
+    for key in w0:
+        np.testing.assert_allclose(w1[key], w0[key], atol=2e-5, err_msg=key)
 
 
 def test_bf16_step(tiny_model_path, dist_port):

@@ -1,0 +1,135 @@
+"""One GRPO update of the policy learner: the LM head on response positions only (`logits_to_keep`, what
+rlloop does) vs logits at every position (what it did before), in one run, arms alternating.
+
+    python benchmarks/learner_step.py --model smollm2 --rows 32 --prompt-len 70 --response-len 128
+    python benchmarks/learner_step.py --model tiny --rows 8 --prompt-len 20 --response-len 16 --rounds 1
+
+Each arm runs in a fresh subprocess (so its peak RSS is its own): a PolicyLearner at world size 1 (ZeRO-2,
+the thread count of --threads), one warm-up step, then --steps timed `train_step`s over the same batch
+(rows of prompt-len +- 10 % prompt tokens then response-len response tokens, random token ids,
+advantages +-1, micro-batches of --micro-batch rows, fused old logprobs as in the default run).
+Prints per arm the median step time, the peak RSS of the process and the ratios to the first arm.
+Arms: all-positions (logits everywhere), response-only (the default), response-only+gc (with
+learner.gradient_checkpointing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ARMS = ("all-positions", "response-only", "response-only+gc")
+
+
+def worker(args) -> None:
+    import numpy as np
+    import torch
+
+    import rlloop.learner.policy as policy
+    from rlloop.models import resolve_model
+    from rlloop.types import Batch
+
+    if args.worker == "all-positions":
+        policy._keeps_logits = lambda model: False  # the learner before logits_to_keep
+    from hydra import compose, initialize_config_dir
+
+    from rlloop.config import register_configs
+
+    register_configs()
+    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"model={args.model}"])
+    path = resolve_model(cfg.model, cfg.task)
+    rng = np.random.default_rng(0)
+    vocab = int(json.load(open(os.path.join(path, "config.json")))["vocab_size"])
+    T = int(args.prompt_len * 1.1) + args.response_len
+    ids = np.zeros((args.rows, T), dtype=np.int64)
+    att = np.zeros_like(ids)
+    resp = np.zeros((args.rows, T), dtype=np.float32)
+    for b in range(args.rows):
+        p = int(rng.integers(int(args.prompt_len * 0.9), int(args.prompt_len * 1.1) + 1))
+        ids[b, : p + args.response_len] = rng.integers(1, vocab, size=p + args.response_len)
+        att[b, : p + args.response_len] = 1
+        resp[b, p : p + args.response_len] = 1.0
+    adv = np.where(np.arange(args.rows)[:, None] % 2 == 0, 1.0, -1.0).astype(np.float32) * resp
+    batch = Batch(input_ids=ids, attention_mask=att, response_mask=resp, advantages=adv, returns=adv.copy(), rollout_logprobs=None)
+    learner = policy.PolicyLearner(
+        path,
+        {
+            "world_size": 1, "zero_stage": 2, "lr": 1e-6, "weight_decay": 0.0, "betas": [0.9, 0.99],
+            "micro_batch_size": args.micro_batch, "grad_clip": 1.0, "bf16": False, "num_threads": args.threads,
+            "master_port": 0, "gradient_checkpointing": args.worker.endswith("+gc"),
+        },
+        {
+            "name": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_low": 0.2, "clip_high": 0.2,
+            "clip_ratio_c": 3.0, "loss_agg": "token-mean", "kl_coef": 0.0, "entropy_coef": 0.0,
+            "use_ref": False, "tis_cap": None, "ppo_epochs": 1,
+        },
+        rank=0, world_size=1, master_addr="127.0.0.1", master_port=args.port, temperature=1.0,
+        train_batch_size=args.rows,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    learner.train_step(batch)  # warm-up
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        learner.train_step(batch)
+        times.append(time.perf_counter() - t0)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps({"arm": args.worker, "times": times, "peak_rss_gb": peak_gb}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=70)
+    ap.add_argument("--response-len", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--port", type=int, default=29571)
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"some of {','.join(ARMS)}")
+    ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        sys.exit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for r in range(args.rounds):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            cmd = [sys.executable, __file__, "--worker", arm] + [
+                a for k, v in vars(args).items() if k not in ("worker", "arms") and v is not None
+                for a in (f"--{k.replace('_', '-')}", str(v))
+            ]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                sys.exit(f"{arm} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            res = json.loads(line[-1][len("RESULT ") :])
+            results[arm].append(res)
+            print(f"round {r} {arm}: steps {[round(t, 2) for t in res['times']]} s, peak RSS {res['peak_rss_gb']:.2f} GB")
+    med = {arm: statistics.median(t for res in results[arm] for t in res["times"]) for arm in arms}
+    rss = {arm: statistics.median(res["peak_rss_gb"] for res in results[arm]) for arm in arms}
+    print(f"\n{args.model}: {args.rows} rows x (~{args.prompt_len} prompt + {args.response_len} response), "
+          f"micro-batch {args.micro_batch}, {args.threads} threads")  # fmt: skip
+    base = arms[0]
+    print(f"| arm | step s (median) | peak RSS GB | step vs {base} | RSS vs {base} |\n|---|---|---|---|---|")
+    for arm in arms:
+        print(f"| {arm} | {med[arm]:.2f} | {rss[arm]:.2f} | {med[arm] / med[base]:.2f} | {rss[arm] / rss[base]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
