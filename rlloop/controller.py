@@ -207,9 +207,15 @@ class Trainer:
                     fingerprint=checkpoint.model_fingerprint(self.model_path),
                     total_steps=cfg.trainer.total_steps,
                 )
-        self._start_actors()
-        if self.resume_state is not None:
-            self._restore(self.resume_path, self.resume_state)
+        try:
+            self._start_actors()
+            if self.resume_state is not None:
+                self._restore(self.resume_path, self.resume_state)
+        except BaseException:
+            # the caller gets no Trainer to shut down: release what started (actors, placement groups),
+            # or a long-lived cluster (ray job submit) keeps those CPUs/GPUs reserved after this job fails
+            self.shutdown()
+            raise
 
     # ---------------------------------------------------------------- set-up
     def _start_actors(self) -> None:

@@ -115,6 +115,31 @@ def _compose(*overrides):
         return compose(config_name="config", overrides=[*TINY_RUN, *overrides])
 
 
+def test_a_failed_start_releases_its_placement_groups_and_actors(tmp_path, monkeypatch):
+    """An actor that fails after the placement groups exist (here the learner group) must not leave them
+    reserved: on a long-lived cluster the next job would wait for those CPUs forever."""
+    import ray
+    from ray.util import placement_group_table
+
+    from rlloop.learner import group
+
+    def broken(self, *args, **kwargs):
+        raise group.LearnerError("learner setup failed (injected)")
+
+    monkeypatch.setattr(group.LearnerGroup, "__init__", broken)
+    monkeypatch.syspath_prepend(FIXTURES)
+    with pytest.raises(group.LearnerError, match="injected"):
+        _trainer(tmp_path, "trainer.eval_before=false")
+    assert ray.is_initialized()
+    live = {k: v["name"] for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+    assert live == {}, live
+    # every CPU is free again: no actor (rollout workers, PRM, verifiers) holds one (ray.kill is asynchronous)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] - 1e-6:
+        assert time.monotonic() < deadline, (ray.available_resources(), ray.cluster_resources())
+        time.sleep(0.5)
+
+
 @pytest.mark.parametrize("lost, max_restarts, attempts", [(True, 2, 3), (True, 0, 1), (False, 2, 1)])
 def test_restart_bound_and_only_for_a_lost_learner(tmp_path, monkeypatch, lost, max_restarts, attempts):
     """A dead/hung rank restarts the run at most trainer.max_restarts times; a rank that raised (every
