@@ -220,6 +220,7 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync
         f"trainer.total_steps={a.steps}", f"trainer.seed={a.seed}",
         "trainer.eval_before=false", "trainer.eval_every=0", "trainer.save_final=false",
         "logger=[jsonl]", f"hydra.run.dir={run_dir}",
+        f"learner.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
         *MODES[mode],
         *a.rlloop_override,
     ]  # fmt: skip
@@ -244,6 +245,8 @@ def run_trl(a, run_dir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--out", str(run_dir)]
     for key in ("model", "prompts_per_step", "n", "max_new_tokens", "temperature", "lr", "steps", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
+    if a.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     wall, sampler, rc = _run_measured(cmd, run_dir.with_suffix(".log"), a.timeout_s)
     metrics = run_dir / "metrics.jsonl"
     steps = (
@@ -336,7 +339,8 @@ def trl_worker(a) -> None:
         epsilon=0.2,
         scale_rewards="group",
         num_iterations=1,
-        gradient_checkpointing=False,  # rlloop does not checkpoint; GRPOConfig's default is True
+        # GRPOConfig's default is True; both sides the same (--gradient-checkpointing, off by default)
+        gradient_checkpointing=a.gradient_checkpointing,
         max_steps=a.steps,
         logging_steps=1,
         report_to=[],
@@ -472,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="extra Hydra override for rlloop (repeatable), e.g. task.num_test=4 to shorten its final eval",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both systems recompute activations in the backward (TRL's default; off: neither does)",
     )
     p.add_argument("--timeout-s", type=float, default=3600)
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)

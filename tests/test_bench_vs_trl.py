@@ -33,7 +33,7 @@ def test_vs_trl_tiny_both_systems_both_modes(tmp_path: Path) -> None:
         sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"),
         "--model", "tiny", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "8",
         "--steps", "2", "--runs", "1", "--systems", "rlloop,trl", "--modes", "sync,async", "--out", str(out),
-        "--timeout-s", "500",
+        "--timeout-s", "500", "--gradient-checkpointing",  # both sides' checkpointing path, too
         # a short final eval and one verifier worker: this test checks the harness, not the speed
         "--rlloop-override", "task.num_test=4", "--rlloop-override", "reward.verifier.num_workers=1",
     ]  # fmt: skip
