@@ -10,7 +10,8 @@ the thread count of --threads), one warm-up step, then --steps timed `train_step
 advantages +-1, micro-batches of --micro-batch rows, fused old logprobs as in the default run).
 Prints per arm the median step time, the peak RSS of the process and the ratios to the first arm.
 Arms: all-positions (logits everywhere), response-only (the default), response-only+gc (with
-learner.gradient_checkpointing).
+learner.gradient_checkpointing), response-only+bf16 (learner.bf16: DeepSpeed bf16 weights and activations,
+fp32 master weights; on a CPU with avx512_bf16 the matmuls run in bf16).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 
-ARMS = ("all-positions", "response-only", "response-only+gc")
+ARMS = ("all-positions", "response-only", "response-only+gc", "response-only+bf16")
 
 
 def worker(args) -> None:
@@ -63,7 +64,7 @@ def worker(args) -> None:
         path,
         {
             "world_size": 1, "zero_stage": 2, "lr": 1e-6, "weight_decay": 0.0, "betas": [0.9, 0.99],
-            "micro_batch_size": args.micro_batch, "grad_clip": 1.0, "bf16": False, "num_threads": args.threads,
+            "micro_batch_size": args.micro_batch, "grad_clip": 1.0, "bf16": args.worker.endswith("+bf16"), "num_threads": args.threads,
             "master_port": 0, "gradient_checkpointing": args.worker.endswith("+gc"),
         },
         {
