@@ -225,7 +225,7 @@ class LearnerConfig:
     grad_clip: float = 1.0
     bf16: bool = False
     # recompute each decoder layer's activations in the backward pass instead of keeping them: much less
-    # memory for ~30 % more compute (TRL's GRPOConfig default; rlloop's is off)
+    # memory for one more forward per layer (TRL's GRPOConfig default; rlloop's is off)
     gradient_checkpointing: bool = False
     num_threads: int = 1  # torch threads per rank
     master_port: int = 0  # 0 = pick a free port

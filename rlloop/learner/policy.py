@@ -261,7 +261,8 @@ class PolicyLearner:
 
         Returns float32 [B, T], aligned with input_ids: the logprob of every response token
         (batch.response_mask), 0 on prompt and padding columns. The LM head runs only from the
-        micro-batch's earliest response token on. Micro-batched, no grad. Under ZeRO-3 every rank must call this together with the same number of rows.
+        micro-batch's earliest response token on. Micro-batched, no grad. Under ZeRO-3 every rank must
+        call this together with the same number of rows.
         """
         model = self._model(which)
         out = np.zeros(batch.input_ids.shape, dtype=np.float32)
