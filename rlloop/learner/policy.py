@@ -30,10 +30,11 @@ def token_logprobs(
     logits [B, T - start, V] are those of positions start..T-1 (all of them when start = 0), input_ids
     [B, T] -> [B, T] float32 with columns 0..start set to 0 (no logits predict them).
     Logits are divided by the sampling temperature first, as the rollout engine samples from them.
+    Chunked, with no vocabulary-sized temporaries (`rlloop.learner.logprobs`).
     """
-    scaled = logits[:, :-1].float() / temperature
-    picked = torch.log_softmax(scaled, dim=-1).gather(-1, input_ids[:, start + 1 :, None]).squeeze(-1)
-    return torch.nn.functional.pad(picked, (start + 1, 0))
+    from rlloop.learner.logprobs import sampled_logprobs
+
+    return sampled_logprobs(logits, input_ids, temperature, start, with_entropy=False)[0]
 
 
 def first_logit_position(response_mask: np.ndarray) -> int:
@@ -289,6 +290,7 @@ class PolicyLearner:
         """
         from rlloop.algos.kl import kl_penalty
         from rlloop.algos.losses import aggregate_loss, compute_policy_loss, entropy_from_logits
+        from rlloop.learner.logprobs import sampled_logprobs
 
         algo = self.algo_cfg
         ppo_epochs = int(algo.get("ppo_epochs", 1))
@@ -335,7 +337,9 @@ class PolicyLearner:
                 token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
                 start = first_logit_position(batch.response_mask[rows, :n])
                 logits, start = self._forward(self.engine, ids, att, start)
-                logprobs = token_logprobs(logits, ids, self.temperature, start)
+                logprobs, ent_mat = sampled_logprobs(
+                    logits, ids, self.temperature, start, with_entropy=entropy_coef == 0.0
+                )
                 old = logprobs.detach() if fused_old else arr(batch.old_logprobs, rows, n)
                 if batch.rollout_logprobs is not None:
                     # learner vs rollout engine on the sampled tokens (the controller's
@@ -356,14 +360,13 @@ class PolicyLearner:
                     tis_cap=tis_cap,
                 )
                 loss = pg_loss
-                # Entropy of the sampling distribution at each position (column t predicts token t).
-                with torch.set_grad_enabled(entropy_coef != 0.0):
+                # Entropy of the sampling distribution at each position (column t predicts token t):
+                # a metric from the chunked pass above, or, for the entropy bonus, differentiable.
+                if entropy_coef != 0.0:
                     ent_mat = torch.nn.functional.pad(
                         entropy_from_logits(logits[:, :-1].float() / self.temperature), (start + 1, 0)
                     )
-                    entropy = aggregate_loss(ent_mat, micro_mask, loss_agg)
-                if entropy_coef != 0.0:
-                    loss = loss - entropy_coef * entropy
+                    loss = loss - entropy_coef * aggregate_loss(ent_mat, micro_mask, loss_agg)
                 if batch.ref_logprobs is not None:
                     with torch.set_grad_enabled(kl_in_loss):
                         kl_mat = kl_penalty(
