@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlloop.learner.policy import PolicyLearner, micro_batch_weight, micro_slices, replace_dir, used_length
+from rlloop.learner.policy import (
+    PolicyLearner,
+    micro_batch_weight,
+    micro_slices,
+    optimizer_step,
+    replace_dir,
+    used_length,
+)
 from rlloop.rewards.prm.model import META_FILE
 
 logger = logging.getLogger(__name__)
@@ -211,10 +218,9 @@ class CriticLearner(PolicyLearner):
                 self.engine.backward(loss * (weight * loss_scale), scale_wrt_gas=False)
                 add("critic/vf_loss", m["vf_loss"] * weight)
                 add("critic/vf_clipfrac", m["vf_clipfrac"] * share)
-            self.engine.step()
+            grad_norm = optimizer_step(self.engine)
             self._version += 1
-            grad_norm = self.engine.get_global_grad_norm()
-            add("critic/grad_norm", float(grad_norm) if grad_norm is not None else float("nan"))
+            add("critic/grad_norm", grad_norm)
         sums["critic/lr"] = float(self.engine.get_lr()[0])
         return sums
 

@@ -139,6 +139,13 @@ class PolicyLearner:
         self.micro_batch_size = int(self.learner_cfg["micro_batch_size"])
         self.zero_stage = int(self.learner_cfg["zero_stage"])
         self._version = 0
+        if world_size == 1 and self.zero_stage > 0:
+            logger.warning(
+                "learner.zero_stage=%d at learner.world_size=1 partitions nothing and costs memory (a flat "
+                "fp32 copy of the weights, gradient buckets); learner.zero_stage=0 (preset learner=single) "
+                "takes the same steps",
+                self.zero_stage,
+            )
 
         os.environ.update(
             MASTER_ADDR=str(master_addr),
@@ -386,10 +393,9 @@ class PolicyLearner:
                     name = key if key.startswith("actor/") else f"actor/{key}"
                     if name != "actor/pg_loss":
                         add(name, float(value) * token_share)
-            self.engine.step()
+            grad_norm = optimizer_step(self.engine)
             self._version += 1
-            grad_norm = self.engine.get_global_grad_norm()
-            add("actor/grad_norm", float(grad_norm) if grad_norm is not None else float("nan"))
+            add("actor/grad_norm", grad_norm)
         sums["actor/lr"] = float(self.engine.get_lr()[0])
         return sums
 
@@ -526,6 +532,21 @@ class PolicyLearner:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'state') to resume from")
         self._version = int(client.get("version", 0))
         return self._version
+
+
+def optimizer_step(engine: Any) -> float:
+    """`engine.step()` at the accumulation boundary; returns the global gradient 2-norm before clipping
+    (nan if DeepSpeed keeps none). Without ZeRO in fp32 (stage 0) DeepSpeed clips the gradients itself
+    but keeps no norm: it is taken here first, over the (already all-reduced) gradients."""
+    own = None
+    if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        own = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = own
+    return float(norm) if norm is not None else float("nan")
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> int:

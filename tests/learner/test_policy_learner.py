@@ -231,3 +231,28 @@ def test_rank_loss_scales_recover_the_global_loss(loss_agg):
     assert np.mean([p * c for p, c in zip(per_rank, scales, strict=True)]) == pytest.approx(
         expected, rel=1e-5
     )
+
+
+def test_zero_stage_0_gives_the_zero2_update_and_resumes_from_its_checkpoint(tiny_model_path, dist_port, tmp_path):
+    """At world size 1 ZeRO partitions nothing: stage 0 (plain data parallel, no flat fp32 copies or
+    gradient buckets) takes the same steps as stage 2, and its checkpoint resumes the same run."""
+    batches = [make_batch(num_rows=4, seed=s) for s in (6, 7)]
+    runs = {}
+    for stage in (2, 0):
+        learner = inprocess_learner(tiny_model_path, dist_port, zero_stage=stage)
+        assert learner.zero_stage == stage
+        steps = []
+        for i, batch in enumerate(batches):
+            if stage == 0 and i == 1:  # save after the first step, resume in a fresh learner
+                learner.save_checkpoint(str(tmp_path / "ckpt"))
+                learner = inprocess_learner(tiny_model_path, dist_port, zero_stage=0)
+                assert learner.load_checkpoint(str(tmp_path / "ckpt")) == 1
+            batch.old_logprobs = learner.compute_logprobs(batch)
+            steps.append((learner.train_step(batch), learner.full_state_dict()))
+        runs[stage] = steps
+    for (m2, w2), (m0, w0) in zip(runs[2], runs[0], strict=True):
+        for key in ("actor/pg_loss", "actor/ppo_kl", "actor/grad_norm"):
+            assert m0[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-7), key
+        for key in w2:
+            np.testing.assert_allclose(w0[key], w2[key], atol=2e-5, err_msg=key)
+    assert not all(np.allclose(runs[0][1][1][k], runs[0][0][1][k]) for k in w2)  # the second step moved
