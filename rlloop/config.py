@@ -228,6 +228,10 @@ class LearnerConfig:
     # memory for one more forward per layer (TRL's GRPOConfig default; rlloop's is off)
     gradient_checkpointing: bool = False
     num_threads: int = 1  # torch threads per rank
+    # glibc malloc in each rank: blocks of this many MiB and more get their own mapping, given back to
+    # the OS when freed (rlloop.distributed.procmem). 0 = glibc's dynamic threshold, under which activation-
+    # sized tensors fragment the heap: faster, more RSS (benchmarks/RESULTS.md, "Learner memory")
+    malloc_mmap_threshold_mb: float = 0.0
     master_port: int = 0  # 0 = pick a free port
     # weight sync to the rollout workers (rlloop.distributed.weight_sync): buckets of this many MB
     # (float32), one call per bucket and worker; every call times out after sync_timeout_s

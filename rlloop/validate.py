@@ -71,6 +71,12 @@ def validate_config(cfg: Any) -> None:
     _require(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "must be 0, 1, 2 or 3")
     _require(lr.micro_batch_size >= 1, "learner.micro_batch_size", lr.micro_batch_size, "must be >= 1")
     _require(
+        lr.malloc_mmap_threshold_mb >= 0,
+        "learner.malloc_mmap_threshold_mb",
+        lr.malloc_mmap_threshold_mb,
+        "must be >= 0 (0 = glibc's dynamic threshold)",
+    )
+    _require(
         a.advantage in ADVANTAGES, "algo.advantage", a.advantage, f"unknown; choose from {sorted(ADVANTAGES)}"
     )
     _require(

@@ -52,6 +52,7 @@ def test_schema_rejects_unknown_keys_and_wrong_types(override, error, culprit):
         ("algo.policy_loss=nope", "algo.policy_loss"),
         ("rollout.temperature=0", "rollout.temperature"),
         ("learner.zero_stage=4", "learner.zero_stage"),
+        ("learner.malloc_mmap_threshold_mb=-1", "learner.malloc_mmap_threshold_mb"),
         ("trainer.total_steps=0", "trainer.total_steps"),
         ("logger=[console,tensorboard]", "logger"),
         ("reward.fusion=magic", "reward.fusion"),

@@ -15,3 +15,30 @@ def peak_rss_gb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024
     return peak * scale / 2**30
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def set_malloc_mmap_threshold(nbytes: int) -> bool:
+    """glibc `mallopt(M_MMAP_THRESHOLD, nbytes)` for this process: blocks of `nbytes` and more get their own
+    mapping, returned to the OS when freed. Under glibc's default the threshold is dynamic (it climbs to 32
+    MiB after large frees), so activation-sized tensors land on the heap and fragment it.
+
+    Affects allocations from now on (like the MALLOC_MMAP_THRESHOLD_ environment variable, which acts at
+    process start). False, and nothing changed, where the C library is not glibc.
+    """
+    if nbytes <= 0:
+        raise ValueError(f"malloc mmap threshold must be > 0 bytes, got {nbytes}")
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1

@@ -256,3 +256,16 @@ def test_zero_stage_0_gives_the_zero2_update_and_resumes_from_its_checkpoint(tin
         for key in w2:
             np.testing.assert_allclose(w0[key], w2[key], atol=2e-5, err_msg=key)
     assert not all(np.allclose(runs[0][1][1][k], runs[0][0][1][k]) for k in w2)  # the second step moved
+
+
+def test_learner_sets_the_malloc_threshold_it_is_given(tiny_model_path, dist_port, monkeypatch):
+    """learner.malloc_mmap_threshold_mb reaches glibc (the call itself: tests/distributed/test_procmem.py);
+    0 leaves glibc's dynamic threshold alone."""
+    import rlloop.distributed.procmem as procmem
+
+    calls = []
+    monkeypatch.setattr(procmem, "set_malloc_mmap_threshold", lambda n: calls.append(n) or True)
+    inprocess_learner(tiny_model_path, dist_port, malloc_mmap_threshold_mb=1.5)
+    assert calls == [int(1.5 * 2**20)]
+    inprocess_learner(tiny_model_path, dist_port, malloc_mmap_threshold_mb=0)
+    assert calls == [int(1.5 * 2**20)]
