@@ -4,14 +4,17 @@ rlloop does) vs logits at every position (what it did before), in one run, arms 
     python benchmarks/learner_step.py --model smollm2 --rows 32 --prompt-len 70 --response-len 128
     python benchmarks/learner_step.py --model tiny --rows 8 --prompt-len 20 --response-len 16 --rounds 1
 
-Each arm runs in a fresh subprocess (so its peak RSS is its own): a PolicyLearner at world size 1 (ZeRO-2,
-the thread count of --threads), one warm-up step, then --steps timed `train_step`s over the same batch
+Each arm runs in a fresh subprocess (so its peak RSS is its own): a PolicyLearner at world size 1 (the arm's ZeRO
+stage, the thread count of --threads), one warm-up step, then --steps timed `train_step`s over the same batch
 (rows of prompt-len +- 10 % prompt tokens then response-len response tokens, random token ids,
 advantages +-1, micro-batches of --micro-batch rows, fused old logprobs as in the default run).
 Prints per arm the median step time, the peak RSS of the process and the ratios to the first arm.
-Arms: all-positions (logits everywhere), response-only (the default), response-only+gc (with
-learner.gradient_checkpointing), response-only+bf16 (learner.bf16: DeepSpeed bf16 weights and activations,
-fp32 master weights; on a CPU with avx512_bf16 the matmuls run in bf16).
+Arms: a base, all-positions (logits everywhere) or response-only (the default), then '+'-joined modifiers:
+gc (learner.gradient_checkpointing), bf16 (learner.bf16: DeepSpeed bf16 weights and activations, fp32
+master weights; on a CPU with avx512_bf16 the matmuls run in bf16), zero0 / zero1 / zero2 (learner.zero_stage;
+ZeRO-2 when none is named), plainlp (log_softmax + gather and a separate entropy pass, as before the chunked
+`rlloop.learner.logprobs`), mmap1m (learner.malloc_mmap_threshold_mb=1: glibc mmaps blocks of 1 MiB and
+more; else glibc's dynamic threshold), e.g. response-only+gc+zero0+mmap1m.
 """
 
 from __future__ import annotations
@@ -26,6 +29,18 @@ import sys
 import time
 
 ARMS = ("all-positions", "response-only", "response-only+gc", "response-only+bf16")
+BASES = ("all-positions", "response-only")
+MODIFIERS = ("gc", "bf16", "zero0", "zero1", "zero2", "plainlp", "mmap1m")
+
+
+def parse_arm(arm: str) -> tuple[str, set[str]]:
+    """'response-only+gc+zero0' -> ('response-only', {'gc', 'zero0'}); SystemExit naming a bad part."""
+    base, *mods = arm.split("+")
+    if base not in BASES or any(m not in MODIFIERS for m in mods) or len(set(mods)) != len(mods):
+        sys.exit(f"--arms: bad arm {arm!r}: a base of {list(BASES)} then '+'-joined modifiers of {list(MODIFIERS)}")
+    if sum(m.startswith("zero") for m in mods) > 1:
+        sys.exit(f"--arms: arm {arm!r} names more than one ZeRO stage")
+    return base, set(mods)
 
 
 def worker(args) -> None:
@@ -36,7 +51,22 @@ def worker(args) -> None:
     from rlloop.models import resolve_model
     from rlloop.types import Batch
 
-    if args.worker == "all-positions":
+    base, mods = parse_arm(args.worker)
+    zero_stage = next((int(m[4:]) for m in mods if m.startswith("zero")), 2)
+    if "plainlp" in mods:  # the learner before the chunked logprobs: log_softmax + gather, entropy apart
+        import rlloop.learner.logprobs as logprobs_mod
+        from rlloop.algos.losses import entropy_from_logits
+
+        def plain(logits, input_ids, temperature=1.0, start=0, *, with_entropy=True):
+            z = logits[:, :-1].float() / temperature
+            picked = torch.log_softmax(z, dim=-1).gather(-1, input_ids[:, start + 1 :, None]).squeeze(-1)
+            with torch.no_grad():
+                ent = entropy_from_logits(logits[:, :-1].float() / temperature) if with_entropy else torch.zeros_like(picked)
+            pad = (start + 1, 0)
+            return torch.nn.functional.pad(picked, pad), torch.nn.functional.pad(ent, pad)
+
+        logprobs_mod.sampled_logprobs = plain
+    if base == "all-positions":
         policy._keeps_logits = lambda model: False  # the learner before logits_to_keep
     from hydra import compose, initialize_config_dir
 
@@ -63,9 +93,10 @@ def worker(args) -> None:
     learner = policy.PolicyLearner(
         path,
         {
-            "world_size": 1, "zero_stage": 2, "lr": 1e-6, "weight_decay": 0.0, "betas": [0.9, 0.99],
-            "micro_batch_size": args.micro_batch, "grad_clip": 1.0, "bf16": args.worker.endswith("+bf16"), "num_threads": args.threads,
-            "master_port": 0, "gradient_checkpointing": args.worker.endswith("+gc"),
+            "world_size": 1, "zero_stage": zero_stage, "lr": 1e-6, "weight_decay": 0.0, "betas": [0.9, 0.99],
+            "micro_batch_size": args.micro_batch, "grad_clip": 1.0, "bf16": "bf16" in mods, "num_threads": args.threads,
+            "master_port": 0, "gradient_checkpointing": "gc" in mods,
+            "malloc_mmap_threshold_mb": 1.0 if "mmap1m" in mods else 0.0,
         },
         {
             "name": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_low": 0.2, "clip_high": 0.2,
@@ -97,16 +128,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--port", type=int, default=29571)
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"some of {','.join(ARMS)}")
-    ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated; each a base "
+                    f"({'|'.join(BASES)}) then '+'-joined modifiers ({'|'.join(MODIFIERS)}; ZeRO-2 unless named)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
     arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown:
-        sys.exit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    for arm in arms:
+        parse_arm(arm)
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for r in range(args.rounds):
         for arm in arms if r % 2 == 0 else arms[::-1]:
@@ -115,6 +146,7 @@ def main() -> None:
                 for a in (f"--{k.replace('_', '-')}", str(v))
             ]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+            env.pop("MALLOC_MMAP_THRESHOLD_", None)  # glibc's default unless the arm says mmap1m
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not line:

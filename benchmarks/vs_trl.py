@@ -14,7 +14,8 @@ Measured per run:
   if they are not descendants); other people's Ray clusters on the machine do not. RSS summed over
   processes counts shared pages (torch's libraries) once per process, so peak_pss_gb (proportional set
   size, shared pages split between processes) is reported too; for TRL's single process they nearly agree.
-- per role (rlloop): peak summed RSS of processes grouped by title (`ray::LearnerActor` -> learner, ...).
+- per role (rlloop): peak summed RSS (and PSS) of processes grouped by title (`ray::LearnerActor` ->
+  learner, ...).
 - reward_last: mean reward of the last step's completions (rlloop `reward/total`, TRL `reward`).
 
 Usage (see benchmarks/RESULTS.md for the commands behind the published table):
@@ -82,6 +83,7 @@ class MemorySampler:
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_role: dict[str, int] = {}
+        self.peak_role_pss: dict[str, int] = {}
         self.max_procs = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -113,7 +115,7 @@ class MemorySampler:
     def sample(self) -> None:
         import psutil
 
-        rss_total, pss_total, roles = 0, 0, {}
+        rss_total, pss_total, roles, roles_pss = 0, 0, {}, {}
         procs = self._procs()
         for proc in procs:
             try:
@@ -124,11 +126,14 @@ class MemorySampler:
             pss_total += getattr(info, "pss", info.rss)
             role = _role(proc, self.root_pid)
             roles[role] = roles.get(role, 0) + info.rss
+            roles_pss[role] = roles_pss.get(role, 0) + getattr(info, "pss", info.rss)
         self.max_procs = max(self.max_procs, len(procs))
         self.peak_rss = max(self.peak_rss, rss_total)
         self.peak_pss = max(self.peak_pss, pss_total)
         for role, rss in roles.items():
             self.peak_role[role] = max(self.peak_role.get(role, 0), rss)
+        for role, pss in roles_pss.items():
+            self.peak_role_pss[role] = max(self.peak_role_pss.get(role, 0), pss)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -144,9 +149,11 @@ class MemorySampler:
 
 
 # ----------------------------------------------------------------------------------------------- runs
-def _run_measured(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[float, MemorySampler, int]:
+def _run_measured(
+    cmd: list[str], log_path: Path, timeout_s: float, extra_env: dict[str, str] | None = None
+) -> tuple[float, MemorySampler, int]:
     run_id = uuid.uuid4().hex
-    env = dict(os.environ, **{MARKER: run_id})
+    env = dict(os.environ, **{MARKER: run_id}, **(extra_env or {}))
     env = without_dist_env(env)  # each measured run is its own process group
     env.setdefault("WANDB_MODE", "disabled")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -191,6 +198,7 @@ def _summarise(
         "peak_pss_gb": sampler.peak_pss / 2**30,
         "max_procs": sampler.max_procs,
         "peak_rss_gb_by_role": {k: v / 2**30 for k, v in sorted(sampler.peak_role.items())},
+        "peak_pss_gb_by_role": {k: v / 2**30 for k, v in sorted(sampler.peak_role_pss.items())},
         "reward_last": steps[-1].get(reward_key, math.nan) if steps else math.nan,
         "step_times": step_times,
     }
@@ -208,7 +216,7 @@ def _summarise(
 MODES = {"sync": [], "async": ["trainer.async_mode=one_step", "trainer.max_staleness=1", "algo.tis_cap=2.0"]}
 
 
-def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync") -> dict:
+def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync", mmap1m: bool = False) -> dict:
     pn = a.prompts_per_step * a.n
     cmd = [
         sys.executable, "-m", "rlloop.train",
@@ -217,11 +225,14 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.temperature={a.temperature}",
         f"learner.lr={a.lr}", "algo.kl_coef=0", "algo.use_ref=false",  # TRL with beta=0 loads no reference
         f"learner.world_size={world_size}", f"learner.micro_batch_size={max(1, pn // world_size)}",
+        # one rank: no ZeRO partitioning (conf/learner/single.yaml); ZeRO-2 otherwise (conf/learner/zero2.yaml)
+        f"learner.zero_stage={0 if world_size == 1 else 2}",
         f"trainer.total_steps={a.steps}", f"trainer.seed={a.seed}",
         "trainer.eval_before=false", "trainer.eval_every=0", "trainer.save_final=false",
         "logger=[jsonl]", f"hydra.run.dir={run_dir}",
         f"learner.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
         *MODES[mode],
+        *(["learner.malloc_mmap_threshold_mb=1"] if mmap1m else []),
         *a.rlloop_override,
     ]  # fmt: skip
     wall, sampler, rc = _run_measured(cmd, run_dir.with_suffix(".log"), a.timeout_s)
@@ -234,27 +245,34 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync
     eval_s = sum(s.get("time/eval", 0.0) for s in steps)
     steps = [s for s in steps if "time/step" in s]
     name = f"rlloop-ws{world_size}" + ("" if reward == "rule" else f"-{reward}") + ("" if mode == "sync" else f"-{mode}")
+    name += "-mmap1m" if mmap1m else ""
     out = _summarise(name, wall, sampler, steps, "reward/total", a, eval_s)
     out["rc"] = rc
     out["log"] = str(run_dir.with_suffix(".log"))
     return out
 
 
-def run_trl(a, run_dir: Path) -> dict:
+# TRL as users run it, and with glibc's mmap threshold fixed at 1 MiB (for its one process the same as
+# rlloop's learner.malloc_mmap_threshold_mb=1, system rlloop-mmap1m): memory at equal allocator settings
+RLLOOP_SYSTEMS = ("rlloop", "rlloop-mmap1m")
+TRL_SYSTEMS = {"trl": {}, "trl-mmap1m": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
+
+
+def run_trl(a, run_dir: Path, system: str = "trl") -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--out", str(run_dir)]
     for key in ("model", "prompts_per_step", "n", "max_new_tokens", "temperature", "lr", "steps", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
     if a.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
-    wall, sampler, rc = _run_measured(cmd, run_dir.with_suffix(".log"), a.timeout_s)
+    wall, sampler, rc = _run_measured(cmd, run_dir.with_suffix(".log"), a.timeout_s, TRL_SYSTEMS[system])
     metrics = run_dir / "metrics.jsonl"
     steps = (
         [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if metrics.exists()
         else []
     )
-    out = _summarise("trl", wall, sampler, steps, "reward", a)
+    out = _summarise(system, wall, sampler, steps, "reward", a)
     out["rc"] = rc
     out["log"] = str(run_dir.with_suffix(".log"))
     return out
@@ -465,7 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--systems", default="rlloop,trl", help="comma list of rlloop, trl")
+    p.add_argument(
+        "--systems",
+        default="rlloop,trl",
+        help="comma list of rlloop, rlloop-mmap1m (learner.malloc_mmap_threshold_mb=1), trl, trl-mmap1m "
+        "(TRL with MALLOC_MMAP_THRESHOLD_=1 MiB)",
+    )
     p.add_argument("--world-sizes", default="1", help="rlloop learner.world_size values, e.g. 1,2")
     p.add_argument("--rewards", default="rule", help="rlloop reward configs, e.g. rule,tdrm")
     p.add_argument("--modes", default="sync", help="rlloop training modes: sync and/or async (one step off-policy)")
@@ -500,32 +523,36 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     systems = [s.strip() for s in a.systems.split(",") if s.strip()]
-    bad = set(systems) - {"rlloop", "trl"}
+    bad = set(systems) - {*RLLOOP_SYSTEMS, *TRL_SYSTEMS}
     if bad:
-        p.error(f"--systems: unknown {sorted(bad)}; use rlloop and/or trl")
+        p.error(f"--systems: unknown {sorted(bad)}; use some of {', '.join([*RLLOOP_SYSTEMS, *TRL_SYSTEMS])}")
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if set(modes) - set(MODES):
         p.error(f"--modes: unknown {sorted(set(modes) - set(MODES))}; use {' and/or '.join(MODES)}")
     variants: list[tuple[str, int, str, str]] = []
     for s in systems:
-        if s == "rlloop":
+        if s in RLLOOP_SYSTEMS:
             variants += [
-                ("rlloop", int(w), r, m)
+                (s, int(w), r, m)
                 for m in modes
                 for r in a.rewards.split(",")
                 for w in a.world_sizes.split(",")
             ]
         else:
-            variants.append(("trl", 0, "", ""))
+            variants.append((s, 0, "", ""))
     env = environment()
     results: list[dict] = []
     loads = []
     for run in range(a.runs):
         for system, ws, reward, mode in variants:  # interleaved: A B A B ...
-            tag = f"{system}-ws{ws}-{reward}-{mode}-run{run}" if system == "rlloop" else f"trl-run{run}"
+            tag = f"{system}-ws{ws}-{reward}-{mode}-run{run}" if system in RLLOOP_SYSTEMS else f"{system}-run{run}"
             loads.append(os.getloadavg()[0])
             logger.info("run %s (load %.1f)", tag, loads[-1])
-            res = run_rlloop(a, out / tag, ws, reward, mode) if system == "rlloop" else run_trl(a, out / tag)
+            res = (
+                run_rlloop(a, out / tag, ws, reward, mode, mmap1m=system == "rlloop-mmap1m")
+                if system in RLLOOP_SYSTEMS
+                else run_trl(a, out / tag, system)
+            )
             res["run"], res["run_dir"] = run, str(out / tag)
             results.append(res)
             logger.info(

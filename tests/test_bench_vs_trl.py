@@ -1,5 +1,5 @@
-"""Smoke test for benchmarks/vs_trl.py: two tiny steps of rlloop (sync and async) and of TRL's GRPOTrainer, so
-the script cannot rot.
+"""Smoke test for benchmarks/vs_trl.py: two tiny steps of rlloop (sync and async) and of TRL's GRPOTrainer (as
+users run it, and under rlloop's malloc setting), so the script cannot rot.
 
 Slow on a loaded 2-core machine (rlloop's start-up — Ray, learner group, verifier pool — dominates).
 """
@@ -32,7 +32,7 @@ def test_vs_trl_tiny_both_systems_both_modes(tmp_path: Path) -> None:
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"),
         "--model", "tiny", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "8",
-        "--steps", "2", "--runs", "1", "--systems", "rlloop,trl", "--modes", "sync,async", "--out", str(out),
+        "--steps", "2", "--runs", "1", "--systems", "rlloop,trl,trl-mmap1m", "--modes", "sync,async", "--out", str(out),
         "--timeout-s", "500", "--gradient-checkpointing",  # both sides' checkpointing path, too
         # a short final eval and one verifier worker: this test checks the harness, not the speed
         "--rlloop-override", "task.num_test=4", "--rlloop-override", "reward.verifier.num_workers=1",
@@ -42,7 +42,7 @@ def test_vs_trl_tiny_both_systems_both_modes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads((out / "results.json").read_text())
-    assert {r["system"] for r in report["runs"]} == {"rlloop-ws1", "rlloop-ws1-async", "trl"}
+    assert {r["system"] for r in report["runs"]} == {"rlloop-ws1", "rlloop-ws1-async", "trl", "trl-mmap1m"}
     for run in report["runs"]:
         assert run["steps_done"] == 2, run
         for key in ("wall_s", "s_per_step", "samples_per_s", "peak_rss_gb", "reward_last"):
@@ -52,5 +52,6 @@ def test_vs_trl_tiny_both_systems_both_modes(tmp_path: Path) -> None:
     rl = next(r for r in report["runs"] if r["system"] == "rlloop-ws1")
     # the sampler must have found the Ray actors, not only the driver
     assert rl["max_procs"] > 1 and "learner" in rl["peak_rss_gb_by_role"], rl["peak_rss_gb_by_role"]
+    assert 0 < rl["peak_pss_gb_by_role"]["learner"] <= rl["peak_rss_gb_by_role"]["learner"] + 1e-6
     table = (out / "table.md").read_text()
-    assert "rlloop-ws1 / trl" in table and "rlloop-ws1-async / trl" in table
+    assert "rlloop-ws1 / trl" in table and "rlloop-ws1-async / trl" in table and "trl-mmap1m / trl" in table
