@@ -459,8 +459,8 @@ class Trainer:
         return [ro for p in prompts for ro in by_group[p["uid"]]]
 
     def verify(self, rollouts: list[Rollout]) -> None:
-        """Attach verifier scores to each rollout (`outcome`); a 0 with a reason (no answer found,
-        timeout, crash) keeps the reason in `outcome_info`."""
+        """Attach verifier scores to each rollout (`outcome`); a 0 with a reason keeps it in `outcome_info`
+        (`VerifyResult.info`: "rejected" when the sample was judged, "unscored" when the verifier could not)."""
         from rlloop.rewards.verifiers.base import VerifyRequest
 
         requests = [
@@ -475,7 +475,7 @@ class Trainer:
         ]
         for ro, res in zip(rollouts, self.verifier.score(requests)):
             ro.outcome = {"correct": float(res.score), **{k: float(v) for k, v in res.scores.items()}}
-            ro.outcome_info = {"reason": res.reason} if res.reason else {}
+            ro.outcome_info = res.info()
 
     def score(
         self,
@@ -1170,7 +1170,7 @@ class Trainer:
             "rollout/logprob_mismatch": float(mismatch),
             "kl": float(learner_metrics.get("actor/kl_ref", 0.0)),
             "entropy": float(learner_metrics.get("actor/entropy", float("nan"))),
-            "verifier/unscored_frac": float(np.mean([bool(ro.outcome_info) for ro in rollouts])),
+            **verifier_metrics(rollouts),
             "faults/actor_restarts": float(sum(self.restarts.values())),
             **{f"reward/{k}": v for k, v in _extra_scores(rollouts).items()},
             **fusion_metrics,
@@ -1547,6 +1547,16 @@ def format_scores(rollouts: list[Rollout]) -> list[float]:
             f"has {sorted(rollouts[0].outcome)}); use the math or format verifier, or set reward.w_format=0"
         )
     return [float(ro.outcome.get("format", 0.0)) for ro in rollouts]
+
+
+def verifier_metrics(rollouts: list[Rollout]) -> dict[str, float]:
+    """verifier/unscored_frac: samples the verifier could not judge (infrastructure or data: worth an
+    alert); verifier/rejected_frac: samples judged 0 for a reason of their own (no answer, ...)."""
+    kinds = [ro.outcome_info.get("kind", "unscored" if ro.outcome_info else "") for ro in rollouts]
+    return {
+        "verifier/unscored_frac": float(np.mean([k == "unscored" for k in kinds])),
+        "verifier/rejected_frac": float(np.mean([k == "rejected" for k in kinds])),
+    }
 
 
 def _extra_scores(rollouts: list[Rollout]) -> dict[str, float]:

@@ -15,6 +15,7 @@ from rlloop.controller import (
     format_step_values,
     group_index,
     step_overhead,
+    verifier_metrics,
 )
 from rlloop.distributed.procmem import peak_rss_gb
 from rlloop.errors import RlloopError
@@ -157,3 +158,22 @@ def test_format_step_values_shows_each_step_with_its_value():
     assert out[1:] == ["  V=0.810 | 3 + 4 = 7", "  V=0.204 | 7 - 2 = 4", "  V=0.100 | \\boxed{4}"]
     ro.text, ro.step_char_ends, ro.step_values = "x" * 100, [100], [0.5]
     assert format_step_values(ro, width=10).splitlines()[1] == "  V=0.500 | xxxxxxx..."
+
+
+def test_verifier_metrics_split_rejected_samples_from_unscored_ones():
+    """A sample with no answer was judged (rejected); a verifier timeout judged nothing (unscored)."""
+    from rlloop.rewards.verifiers.base import VerifyResult
+
+    results = [
+        VerifyResult("a", 1.0, {"correct": 1.0, "format": 1.0}),
+        VerifyResult("b", 0.0, {"correct": 0.0, "format": 0.0}, "no \\boxed{} answer"),
+        VerifyResult("c", 0.0, {"correct": 0.0, "format": 1.0}),
+        VerifyResult.failed("d", "timeout"),
+    ]
+    rollouts = []
+    for res in results:
+        ro = _rollout([1], [2])
+        ro.outcome, ro.outcome_info = {"correct": res.score, **res.scores}, res.info()
+        rollouts.append(ro)
+    assert [ro.outcome_info.get("kind") for ro in rollouts] == [None, "rejected", None, "unscored"]
+    assert verifier_metrics(rollouts) == {"verifier/unscored_frac": 0.25, "verifier/rejected_frac": 0.25}

@@ -60,7 +60,7 @@ def verify(rollouts, verifier_cfg) -> None:
             **options,
         )
         ro.outcome = {"correct": float(res.score), **res.scores}
-        ro.outcome_info = {"reason": res.reason} if res.reason else {}
+        ro.outcome_info = res.info()
 
 
 def mc_step_labels(worker, ro, cfg) -> list[float]:

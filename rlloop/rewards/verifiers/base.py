@@ -44,7 +44,16 @@ class VerifyResult:
 
     @classmethod
     def failed(cls, uid: str, reason: str) -> VerifyResult:
+        """The verifier could not judge the sample (timeout, crash, a ground truth that does not parse)."""
         return cls(uid=uid, score=0.0, scores={}, reason=reason)
+
+    def info(self) -> Dict[str, str]:
+        """`Rollout.outcome_info`: {} for a plain verdict; else the reason and its kind, "rejected" (judged
+        0 for a reason of the sample's own: no answer found, an answer that does not parse, a failed test)
+        or "unscored" (no scores: `failed`)."""
+        if not self.reason:
+            return {}
+        return {"reason": self.reason, "kind": "rejected" if self.scores else "unscored"}
 
 
 _REGISTRY: Dict[str, VerifierFn] = {}
