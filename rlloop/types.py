@@ -47,7 +47,7 @@ class Rollout:
     ground_truth: str = ""
     # Scores attach here, each under its source's name, so every source is logged on its own.
     outcome: dict[str, float] = field(default_factory=dict)  # e.g. {"math": 1.0}
-    outcome_info: dict[str, str] = field(default_factory=dict)  # e.g. {"math": "no \\boxed{} found"}
+    outcome_info: dict[str, str] = field(default_factory=dict)  # VerifyResult.info(): reason, kind
     step_values: list[float] | None = None  # V_k from the PRM, one per step
     token_rewards: list[float] | None = None  # per response token, e.g. from Q-RM
 
