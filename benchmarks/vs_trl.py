@@ -44,6 +44,7 @@ logger = logging.getLogger("vs_trl")
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "RLLOOP_BENCH_RUN"
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -155,6 +156,10 @@ def _run_measured(
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **{MARKER: run_id}, **(extra_env or {}))
     env = without_dist_env(env)  # each measured run is its own process group
+    # thread counts are each system's own: torch's default (all cores) for TRL's one process, the config's
+    # *.num_threads for rlloop's actors; a caller's OMP_NUM_THREADS=1 would leave TRL one core of two
+    for key in THREAD_ENV:
+        env.pop(key, None)
     env.setdefault("WANDB_MODE", "disabled")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -263,6 +268,9 @@ def run_trl(a, run_dir: Path, system: str = "trl") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--out", str(run_dir)]
     for key in ("model", "prompts_per_step", "n", "max_new_tokens", "temperature", "lr", "steps", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
+    # rlloop's task.* overrides shape the train split (arith's test questions are kept out of it): the
+    # TRL worker builds the same split, so that both draw the same prompts
+    cmd += [f"--rlloop-override={o}" for o in a.rlloop_override if o.startswith("task.")]
     if a.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     wall, sampler, rc = _run_measured(cmd, run_dir.with_suffix(".log"), a.timeout_s, TRL_SYSTEMS[system])
@@ -288,26 +296,29 @@ def trl_worker(a) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from rlloop.config import ModelConfig, TaskConfig
+    from rlloop.controller import PromptStream
     from rlloop.data.loader import build_datasets, chat_messages
     from rlloop.models import resolve_model
     from rlloop.rewards.verifiers.base import VerifyRequest
     from rlloop.rewards.verifiers.math import verify_math
 
     torch.manual_seed(a.seed)
-    task_cfg = OmegaConf.structured(TaskConfig)
+    task_overrides = [o.removeprefix("task.") for o in a.rlloop_override if o.startswith("task.")]
+    task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.from_dotlist(task_overrides))
     model_cfg = OmegaConf.merge(
         OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model" / f"{a.model}.yaml")
     )
     path = resolve_model(model_cfg, task_cfg)
     train, _ = build_datasets(task_cfg)
-    n_prompts = a.prompts_per_step * a.steps * 4  # enough rows; TRL shuffles with its seed
+    # the prompts rlloop trains on, in its order (its controller's PromptStream with trainer.seed); TRL
+    # walks them unshuffled, prompts_per_step per step
     rows = [
         {
             "prompt": chat_messages(s, task_cfg),
             "ground_truth": str(s.ground_truth),
             "data_source": s.data_source,
         }
-        for s in train[:n_prompts]
+        for s in PromptStream(train, a.seed).take(a.prompts_per_step * a.steps)
     ]
     dataset = Dataset.from_list(rows)
 
@@ -357,6 +368,7 @@ def trl_worker(a) -> None:
         epsilon=0.2,
         scale_rewards="group",
         num_iterations=1,
+        shuffle_dataset=False,  # the dataset is already in rlloop's order
         # GRPOConfig's default is True; both sides the same (--gradient-checkpointing, off by default)
         gradient_checkpointing=a.gradient_checkpointing,
         max_steps=a.steps,
