@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from _subprocess import run_arm
 
 ARMS = {"default": None, "mmap1m": str(1 << 20)}
 
@@ -27,13 +28,20 @@ def worker(args) -> None:
     import resource
 
     import numpy as np
+    from hydra import compose, initialize_config_dir
 
+    from rlloop.config import register_configs
     from rlloop.models import resolve_model
     from rlloop.rollout.engine import HFEngine
 
-    engine = HFEngine(resolve_model({"name": args.model}), num_threads=1, seed=0)
+    register_configs()
+    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"model={args.model}"])
+    engine = HFEngine(resolve_model(cfg.model, cfg.task), num_threads=1, seed=0)
     rng = np.random.default_rng(0)
-    prompts = [[int(t) for t in rng.integers(100, 1000, size=50)] for _ in range(args.prompts)]
+    vocab = int(engine.model.config.vocab_size)  # token ids 100..999 (fewer on a tiny vocabulary)
+    prompts = [[int(t) for t in rng.integers(min(100, vocab // 2), min(1000, vocab), size=50)] for _ in range(args.prompts)]
     times = []
     for rep in range(args.repeats):
         t0 = time.perf_counter()
@@ -66,11 +74,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker"] + [
                 a for k in ("model", "prompts", "n", "tokens", "repeats") for a in (f"--{k}", str(getattr(args, k)))
             ]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"arm {arm} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
-            res = json.loads(line[-1][len("RESULT ") :])
+            res = run_arm(cmd, env, arm)
             results[arm].append(res)
             print(f"round {r} {arm}: {[round(t, 2) for t in res['times']]} s, peak {res['peak_rss_gb']:.2f} GB", flush=True)
     med = {

@@ -24,9 +24,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from _subprocess import run_arm
 
 ARMS = ("all-positions", "response-only", "response-only+gc", "response-only+bf16")
 BASES = ("all-positions", "response-only")
@@ -147,11 +148,7 @@ def main() -> None:
             ]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
             env.pop("MALLOC_MMAP_THRESHOLD_", None)  # glibc's default unless the arm says mmap1m
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"{arm} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-            res = json.loads(line[-1][len("RESULT ") :])
+            res = run_arm(cmd, env, arm)
             results[arm].append(res)
             print(f"round {r} {arm}: steps {[round(t, 2) for t in res['times']]} s, peak RSS {res['peak_rss_gb']:.2f} GB")
     med = {arm: statistics.median(t for res in results[arm] for t in res["times"]) for arm in arms}
