@@ -124,10 +124,11 @@ class MemorySampler:
             except psutil.Error:
                 continue
             rss_total += info.rss
-            pss_total += getattr(info, "pss", info.rss)
+            pss = getattr(info, "pss", info.rss)
+            pss_total += pss
             role = _role(proc, self.root_pid)
             roles[role] = roles.get(role, 0) + info.rss
-            roles_pss[role] = roles_pss.get(role, 0) + getattr(info, "pss", info.rss)
+            roles_pss[role] = roles_pss.get(role, 0) + pss
         self.max_procs = max(self.max_procs, len(procs))
         self.peak_rss = max(self.peak_rss, rss_total)
         self.peak_pss = max(self.peak_pss, pss_total)
@@ -257,8 +258,8 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync
     return out
 
 
-# TRL as users run it, and with glibc's mmap threshold fixed at 1 MiB (for its one process the same as
-# rlloop's learner.malloc_mmap_threshold_mb=1, system rlloop-mmap1m): memory at equal allocator settings
+# each system as users run it, and with glibc's mmap threshold fixed at 1 MiB (rlloop: in its learner ranks,
+# learner.malloc_mmap_threshold_mb=1; TRL: its one process, by environment): memory at equal allocator settings
 RLLOOP_SYSTEMS = ("rlloop", "rlloop-mmap1m")
 TRL_SYSTEMS = {"trl": {}, "trl-mmap1m": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
 

@@ -1552,7 +1552,7 @@ def format_scores(rollouts: list[Rollout]) -> list[float]:
 def verifier_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     """verifier/unscored_frac: samples the verifier could not judge (infrastructure or data: worth an
     alert); verifier/rejected_frac: samples judged 0 for a reason of their own (no answer, ...)."""
-    kinds = [ro.outcome_info.get("kind", "unscored" if ro.outcome_info else "") for ro in rollouts]
+    kinds = [ro.outcome_info.get("kind") for ro in rollouts]
     return {
         "verifier/unscored_frac": float(np.mean([k == "unscored" for k in kinds])),
         "verifier/rejected_frac": float(np.mean([k == "rejected" for k in kinds])),

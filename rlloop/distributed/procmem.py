@@ -26,7 +26,7 @@ def set_malloc_mmap_threshold(nbytes: int) -> bool:
     MiB after large frees), so activation-sized tensors land on the heap and fragment it.
 
     Affects allocations from now on (like the MALLOC_MMAP_THRESHOLD_ environment variable, which acts at
-    process start). False, and nothing changed, where the C library is not glibc.
+    process start). False, and nothing changed, where the C library is not glibc or glibc refuses the value.
     """
     if nbytes <= 0:
         raise ValueError(f"malloc mmap threshold must be > 0 bytes, got {nbytes}")

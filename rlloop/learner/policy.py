@@ -162,7 +162,7 @@ class PolicyLearner:
         threshold_mb = float(self.learner_cfg.get("malloc_mmap_threshold_mb", 0.0) or 0.0)
         if threshold_mb > 0 and not set_malloc_mmap_threshold(int(threshold_mb * 2**20)):
             logger.warning(
-                "learner.malloc_mmap_threshold_mb=%g: not applied (the C library is not glibc)", threshold_mb
+                "learner.malloc_mmap_threshold_mb=%g: not applied (no glibc, or glibc refused the value)", threshold_mb
             )
         num_threads = int(self.learner_cfg.get("num_threads", 1))
         os.environ["OMP_NUM_THREADS"] = str(num_threads)
