@@ -22,7 +22,7 @@ CASES = [
     ("\\boxed{ 56 }", "56", True),
     ("\\boxed{056}", "56", True),
     ("\\boxed{56.0}", "56", True),
-    ("\\boxed{5 6}", "56", False),
+    ("\\boxed{5, 6}", "56", False),  # a set, not 56 ("5 6" moved to the unparsable answers)
     # GSM8K: "#### 72" in the gold solution and/or in the model output
     (
         "Natalia sold 48/2 = 24 clips in May.\n\n48+24 = 72\n\n#### 72",
@@ -89,6 +89,8 @@ def test_at_least_40_cases_with_both_outcomes():
         ("", "no \\boxed{} answer"),
         ("\\boxed{}", "does not parse"),
         ("\\boxed{\\frac{1}{2}", "no \\boxed{} answer"),  # unbalanced braces
+        # not one expression (latex2sympy alone reads it as 5 + 6 = 11); was a CASES row with format 1
+        ("\\boxed{5 6}", "does not parse"),
     ],
 )
 def test_unparsable_answers_score_zero_with_reason(solution, reason):
@@ -115,9 +117,11 @@ def test_helpers():
     assert last_boxed("\\boxed 7 apples") == "7"
     assert last_boxed("no box") is None
     assert gsm8k_answer("blah\n#### 1,234.") == "1234"
-    assert normalize_gold("56") == "$56$"
-    assert normalize_gold("\\boxed{2}") == "\\boxed{2}"
-    assert normalize_gold("text #### 72") == "$72$"
+    # the gold itself, unwrapped: wrapping it in $...$ made a prose gold's words products of letters
+    assert normalize_gold("56") == "56"
+    assert normalize_gold("\\boxed{2}") == "2"
+    assert normalize_gold("$\\frac{1}{2}$.") == "\\frac{1}{2}"
+    assert normalize_gold("text #### 72") == "72"
 
 
 def test_worker_core_times_out_a_slow_sample():
