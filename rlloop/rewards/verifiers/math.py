@@ -120,14 +120,16 @@ def _search(text: str) -> List[Any]:
     return [p for p in parse(text, parsing_timeout=None) if not isinstance(p, str)]
 
 
-def check_gold(ground_truth: str) -> Optional[str]:
+def check_gold(ground_truth: str, self_check: bool = True) -> Optional[str]:
     """Why `ground_truth` cannot serve as a gold answer, or None: unverifiable (no parse covers it), or
-    one of its alternatives, boxed as a model would write it, does not score 1 against it."""
+    (self_check) one of its alternatives, boxed as a model would write it, does not score 1 against it."""
     core = normalize_gold(ground_truth)
     if _INT.match(core):
         return None
     if not parse_gold(ground_truth):
         return "unverifiable: no parse covers the whole answer (prose, or notation the parsers do not read)"
+    if not self_check:
+        return None
     from rlloop.rewards.verifiers.math_parse import EXPLICIT_ALTERNATIVES, split_top
 
     for part in split_top(core, EXPLICIT_ALTERNATIVES) or [core]:
