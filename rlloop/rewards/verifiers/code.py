@@ -5,19 +5,38 @@ answer). The ground truth (or `extra["tests"]`) is JSON, one of:
 - stdin/stdout pairs (APPS / verl style): `{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}`;
   outputs are compared line by line, ignoring trailing whitespace and trailing blank lines.
 - assert-style tests (MBPP / HumanEval style): `{"asserts": ["assert add(1, 2) == 3", ...],
-  "setup": "import math"}` or a JSON list of assert strings; each runs after the program, in its namespace.
+  "setup": "import math"}` or a JSON list of assert strings.
 - a plain (non-JSON) string: one assert-style test.
-Every test is its own sandboxed process, so one test's crash or `sys.exit` cannot pass another.
+
+The judge stays outside the judged (sandbox.py isolates the program); every test runs the program in a
+fresh sandbox. Stdin/stdout tests: the trusted side feeds stdin and compares the captured stdout; a pass
+needs exit status 0 too. Assert-style tests run HERE, in the trusted process, never in the sandbox: each
+name a test reads that neither the test, its setup nor Python's builtins define (`add` above) becomes a
+proxy that sends its arguments into the sandbox, calls the program's function there and brings the
+return value back as plain data (JSON of exact builtin types, `sandbox_runner.encode`/`decode`); the
+assert then compares plain values with Python's own operators. So the program never sees a test or an
+expected value, cannot patch the builtins or the harness the test uses, and an object whose `__eq__`,
+`__hash__`, `__bool__` or `__str__` lies cannot leave the sandbox. Tests that need the program's objects
+themselves (methods of a returned instance, mutated arguments, callbacks) are out of reach: they fail.
+The setup code runs both in the sandbox (before the program, as before) and here (for the tests).
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 import re
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from rlloop.rewards.verifiers.base import VerifyRequest, VerifyResult, register_verifier
-from rlloop.rewards.verifiers.sandbox import SandboxLimits, run_python
+from rlloop.rewards.verifiers.sandbox import (
+    CallSession,
+    SandboxError,
+    SandboxLimits,
+    resolve_isolation,
+    run_io,
+)
 
 _FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -74,6 +93,63 @@ def outputs_match(actual: str, expected: str) -> bool:
     return norm(actual) == norm(expected)
 
 
+def free_names(test: str, known: Set[str]) -> List[str]:
+    """Names `test` reads but does not bind itself, and that are not in `known` or Python's builtins:
+    the program's functions, which the trusted side calls in the sandbox."""
+    loaded, bound = set(), set()
+    for node in ast.walk(ast.parse(test)):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+    return sorted(loaded - bound - known - set(dir(builtins)))
+
+
+class _Remote:
+    """A program function as the trusted test sees it: arguments out, a plain value back."""
+
+    def __init__(self, session: CallSession, name: str) -> None:
+        self._session, self._name = session, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._session.call(self._name, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<sandboxed function {self._name}>"
+
+
+def run_assert_test(
+    program: str, test: str, setup: Dict[str, Any], limits: SandboxLimits, isolation: str
+) -> str:
+    """Run one assert-style test against `program` in a fresh sandbox: "" when it passes, else why not."""
+    try:
+        code = compile(test, "<test>", "exec")
+        remote = free_names(test, set(setup))
+    except SyntaxError as err:
+        return f"test does not parse: {err}"
+    with CallSession(program, limits, isolation) as session:
+        try:
+            session.ready()  # the program's top level must run to its end first
+            namespace = dict(setup)
+            namespace.update({name: _Remote(session, name) for name in remote})
+            exec(code, namespace)
+        except SandboxError as err:
+            return str(err)
+        except AssertionError:
+            return "assertion failed"
+        except Exception as err:  # the test itself failed on what came back (e.g. a TypeError)
+            return f"{type(err).__name__}: {err}"[:300]
+    return ""
+
+
 @register_verifier("code")
 def verify_code(
     request: VerifyRequest,
@@ -84,18 +160,25 @@ def verify_code(
     max_procs: int = 16,
     max_tests: Optional[int] = None,
     stop_on_failure: bool = False,
-    isolate_network: bool = True,
-    drop_privileges: bool = True,
+    isolation: str = "bwrap",
+    allow_unisolated: bool = False,
+    tmpfs_mb: int = 16,
 ) -> VerifyResult:
-    """scores: pass_rate (the score), passed, total, all_passed; reason: the first failure's."""
+    """scores: pass_rate (the score), passed, total, all_passed, isolated (1 under bwrap, 0 without OS
+    isolation); reason: the first failure's.
+
+    isolation: "bwrap" (default) or "none". Running unisolated, asked for or as a fallback where bwrap
+    cannot run, needs `allow_unisolated=True`; without it SandboxUnavailable is raised (the worker fails
+    to start): model code never runs unisolated by accident.
+    """
+    mode = resolve_isolation(isolation, allow_unisolated)
     limits = SandboxLimits(
         wall_s=wall_s,
         cpu_s=cpu_s,
         memory_mb=memory_mb,
         output_kb=output_kb,
         max_procs=max_procs,
-        isolate_network=isolate_network,
-        drop_privileges=drop_privileges,
+        tmpfs_mb=tmpfs_mb,
     )
     spec = request.extra.get("tests", request.ground_truth)
     try:
@@ -107,19 +190,24 @@ def verify_code(
     if not tests:
         return VerifyResult.failed(request.uid, "no tests")
     program = extract_code(request.solution_str)
+    setup_namespace: Dict[str, Any] = {"__name__": "rlloop_test"}
     if setup:
         program = setup + "\n" + program
+        if kind == "assert":
+            try:
+                exec(compile(setup, "<test setup>", "exec"), setup_namespace)
+            except Exception as err:
+                return VerifyResult.failed(request.uid, f"bad test setup for uid {request.uid}: {err!r}")
     passed, first_failure = 0, ""
     for index, test in enumerate(tests):
         if kind == "io":
             stdin, expected = test
-            result = run_python(program, stdin=stdin, limits=limits)
+            result = run_io(program, stdin, limits, mode)
             ok = result.completed and outputs_match(result.stdout, expected)
             why = result.reason or ("" if ok else "wrong answer")
         else:
-            result = run_python(program, test=test, limits=limits)
-            ok = result.completed
-            why = result.reason
+            why = run_assert_test(program, test, setup_namespace, limits, mode)
+            ok = not why
         if ok:
             passed += 1
         elif not first_failure:
@@ -133,5 +221,6 @@ def verify_code(
         "passed": float(passed),
         "total": float(total),
         "all_passed": float(passed == total),
+        "isolated": float(mode == "bwrap"),
     }
     return VerifyResult(request.uid, rate, scores, first_failure)

@@ -113,6 +113,13 @@ def check_verifier_config(
         check_options(name, opts)
         if name == "custom":
             load_custom_fn(opts.get("fn"))
+        if name == "code":  # refuse here, before any worker starts, when code would run unisolated
+            from rlloop.rewards.verifiers.sandbox import SandboxUnavailable, warm_up
+
+            try:
+                warm_up(opts.get("isolation", "bwrap"), opts.get("allow_unisolated", False))
+            except SandboxUnavailable as err:
+                raise ValueError(f"reward.verifier.options.code: {err}") from None
     if custom_fn and "custom" not in sources.values():
         load_custom_fn(custom_fn)
 
@@ -172,14 +179,18 @@ class VerifierPool:
             raise RuntimeError(f"VerifierPool: workers failed to start: {err}") from err
         for w in self._workers:
             w.ready = True
+        # The isolation each sandboxed verifier runs under, e.g. {"code": "bwrap"}: logged here, and the
+        # code verifier's `isolated` score records it per sample in the run's metrics (reward/isolated).
+        self.isolation: Dict[str, str] = ray.get(self._workers[0].actor.isolations.remote())
         self._stop = False
         self._thread = threading.Thread(target=self._pump, name="verifier-pool", daemon=True)
         self._thread.start()
         logger.info(
-            "VerifierPool: %d workers, timeout %.1f s, sources %s",
+            "VerifierPool: %d workers, timeout %.1f s, sources %s, isolation %s",
             self.num_workers,
             self.timeout_s,
             self.sources,
+            self.isolation or "n/a",
         )
 
     # ---- start-up checks -------------------------------------------------------------------------

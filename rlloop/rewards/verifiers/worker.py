@@ -75,14 +75,17 @@ class VerifierWorkerCore:
             opts = verifier_options(name, self.options, custom_fn)
             check_options(name, opts)
             self._fns[name] = (get_verifier(name), opts)
+        self.isolation: Dict[str, str] = {}
         if "code" in self._fns:
-            from rlloop.rewards.verifiers.sandbox import SandboxLimits, warm_up
+            # Refuses (SandboxUnavailable) when bwrap cannot run here and the user did not opt out of it.
+            from rlloop.rewards.verifiers.sandbox import warm_up
 
             opts = self._fns["code"][1]
-            logger.info(
-                "code sandbox interpreter: %s",
-                warm_up(SandboxLimits(drop_privileges=opts.get("drop_privileges", True))),
+            self.isolation["code"] = warm_up(
+                opts.get("isolation", "bwrap"), opts.get("allow_unisolated", False)
             )
+            log = logger.info if self.isolation["code"] == "bwrap" else logger.warning
+            log("code sandbox isolation: %s", self.isolation["code"])
         if "math" in self._fns:
             # math-verify's first call builds its parsers (~0.1-1 s): pay it here, not in a sample's limit.
             fn, opts = self._fns["math"]
@@ -90,6 +93,10 @@ class VerifierWorkerCore:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def isolations(self) -> Dict[str, str]:
+        """{verifier: isolation in force}, e.g. {"code": "bwrap"} (see sandbox.describe)."""
+        return dict(self.isolation)
 
     def peak_rss_gb(self) -> float:
         """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""

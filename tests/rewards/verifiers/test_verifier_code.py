@@ -29,7 +29,13 @@ def test_io_all_pass_with_prose_around_the_code():
     )
     result = score(answer, SUM_IO)
     assert result.score == 1.0 and result.reason == ""
-    assert result.scores == {"pass_rate": 1.0, "passed": 3.0, "total": 3.0, "all_passed": 1.0}
+    assert result.scores == {
+        "pass_rate": 1.0,
+        "passed": 3.0,
+        "total": 3.0,
+        "all_passed": 1.0,
+        "isolated": 1.0,  # bwrap works on the CI machine: never skipped, never silently unisolated
+    }
 
 
 def test_io_partial_credit_and_reason():
@@ -102,3 +108,57 @@ def test_helpers():
     assert parse_tests({"input_output": json.dumps({"inputs": ["1"], "outputs": ["2"]})})[0] == "io"
     assert parse_tests("assert g() == 1") == ("assert", ["assert g() == 1"], "")
     assert outputs_match("1\r\n2 \n\n", "1\n2") and not outputs_match("1\n2", "1\n3")
+
+
+def test_assert_tests_compare_plain_values_outside_the_sandbox():
+    """Tuples, sets, dicts with non-str keys, floats and keyword arguments cross the boundary intact."""
+    program = (
+        "```python\ndef stats(xs, scale=1):\n"
+        "    return (min(xs) * scale, {x: str(x) for x in xs}, set(xs), sum(xs) / len(xs), float('inf'))\n```"
+    )
+    tests = json.dumps(
+        {
+            "asserts": [
+                "assert stats([3, 1, 2]) == (1, {1: '1', 2: '2', 3: '3'}, {1, 2, 3}, 2.0, math.inf)",
+                "assert stats([2, 4], scale=3)[0] == 6",
+                "assert math.isclose(stats([1, 2])[3], 1.5)",
+            ],
+            "setup": "import math",
+        }
+    )
+    assert score(program, tests).score == 1.0
+
+
+def test_humaneval_style_check_function():
+    tests = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\ncheck(add)\n"
+    assert score("```python\ndef add(a, b):\n    return a + b\n```", tests).score == 1.0
+    assert score("```python\ndef add(a, b):\n    return a - b\n```", tests).score == 0.0
+
+
+def test_refuses_to_run_unisolated_without_opt_in(monkeypatch):
+    from rlloop.rewards.verifiers import sandbox
+
+    with pytest.raises(sandbox.SandboxUnavailable, match="allow_unisolated"):
+        score("print(1)", ADD_ASSERTS, isolation="none")
+    monkeypatch.setattr(sandbox, "_ISOLATION_CACHE", {})
+    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: None)  # a machine without bubblewrap
+    with pytest.raises(sandbox.SandboxUnavailable, match="no bwrap binary"):
+        score("print(1)", ADD_ASSERTS)
+    with pytest.raises(ValueError, match="isolation"):
+        score("print(1)", ADD_ASSERTS, isolation="docker")
+
+
+def test_opt_in_runs_unisolated_loudly_and_says_so(monkeypatch, caplog):
+    from rlloop.rewards.verifiers import sandbox
+
+    monkeypatch.setattr(sandbox, "_ISOLATION_CACHE", {})
+    monkeypatch.setattr(sandbox, "bwrap_binary", lambda: None)
+    right = "```python\ndef add(a, b):\n    return a + b\n```"
+    with caplog.at_level("WARNING"):
+        result = score(right, ADD_ASSERTS, allow_unisolated=True)
+        io = score("```python\nprint(sum(map(int, input().split())))\n```", SUM_IO, allow_unisolated=True)
+    assert result.score == 1.0 and result.scores["isolated"] == 0.0
+    assert io.score == 1.0 and io.scores["isolated"] == 0.0
+    assert "WITHOUT OS ISOLATION" in caplog.text
+    assert sandbox.warm_up("none", allow_unisolated=True) == sandbox.UNSAFE == "none (unsafe, opted in)"
+    assert sandbox.describe("bwrap") == "bwrap"
