@@ -99,7 +99,8 @@ def clean(text: str) -> str:
             if s.startswith(left) and s.endswith(right) and len(s) > len(left) + len(right):
                 if "$" not in inner.replace("\\$", ""):
                     s = inner
-        for command in ("boxed", "fbox", "displaystyle"):
+        # a gold wholly in \text{} ("\text{B, C, D}") is read as what it holds, not one symbol "b,c,d"
+        for command in ("boxed", "fbox", "displaystyle", "text", "textbf", "textrm", "mathrm", "mbox"):
             inner = _unwrap_braced(s, command)
             if inner is not None:
                 s = inner
