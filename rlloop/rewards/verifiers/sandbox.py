@@ -484,9 +484,13 @@ class _Run:
 
 
 def _owner(pid: str) -> Optional[int]:
+    """The uid of live process `pid`; None for a zombie (already dead: killing it again cannot help)."""
     try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rpartition(b")")[2].split()[0] in (b"Z", b"X"):
+                return None
         return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
+    except (OSError, IndexError):
         return None
 
 
