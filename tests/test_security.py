@@ -19,11 +19,18 @@ ALLOWED = {
     ("rlloop/rewards/verifiers/sandbox.py", "import subprocess"): (
         "the code sandbox: runs model-generated programs in a separate, resource-limited process"
     ),
-    ("rlloop/rewards/verifiers/sandbox_launcher.py", "exec()"): (
-        "the code sandbox's child process: executes the program under rlimits and audit hooks"
+    ("rlloop/rewards/verifiers/sandbox_runner.py", "exec()"): (
+        "runs inside the bubblewrap sandbox: executes the model's program under rlimits"
     ),
-    ("rlloop/rewards/verifiers/sandbox_launcher.py", "compile()"): (
-        "the code sandbox's child process: compiles the program it then executes"
+    ("rlloop/rewards/verifiers/sandbox_runner.py", "compile()"): (
+        "runs inside the bubblewrap sandbox: compiles the program it then executes"
+    ),
+    ("rlloop/rewards/verifiers/code.py", "exec()"): (
+        "the trusted judge: runs the dataset's assert tests and setup (never model output), the program's "
+        "functions being proxies into the sandbox that return plain JSON data"
+    ),
+    ("rlloop/rewards/verifiers/code.py", "compile()"): (
+        "the trusted judge: compiles the dataset's assert tests and setup (never model output)"
     ),
     ("rlloop/experiments/common.py", "import subprocess"): (
         "the experiment suite launches `python -m rlloop.train` runs: a fixed argv, no shell"
