@@ -16,20 +16,28 @@ from omegaconf import MISSING
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # "arith" (built in) or "file" (train_path/test_path)
+    name: str = "arith"  # built in: "arith" | "chain"; or "file" (train_path/test_path)
     data_source: str = "arith"  # routes samples to a verifier (reward.verifier.sources)
     train_path: Optional[str] = None  # jsonl/parquet with columns prompt, answer[, data_source]
     test_path: Optional[str] = None
-    num_train: int = 20000  # arith: problems generated for training
-    num_test: int = 200  # arith: held-out problems (and eval size for file tasks, 0 = all)
-    min_ops: int = 1  # arith: operations per problem
+    num_train: int = 20000  # built-in tasks: problems generated for training
+    num_test: int = 200  # built-in: held-out problems (and eval size for file tasks, 0 = all)
+    min_ops: int = 1  # arith, chain: operations per problem
     max_ops: int = 2
     min_digits: int = 1  # arith: digits per operand
     max_digits: int = 1
     ops: List[str] = field(default_factory=lambda: ["+", "-"])
     seed: int = 0
+    # chain (rlloop/tasks/chain.py): the misconception teacher behind its pretraining corpus
+    misconception_frac: float = 0.25  # share of the 270 facts the teacher gets wrong
+    max_offset: int = 6  # a wrong result is the right one +-1..max_offset
+    teacher_error_p: float = 0.6  # how often the teacher writes a wrong fact's wrong result
+    corpus_size: int = 60000  # teacher solutions in the pretraining corpus
+    heldout_fact_frac: float = 0.0  # share of wrong facts that no RL training prompt uses
     system_prompt: Optional[str] = None
     prompt_template: str = "{question}"  # filled with the question before the chat template
+    # rows whose gold the verifier cannot read whole (rlloop/data/check.py): warn | error | off
+    check_golds: str = "warn"
 
 
 @dataclass
@@ -106,6 +114,9 @@ class PRMConfig:
     num_gpus: Optional[float] = None
     g: str = "logit"  # transform of V for outcome fusion: logit (TDRM release) | sigmoid
     online: bool = False  # TD-update the PRM on every batch (actor-critic mode)
+    # the step values of a perfect PRM, from the task's exact step checker (task=chain only): V = 1 before
+    # the first wrong step, 0 from it on. No PRM service runs. For calibrating a credit-assignment setting.
+    oracle: bool = False
     lr: float = 1e-6
     gamma: float = 0.8
     td: str = "td0"  # td0 | nstep | td_lambda | mc (online mode)
@@ -148,7 +159,7 @@ class ImplicitPRMConfig:
 @dataclass
 class RewardConfig:
     name: str = "rule"
-    fusion: str = "outcome"  # outcome | step | token | prime
+    fusion: str = "outcome"  # outcome | step | token | prime | min (PURE's min-form credit)
     w_rule: float = 1.0
     w_prm: float = 0.0
     # added to the outcome when the verifier found an answer where it looks (its `format` score, e.g. a
@@ -160,6 +171,7 @@ class RewardConfig:
     token_norm: str = "none"  # fusion=token: none | std (Q-RM: divide by the std over response tokens)
     step_process: str = "shaping"  # fusion=step: shaping (gamma*V_k - V_{k-1}, policy-invariant) | value (V_k)
     step_norm: str = "group"  # fusion=step: normalise each source per group | batch | none
+    min_temperature: float = 0.1  # fusion=min: softmin temperature over step rewards (PURE's release: 0.1)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
     qrm: QRMConfig = field(default_factory=QRMConfig)

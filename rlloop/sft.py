@@ -1,11 +1,14 @@
-"""Supervised pretraining of `arith-small` on worked `arith` solutions (`python -m rlloop.sft`).
+"""Supervised pretraining of the built-in models on their task's worked solutions (`python -m rlloop.sft`).
 
-The model learns the solution format (steps separated by blank lines, a final `\\boxed{}`) and
-most of the arithmetic, but is stopped early on purpose: it must leave RL real room to improve.
+`chain-small` learns `chain` from a teacher with known misconceptions (rlloop/tasks/chain.py): it ends
+preferring some wrong results while sampling the right ones often, the room RL is meant to use.
+`arith-small` learns `arith` and is stopped early on purpose. Each learns the solution format (steps
+separated by blank lines, a final `\\boxed{}`); the end of pretraining prints held-out greedy, sampled
+and pass@8 accuracy.
 Training runs through DeepSpeed ZeRO at world size 1 (the same engine the learner uses); the loss
 covers only the solution tokens (and the closing EOS), never the prompt.
 
-    python -m rlloop.sft                       # build arith-small into the cache (if not there)
+    python -m rlloop.sft                       # build the default model (chain-small) into the cache
     python -m rlloop.sft output_dir=/tmp/as model.sft_steps=300 task.max_digits=3
 """
 
@@ -23,10 +26,12 @@ import torch
 
 from rlloop.models.builders import BUILD_VERSION, arch_fields, llama_config, save_model
 from rlloop.models.tokenizer import build_tokenizer
-from rlloop.tasks import arith
+from rlloop.tasks import BUILTIN, arith
 from rlloop.types import Sample
 
 logger = logging.getLogger(__name__)
+
+PASS_K = 8  # sampled answers per held-out prompt at the end of pretraining (pass@k)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -66,17 +71,23 @@ def evaluate(
     max_new_tokens: int = 96,
     batch_size: int = 100,
     seed: int = 0,
+    k: int = 1,
 ) -> dict[str, float]:
-    """Accuracy (boxed answer == ground truth) and well-formed rate of generations on `samples`."""
+    """Accuracy (boxed answer == ground truth) and well-formed rate of generations on `samples`.
+
+    With `k` > 1 (sampling), each prompt gets k answers: `accuracy` is their mean (pass@1 of the
+    sampling distribution) and `pass_at_k` the share of prompts with at least one right answer.
+    """
     from rlloop.data import render_prompt
 
     model.eval()
     torch.manual_seed(seed)
-    correct = formed = 0
+    correct = formed = hit = 0
     pad = tokenizer.pad_token_id
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        prompts = [render_prompt(s, tokenizer, task_cfg) for s in chunk]
+    rows = max(1, batch_size // k)
+    for i in range(0, len(samples), rows):
+        chunk = samples[i : i + rows]
+        prompts = [render_prompt(s, tokenizer, task_cfg) for s in chunk for _ in range(k)]
         T = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])  # left pad for generate
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
@@ -90,22 +101,29 @@ def evaluate(
             eos_token_id=tokenizer.eos_token_id,
             **kw,
         )
-        for s, row in zip(chunk, out[:, T:].tolist(), strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            correct += arith.boxed_answer(text) == s.ground_truth
-            formed += arith.is_well_formed(text)
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, T:].tolist()]
+        for j, s in enumerate(chunk):
+            right = [arith.boxed_answer(t) == s.ground_truth for t in texts[j * k : (j + 1) * k]]
+            correct += sum(right)
+            hit += any(right)
+            formed += sum(arith.is_well_formed(t) for t in texts[j * k : (j + 1) * k])
     n = max(1, len(samples))
-    return {"accuracy": correct / n, "well_formed": formed / n}
+    out = {"accuracy": correct / (n * k), "well_formed": formed / (n * k)}
+    if k > 1:
+        out["pass_at_k"] = hit / n
+    return out
 
 
-def pretrain_arith_small(
+def pretrain_builtin(
     model_cfg: Any, task_cfg: Any, out_dir: str, *, progress: bool = True, eval_every: int = 0
 ) -> dict:
-    """Train arith-small from scratch on worked arith solutions and save it (model + tokenizer) to `out_dir`.
+    """Train a built-in model from scratch on the worked solutions of the built-in task `task_cfg.name`
+    (`rlloop.tasks.BUILTIN[...].sft_corpus`) and save it (model + tokenizer) to `out_dir`.
 
-    Returns metrics: final training loss, wall time, held-out accuracy (greedy and T=1 sampled) and the
-    well-formed rate of sampled outputs. `eval_every` > 0 also logs greedy accuracy on 100 held-out
-    problems every that many steps (for choosing `model.sft_steps`).
+    Returns metrics: final training loss, wall time, held-out accuracy (greedy, and T=1 sampled with
+    `PASS_K` answers per prompt: mean accuracy and pass@PASS_K) and the well-formed rate. `eval_every`
+    > 0 also logs greedy accuracy on 100 held-out problems every that many steps (for choosing
+    `model.sft_steps`).
     """
     from tqdm.auto import tqdm
 
@@ -117,7 +135,9 @@ def pretrain_arith_small(
     torch.manual_seed(seed)
     rng = random.Random(seed)
 
-    train, test = arith.make_splits(task_cfg)
+    task = BUILTIN[task_cfg.name]
+    test = task.make_splits(task_cfg)[1]
+    train = task.sft_corpus(task_cfg, exclude={s.prompt for s in test})
     tokenizer = build_tokenizer(
         (s.prompt + "\n" + s.extra["solution"] for s in train[:5000]), vocab_size=int(model_cfg.vocab_size)
     )
@@ -134,11 +154,12 @@ def pretrain_arith_small(
     ]
     if too_long:
         raise ValueError(
-            f"{len(too_long)} arith examples (e.g. {too_long[0]}) exceed model.max_position_embeddings="
+            f"{len(too_long)} {task_cfg.name} examples (e.g. {too_long[0]}) exceed model.max_position_embeddings="
             f"{model_cfg.max_position_embeddings}; raise it or lower the task's max_ops/max_digits"
         )
     logger.info(
-        "SFT arith-small: %.2f M params, %d steps x %d sequences, %d train problems",
+        "SFT %s: %.2f M params, %d steps x %d sequences, %d train problems",
+        model_cfg.name,
         n_params / 1e6,
         steps,
         batch_size,
@@ -158,7 +179,7 @@ def pretrain_arith_small(
     engine.train()
     order: list[int] = []
     losses: list[float] = []
-    bar = tqdm(range(steps), desc="SFT arith-small", disable=not progress, mininterval=2.0)
+    bar = tqdm(range(steps), desc=f"pretraining {model_cfg.name}", disable=not progress, mininterval=2.0)
     for step in bar:
         if len(order) < batch_size:  # epochs over a reshuffled training set
             perm = list(range(len(examples)))
@@ -183,7 +204,7 @@ def pretrain_arith_small(
     model.eval()
     window = max(1, min(20, steps // 4))  # non-overlapping loss averages at the start and the end
     greedy = evaluate(model, tokenizer, test, task_cfg, temperature=0.0)
-    sampled = evaluate(model, tokenizer, test, task_cfg, temperature=1.0, seed=seed)
+    sampled = evaluate(model, tokenizer, test, task_cfg, temperature=1.0, seed=seed, k=PASS_K)
     metrics = {
         "params_m": n_params / 1e6,
         "sft_steps": steps,
@@ -194,19 +215,27 @@ def pretrain_arith_small(
         "test_well_formed_greedy": greedy["well_formed"],
         "test_acc_sampled_t1": sampled["accuracy"],
         "test_well_formed_sampled_t1": sampled["well_formed"],
+        f"test_pass_at_{PASS_K}_t1": sampled["pass_at_k"],
         "num_test": len(test),
     }
     metrics["total_wall_s"] = time.time() - t0
     meta = {
-        "name": "arith-small",
+        "name": model_cfg.name,
         "version": BUILD_VERSION,
         **arch_fields(model_cfg),
-        "task": arith.knobs(task_cfg),
+        "task": {"name": task_cfg.name, **task.knobs(task_cfg)},
         "metrics": metrics,
     }
     save_model(model, tokenizer, out_dir, meta)
     (Path(out_dir) / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
     logger.info("SFT done: %s", json.dumps(metrics))
+    # the demo's first chapter: how much room the pretrained model leaves RL (stdout, not a log line)
+    print(
+        f"pretrained {model_cfg.name} in {metrics['total_wall_s']:.0f} s: held-out ({len(test)} problems) "
+        f"greedy {greedy['accuracy']:.3f}, sampled {sampled['accuracy']:.3f}, "
+        f"pass@{PASS_K} {sampled['pass_at_k']:.3f}",
+        flush=True,
+    )
     return metrics
 
 
@@ -214,9 +243,9 @@ def _main(cfg: Any) -> None:
     from rlloop.models import resolve_model
 
     if cfg.output_dir:  # train into an explicit folder (no cache)
-        pretrain_arith_small(cfg.model, cfg.task, cfg.output_dir)
+        pretrain_builtin(cfg.model, cfg.task, cfg.output_dir)
         return
-    logger.info("arith-small is at %s", resolve_model(cfg.model, cfg.task))
+    logger.info("%s is at %s", cfg.model.name, resolve_model(cfg.model, cfg.task))
 
 
 def main() -> None:

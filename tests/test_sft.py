@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlloop.config import ModelConfig, TaskConfig
 from rlloop.models import resolve_model
-from rlloop.sft import collate, encode_example, pretrain_arith_small
+from rlloop.sft import collate, encode_example, pretrain_builtin
 from rlloop.tasks.arith import make_splits
 
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, vocab_size=320)
@@ -33,7 +33,7 @@ def test_mini_sft_lowers_loss_and_saves_a_loadable_model(tmp_path):
     torch.set_num_threads(1)
     model_cfg = ModelConfig(name="arith-small", sft_steps=30, sft_batch_size=16, sft_lr=3e-3, **SMALL)
     task_cfg = TaskConfig(num_train=300, num_test=8)
-    m = pretrain_arith_small(model_cfg, task_cfg, str(tmp_path / "m"), progress=False)
+    m = pretrain_builtin(model_cfg, task_cfg, str(tmp_path / "m"), progress=False)
     assert m["final_loss"] < 0.7 * m["first_loss"], m
     assert 0 <= m["test_acc_greedy"] <= 1 and 0 <= m["test_well_formed_sampled_t1"] <= 1
     assert not torch.distributed.is_initialized()  # the caller's process is left clean
@@ -64,3 +64,17 @@ def test_resolve_arith_small_pretrains_in_a_subprocess_once(tmp_path):
     key = json.loads((Path(path) / "rlloop_cache_key.json").read_text())
     assert key["task"]["max_digits"] == task_cfg.max_digits and key["sft_steps"] == 3
     assert key["task"]["held_out"] == 200 and "num_test" not in key["task"]
+
+
+def test_mini_sft_on_chain_reports_pass_at_k(tmp_path):
+    """chain-small's corpus comes from the misconception teacher; the end of pretraining reports
+    greedy, sampled and pass@8 accuracy on held-out chains."""
+    torch.set_num_threads(1)
+    model_cfg = ModelConfig(name="chain-small", sft_steps=20, sft_batch_size=16, sft_lr=3e-3, **SMALL)
+    task_cfg = TaskConfig(name="chain", data_source="chain", num_train=50, num_test=6, min_ops=3, max_ops=4,
+                          corpus_size=400)  # fmt: skip
+    m = pretrain_builtin(model_cfg, task_cfg, str(tmp_path / "m"), progress=False)
+    assert m["final_loss"] < 0.7 * m["first_loss"], m
+    assert 0 <= m["test_acc_greedy"] <= m["test_pass_at_8_t1"] <= 1
+    meta = json.loads((tmp_path / "m" / "rlloop_model.json").read_text())
+    assert meta["name"] == "chain-small" and meta["task"]["name"] == "chain"

@@ -132,15 +132,16 @@ def load_samples(path: str, *, data_source: str, split: str) -> list[Sample]:
 
 
 def build_datasets(task_cfg: Any) -> tuple[list[Sample], list[Sample]]:
-    """(train, test) Samples for `task_cfg.name`: "arith" (built in) or "file" (train_path/test_path).
+    """(train, test) Samples for `task_cfg.name`: a built-in task (`rlloop.tasks.BUILTIN`: arith, chain)
+    or "file" (train_path/test_path).
 
     For file tasks `num_test` > 0 caps the test set (0 = all); without a test_path the test set is empty.
     """
-    name = task_cfg.name
-    if name == "arith":
-        from rlloop.tasks.arith import make_splits
+    from rlloop.tasks import BUILTIN
 
-        return make_splits(task_cfg)
+    name = task_cfg.name
+    if name in BUILTIN:
+        return BUILTIN[name].make_splits(task_cfg)
     if name == "file":
         if not task_cfg.train_path:
             raise ConfigError("task=file needs task.train_path (a .jsonl or .parquet file)")
@@ -160,7 +161,7 @@ def build_datasets(task_cfg: Any) -> tuple[list[Sample], list[Sample]]:
                     "prompt; a uid must name one prompt across task.train_path and task.test_path"
                 )
         return train, test
-    raise ConfigError(f"task.name={name!r} is not a known task; use 'arith' or 'file'")
+    raise ConfigError(f"task.name={name!r} is not a known task; use one of {sorted(BUILTIN)} or 'file'")
 
 
 def max_positions(model_path: str) -> int | None:

@@ -78,37 +78,49 @@ def _cached_build(root: Path, name: str, key: dict, build: Callable[[Path], Any]
     return str(final)
 
 
-# arith-small never sees the first SFT_HELD_OUT test problems, whatever task.num_test a run evaluates on:
-# the test split is a prefix of one stream (rlloop.tasks.arith.split_problems), so runs with
-# task.num_test <= 200 (a quick eval on 16) share one pretrained model instead of each building its own.
+# The built-in pretrained models and the built-in task each is pretrained on (rlloop/tasks).
+PRETRAINED = {"arith-small": "arith", "chain-small": "chain"}
+
+# A built-in pretrained model never sees the first SFT_HELD_OUT test problems of its task, whatever
+# task.num_test a run evaluates on: the test split is a prefix of one stream (`make_splits`), so runs
+# with task.num_test <= 200 (a quick eval on 16) share one pretrained model instead of each building its own.
 SFT_HELD_OUT = 200
 
 
-def _arith_task_cfg(task_cfg: Any) -> Any:
-    """The task arith-small is pretrained on: the run's task if it is arith, else arith defaults, with
-    num_test raised to SFT_HELD_OUT (the problems its SFT data excludes)."""
+def _pretrain_task_cfg(model_name: str, task_cfg: Any) -> Any:
+    """The task a built-in model is pretrained on: the run's task if it is that task, else the task's
+    preset (conf/task/<name>.yaml), with num_test raised to SFT_HELD_OUT (the problems its SFT data
+    excludes)."""
     from omegaconf import OmegaConf
 
     from rlloop.config import TaskConfig
 
-    t = task_cfg if task_cfg is not None and _get(task_cfg, "name") == "arith" else TaskConfig()
+    name = PRETRAINED[model_name]
+    if task_cfg is not None and _get(task_cfg, "name") == name:
+        t = task_cfg
+    else:
+        preset = Path(__file__).resolve().parents[2] / "conf" / "task" / f"{name}.yaml"
+        t = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(preset) if preset.exists() else {})
+        t.name = name
     return OmegaConf.merge(t, {"num_test": max(int(_get(t, "num_test", SFT_HELD_OUT)), SFT_HELD_OUT)})
 
 
-def arith_small_key(model_cfg: Any, task_cfg: Any) -> dict:
-    """Everything that changes a pretrained arith-small (its cache key)."""
-    from rlloop.tasks.arith import knobs
+def pretrained_key(model_cfg: Any, task_cfg: Any) -> dict:
+    """Everything that changes a built-in pretrained model (its cache key)."""
+    from rlloop.tasks import BUILTIN
 
-    t = _arith_task_cfg(task_cfg)
+    name = str(model_cfg.name)
+    t = _pretrain_task_cfg(name, task_cfg)
     return {
-        "name": "arith-small",
+        "name": name,
         "version": BUILD_VERSION,
         **arch_fields(model_cfg),
         "sft_steps": int(model_cfg.sft_steps),
         "sft_batch_size": int(model_cfg.sft_batch_size),
         "sft_lr": float(model_cfg.sft_lr),
         "task": {
-            **knobs(t),
+            "name": t.name,
+            **BUILTIN[t.name].knobs(t),
             "seed": int(t.seed),
             "num_train": int(t.num_train),
             "held_out": int(t.num_test),  # test problems excluded from SFT (>= SFT_HELD_OUT)
@@ -149,10 +161,10 @@ def _run_sft_subprocess(model_cfg: Any, task_cfg: Any, out_dir: Path) -> None:
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
     env = without_dist_env(env)  # the child is a group of one, whatever this process belongs to
-    logger.info("pretraining arith-small: %s", " ".join(cmd))
+    logger.info("pretraining %s: %s", model_cfg.name, " ".join(cmd))
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0 or not (out_dir / "config.json").exists():
-        raise ModelError(f"pretraining arith-small failed (exit code {rc}); command: {' '.join(cmd)}")
+        raise ModelError(f"pretraining {model_cfg.name} failed (exit code {rc}); command: {' '.join(cmd)}")
 
 
 def _has_cuda() -> bool:
@@ -161,19 +173,21 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_arith_small(model_cfg: Any, task_cfg: Any = None, *, in_process: bool = False) -> str:
-    """Cached arith-small folder, pretrained with `python -m rlloop.sft` on first use."""
-    t = _arith_task_cfg(task_cfg)
+def build_pretrained(model_cfg: Any, task_cfg: Any = None, *, in_process: bool = False) -> str:
+    """Cached folder of the built-in model `model_cfg.name` (a PRETRAINED key), pretrained with
+    `python -m rlloop.sft` on first use."""
+    name = str(model_cfg.name)
+    t = _pretrain_task_cfg(name, task_cfg)
 
     def build(out: Path) -> None:
         if in_process:
-            from rlloop.sft import pretrain_arith_small
+            from rlloop.sft import pretrain_builtin
 
-            pretrain_arith_small(model_cfg, t, str(out))
+            pretrain_builtin(model_cfg, t, str(out))
         else:
             _run_sft_subprocess(model_cfg, t, out)
 
-    return _cached_build(cache_dir(model_cfg), "arith-small", arith_small_key(model_cfg, t), build)
+    return _cached_build(cache_dir(model_cfg), name, pretrained_key(model_cfg, t), build)
 
 
 def smollm2_gguf() -> Path:
@@ -225,7 +239,7 @@ def resolve_model(model_cfg: Any, task_cfg: Any = None) -> str:
     """A local HF folder (model + tokenizer) for `model_cfg`, building built-ins on first use.
 
     `model.path` wins when set (local folder, or a hub name such as `HuggingFaceTB/SmolLM2-135M`);
-    otherwise `model.name` picks: tiny | arith-small | smollm2. Raises ModelError naming the key.
+    otherwise `model.name` picks: tiny | chain-small | arith-small | smollm2. Raises ModelError naming the key.
     """
     path = _get(model_cfg, "path")
     name = _get(model_cfg, "name")
@@ -246,8 +260,8 @@ def resolve_model(model_cfg: Any, task_cfg: Any = None) -> str:
     if name == "tiny":
         key = {"name": "tiny", "version": BUILD_VERSION, **arch_fields(model_cfg)}
         return _cached_build(root, "tiny", key, lambda out: build_tiny(model_cfg, out))
-    if name == "arith-small":
-        return build_arith_small(model_cfg, task_cfg)
+    if name in PRETRAINED:
+        return build_pretrained(model_cfg, task_cfg)
     if name == "smollm2":
         dtype = _get(model_cfg, "dtype") or "float32"
         key = {"name": "smollm2", "version": BUILD_VERSION, "gguf": SMOLLM2_GGUF, "dtype": dtype}
@@ -255,13 +269,13 @@ def resolve_model(model_cfg: Any, task_cfg: Any = None) -> str:
     if name == "hf":
         raise ModelError("model=hf needs model.path (a local HF folder or a hub name)")
     raise ModelError(
-        f"model.name={name!r} is not a built-in model; use tiny | arith-small | smollm2 | hf with model.path"
+        f"model.name={name!r} is not a built-in model; use tiny | chain-small | arith-small | smollm2 | hf with model.path"
     )
 
 
 __all__ = [
     "ModelError",
-    "build_arith_small",
+    "build_pretrained",
     "build_tiny",
     "build_tokenizer",
     "cache_dir",

@@ -115,3 +115,8 @@ def destroy_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    # DeepSpeed keeps its clone of the world group across engines; a later engine in this process (a
+    # second pretraining, say) would broadcast over the destroyed group
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None

@@ -232,3 +232,9 @@ def is_well_formed(text: str, delimiter: str = "\n\n") -> bool:
     """At least two steps (separated by `delimiter`) and a final step with a `\\boxed{}` answer."""
     steps = [s for s in text.split(delimiter) if s.strip()]
     return len(steps) >= 2 and boxed_answer(steps[-1]) is not None
+
+
+def sft_corpus(task_cfg: Any, exclude: Collection[str] = ()) -> list[Sample]:
+    """Pretraining examples: the training split with its worked solutions (`extra["solution"]`); the
+    test split is never among them."""
+    return make_splits(task_cfg)[0]
