@@ -259,7 +259,7 @@ class Trainer:
         ]
         self.prm = None  # the PRM replica that TD-trains in online mode (the only one otherwise)
         self.prm_pool = None
-        if cfg.reward.prm.enabled:
+        if cfg.reward.prm.enabled and not cfg.reward.prm.oracle:
             from rlloop.rewards.prm.pool import PRMPool
 
             p = cfg.reward.prm
@@ -493,6 +493,8 @@ class Trainer:
         reward.fusion=token: w_rule*outcome on the last token + w_token*r_t of the token source
         (`token_scores` [B, T], Q-RM or implicit PRM; token_norm=std divides r_t by its std over the
         batch's response tokens), then the configured advantage estimator.
+        reward.fusion=min: PURE's min-form credit (rlloop.algos.fusion.min_fusion): softmin-weighted step
+        rewards with leave-one-out baselines plus w_rule times the verifiable reward.
         reward.fusion=prime: PRIME's leave-one-out advantages per source (outcome, implicit-PRM r_t),
         summed with weights w_rule / w_token and whitened (rlloop.rewards.implicit_prm.prime_advantages).
         Returns metrics: per-source statistics and the mean fused reward (`reward/total`).
@@ -500,6 +502,7 @@ class Trainer:
         from rlloop.algos.advantages import compute_advantages
         from rlloop.algos.fusion import (
             fusion_stats,
+            min_fusion,
             outcome_fusion,
             place_on_last_token,
             step_fusion,
@@ -567,6 +570,16 @@ class Trainer:
                 adv, ret = step_fusion(*step_args, norm=rw.step_norm, eps=a.adv_eps, **step_kw)
                 token_rewards = place_on_last_token(outcome, mask)
                 total = outcome
+        elif rw.fusion == "min":
+            if steps is None:
+                raise RlloopError("reward.fusion=min needs the PRM: set reward.prm.enabled=true")
+            positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
+            adv, ret = min_fusion(
+                outcome, steps["values"], positions * steps["mask"].long(), steps["mask"], mask, group_ids,
+                w_rule=rw.w_rule, w_prm=rw.w_prm, temperature=rw.min_temperature, metrics=metrics,
+            )  # fmt: skip
+            token_rewards = place_on_last_token(outcome, mask)
+            total = outcome
         elif token_scores is None:
             raise RlloopError(
                 f"reward.fusion={rw.fusion!r} needs a token-reward source, which is not configured"
@@ -697,6 +710,25 @@ class Trainer:
                 self.implicit_prm.load_state_numpy.remote(self._implicit_prm_weights_ref),
                 "implicit PRM reload",
             )
+
+    def _oracle_step_values(self, rollouts: list[Rollout]) -> list[dict]:
+        """reward.prm.oracle: a perfect PRM's outputs from the task's exact step checker (V_k = 1 before
+        the first wrong step, 0 from it on; the prompt's value 1), in the PRM service's format."""
+        from rlloop.tasks import BUILTIN
+
+        task = BUILTIN[self.cfg.task.name]
+        if not hasattr(self, "_samples_by_uid"):
+            self._samples_by_uid = {s.uid: s for s in self.train_set + self.test_set}
+        out = []
+        for ro in rollouts:
+            values = task.oracle_step_values(self._samples_by_uid[ro.group], ro.text)
+            if len(values) != len(ro.step_ends):
+                raise RlloopError(
+                    f"rollout {ro.uid}: the step checker found {len(values)} steps, the rollout "
+                    f"{len(ro.step_ends)}; reward.prm.oracle needs rollout.step_delimiter={task.STEP_DELIMITER!r}"
+                )
+            out.append({"step_values": values, "prompt_value": 1.0})
+        return out
 
     @staticmethod
     def _step_tensors(rollouts: list[Rollout], prm_out: list[dict]) -> dict[str, torch.Tensor]:
@@ -996,7 +1028,7 @@ class Trainer:
         if after_verify is not None:
             after_verify(rollouts)
         if self.prm_pool is None:
-            return rollouts, None
+            return rollouts, (self._oracle_step_values(rollouts) if self.cfg.reward.prm.oracle else None)
         by_rollout: dict[int, dict] = {}
         prm_stats = self._prm_stats if prm_stats is None else prm_stats
         with timer.phase("prm_wait"):
@@ -1313,6 +1345,11 @@ class Trainer:
             sampled = self.generate(samples, n=k, temperature=cfg.rollout.temperature, seed=cfg.trainer.seed)
             self.verify(sampled)
             out["eval/accuracy_sampled"] = float(np.mean([ro.outcome["correct"] >= 1.0 for ro in sampled]))
+            # pass@k: the share of prompts with at least one right answer among their k samples
+            hit: dict[str, bool] = {}
+            for ro in sampled:
+                hit[ro.group] = hit.get(ro.group, False) or ro.outcome["correct"] >= 1.0
+            out[f"eval/pass_at_{k}"] = float(np.mean(list(hit.values())))
         return out | {"time/eval": time.perf_counter() - t0}
 
     def memory_metrics(self) -> dict[str, float]:
@@ -1395,6 +1432,7 @@ class Trainer:
                 summary["eval_before"] = ev["eval/accuracy"]
                 if "eval/accuracy_sampled" in ev:
                     summary["eval_before_sampled"] = ev["eval/accuracy_sampled"]
+                    summary["eval_before_pass_at_k"] = ev[f"eval/pass_at_{cfg.trainer.eval_samples}"]
             bar = tqdm(
                 range(self.step, cfg.trainer.total_steps),
                 initial=self.step,
@@ -1424,6 +1462,7 @@ class Trainer:
             summary["eval_after"] = ev["eval/accuracy"]
             if "eval/accuracy_sampled" in ev:
                 summary["eval_after_sampled"] = ev["eval/accuracy_sampled"]
+                summary["eval_after_pass_at_k"] = ev[f"eval/pass_at_{cfg.trainer.eval_samples}"]
             if cfg.trainer.save_final:
                 ckpt = self.out_dir / "checkpoint"
                 self.learner.save_hf(str(ckpt), tokenizer_path=self.model_path)

@@ -50,6 +50,7 @@ def preflight(cfg: Any, run_dir: str | None = None) -> None:
     """
     from rlloop import checkpoint
     from rlloop.data import build_datasets
+    from rlloop.data.check import check_task_golds
     from rlloop.data.loader import check_prompt_lengths, max_positions
     from rlloop.distributed.placement import preflight_check
     from rlloop.models import resolve_model
@@ -73,6 +74,7 @@ def preflight(cfg: Any, run_dir: str | None = None) -> None:
     if not train:
         raise ConfigError(f"task {cfg.task.name!r}: the training set is empty")
     check_data_sources(cfg.reward.verifier, {s.data_source for s in train + test})
+    check_task_golds(cfg.task, cfg.reward.verifier, train, test)  # unverifiable golds: warn or raise
     model_path = resolve_model(cfg.model, cfg.task)
     tokenizer = _check_model_folder(model_path, key)
     check_prompt_lengths(
@@ -231,6 +233,9 @@ def _main(cfg: DictConfig) -> None:
         sb, sa = summary.get("eval_before_sampled"), summary.get("eval_after_sampled")
         if sb is not None and sa is not None:
             line += f"; sampled at the training temperature: {sb:.3f} -> {sa:.3f}"
+        pb, pa = summary.get("eval_before_pass_at_k"), summary.get("eval_after_pass_at_k")
+        if pb is not None and pa is not None:
+            line += f"; pass@{cfg.trainer.eval_samples}: {pb:.3f} -> {pa:.3f}"
         print(line)
     print(f"outputs: {out_dir}  (metrics.jsonl, training.png, checkpoint/)")
 

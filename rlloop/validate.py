@@ -32,6 +32,25 @@ def check_keys(cfg: Any, schema: type, prefix: str = "") -> None:
             check_keys(cfg[key], sub, f"{name}.")
 
 
+def _check_pretrained_task(cfg: Any) -> None:
+    """A built-in pretrained model (chain-small, arith-small) knows only its own task: running it on another
+    built-in task would report the accuracy of a model that never saw the format."""
+    from rlloop.models import PRETRAINED
+    from rlloop.tasks import BUILTIN
+
+    m, t = cfg.model, cfg.task
+    if m.path or m.name not in PRETRAINED or t.name not in BUILTIN:
+        return
+    want = PRETRAINED[m.name]
+    better = [name for name, task in PRETRAINED.items() if task == t.name]
+    _require(
+        want == t.name,
+        "model",
+        m.name,
+        f"is pretrained on task={want}, not task={t.name}" + (f"; use model={better[0]}" if better else ""),
+    )
+
+
 def validate_config(cfg: Any) -> None:
     """Raise ConfigError naming the first unknown key or impossible value in `cfg` (a composed Config)."""
     from rlloop.config import Config
@@ -43,6 +62,7 @@ def validate_config(cfg: Any) -> None:
 
     r, a, lr, t, rw = cfg.rollout, cfg.algo, cfg.learner, cfg.trainer, cfg.reward
     _require(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be >= 1")
+    _check_pretrained_task(cfg)
     _require(t.save_every >= 0, "trainer.save_every", t.save_every, "must be >= 0 (0 = no checkpoints)")
     _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "must be >= 1")
     _require(t.max_restarts >= 0, "trainer.max_restarts", t.max_restarts, "must be >= 0 (0 = fail at once)")
@@ -93,15 +113,23 @@ def validate_config(cfg: Any) -> None:
         a.old_logprobs in ("auto", "recompute"), "algo.old_logprobs", a.old_logprobs, "choose auto or recompute"
     )
     _require(
-        rw.fusion in ("outcome", "step", "token", "prime"),
+        rw.fusion in ("outcome", "step", "token", "prime", "min"),
         "reward.fusion",
         rw.fusion,
-        "choose outcome, step, token or prime",
+        "choose outcome, step, token, prime or min",
     )
+    _require(rw.min_temperature > 0, "reward.min_temperature", rw.min_temperature, "must be > 0")
     _require(0 <= rw.w_prm <= 1, "reward.w_prm", rw.w_prm, "must be in [0, 1]")
     _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
     _require(0 <= rw.w_format <= 1, "reward.w_format", rw.w_format, "must be in [0, 1]")
     _require(rw.w_prm == 0 or rw.prm.enabled, "reward.w_prm", rw.w_prm, "is > 0 but reward.prm.enabled=false")
+    _require(
+        not rw.prm.oracle or (rw.prm.enabled and cfg.task.name == "chain" and not rw.prm.online),
+        "reward.prm.oracle",
+        rw.prm.oracle,
+        "takes its step values from the chain task's step checker: it needs task=chain, "
+        "reward.prm.enabled=true and reward.prm.online=false",
+    )
     _require(rw.prm.g in ("logit", "sigmoid"), "reward.prm.g", rw.prm.g, "choose logit or sigmoid")
     _require(
         rw.prm.td in ("td0", "nstep", "td_lambda", "mc"),
@@ -120,10 +148,10 @@ def validate_config(cfg: Any) -> None:
     _check_prm_service(rw.prm)
     _check_placement(cfg)
     _require(
-        rw.fusion != "step" or rw.prm.enabled,
+        rw.fusion not in ("step", "min") or rw.prm.enabled,
         "reward.fusion",
         rw.fusion,
-        "step fusion needs reward.prm.enabled=true",
+        f"{rw.fusion} fusion needs reward.prm.enabled=true",
     )
     _check_token_sources(rw)
     _require(
@@ -145,10 +173,10 @@ def _check_critic(a: Any, rw: Any) -> None:
     """algo.critic.* for algo.advantage=gae (PPO with a critic, rlloop.learner.critic)."""
     c = a.critic
     _require(
-        rw.fusion != "prime",
+        rw.fusion not in ("prime", "min"),
         "reward.fusion",
         rw.fusion,
-        "prime fusion computes leave-one-out advantages of its own, without a critic; with "
+        f"{rw.fusion} fusion computes leave-one-out advantages of its own, without a critic; with "
         "algo.advantage=gae use fusion outcome, step or token",
     )
     _require(

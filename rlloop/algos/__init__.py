@@ -9,6 +9,7 @@ from .advantages import ADVANTAGES, compute_advantages, register_advantage
 from .checks import make_group_ids
 from .fusion import (
     fusion_stats,
+    min_fusion,
     outcome_fusion,
     place_on_last_token,
     place_response_rewards,
@@ -66,6 +67,7 @@ __all__ = [
     "register_kl",
     "register_policy_loss",
     "select_groups",
+    "min_fusion",
     "step_fusion",
     "token_fusion",
     "value_before_answer_step",

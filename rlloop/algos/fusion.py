@@ -7,6 +7,8 @@
            token; each source normalised on its own, returns by reverse cumulative sum, weighted sum
            (PRIME-style) -> advantages and returns directly.
   token    a per-token reward (e.g. Q-RM) added with a weight -> token rewards for an estimator.
+  min      PURE's min-form credit (arXiv 2504.15275): softmin-weighted step rewards, leave-one-out
+           baselines, plus a verifiable-reward share -> advantages and returns directly.
 
 Every fusion function takes an optional `metrics` dict and fills it with each component's mean, std and
 correlation with the outcome (`fusion_stats`), so each source is logged on its own.
@@ -436,3 +438,74 @@ def token_fusion(
         r = r / std
     _record(metrics, {"outcome": outcome, "token_sum": r.sum(-1)}, outcome)
     return w_rule * place_on_last_token(outcome, mask) + w_token * r
+
+
+def _leave_one_out_mean(x: Tensor, group_ids: Tensor) -> Tensor:
+    """For each row i of x [B]: the mean of x over the OTHER rows of its group (0 for a group of one)."""
+    _, g = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(g.max()) + 1 if g.numel() else 0
+    total = torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add(0, g, x)
+    count = torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add(0, g, torch.ones_like(x))
+    others = (count[g] - 1).clamp(min=1)
+    return torch.where(count[g] > 1, (total[g] - x) / others, torch.zeros_like(x))
+
+
+def min_fusion(
+    outcome: Tensor,
+    step_values: Tensor,
+    step_positions: Tensor,
+    step_mask: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    w_rule: float,
+    w_prm: float,
+    temperature: float = 0.1,
+    metrics: dict[str, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PURE's min-form credit assignment (arXiv 2504.15275) -> (advantages [B, T], returns [B, T]).
+
+    Arguments as `step_fusion`'s. The paper: a step's return is the minimum of the remaining process
+    rewards, not their sum, because summed PRM returns reward padding a solution with steps the PRM
+    likes (reward hacking, then collapse). Its released code (OpenRLHF branch, experience_maker.py and
+    utils.turn_process_reward_logits_to_reward) realises it as a softmin re-weighting before the usual
+    summed return, which these lines follow:
+
+    1. r_k = 2 V_k - 1 in [-1, 1]. PURE's PRM is a two-class head, r_k = p(+) - p(-); for rlloop's
+       sigmoid value head V = p(+), so p(+) - p(-) = 2V - 1.
+    2. w_k = softmax_k(-r_k / temperature) over the valid steps of a row (temperature 0.1 in PURE);
+       r'_k = w_k * r_k. As temperature -> 0 the row's sum of r'_k -> min_k r_k.
+    3. Process baseline (PURE's reward_baseline="step", an RLOO baseline): each row's mean weighted reward
+       per step, m_i = sum_k r'_ik / K_i; b_i = the mean of m_j over the other rows j of i's group;
+       r'_ik -= b_i on every valid step.
+    4. Verifiable reward (PURE: solved - 1) minus its leave-one-out group mean, at the last response
+       token, times w_rule (PURE's verifiable_reward_coef; it reports ~0.1 relative to the PRM's 1).
+    5. Token rewards w_prm * r'_k at each step's last token plus step 4; returns = reverse cumulative sum
+       (gamma 1); advantages = returns, not further normalised (PURE's rloo estimator).
+
+    Differences from the release: the verifiable reward takes `outcome` as given (PURE's solved - 1 is
+    outcome - 1, whose leave-one-out centring is the same), and the step-end tokens keep their advantage
+    (PURE zeroes it because its step separators are tokens the PRM reads, not the policy's own).
+    """
+    ev = _process_events(outcome, step_values, step_positions, step_mask, response_mask, group_ids, gamma=1.0,
+                         process="value", prompt_value=None)  # fmt: skip
+    if not temperature > 0:
+        raise ValueError(f"reward.min_temperature must be > 0, got {temperature!r}")
+    outcome, rmask, step_mask, pos = ev["outcome"], ev["rmask"], ev["step_mask"], ev["step_pos"]
+    group_ids = check_group_ids(group_ids, outcome.shape[0])
+    dtype = ev["dtype"]
+    m = step_mask.to(dtype)
+    r = (2.0 * step_values.to(dtype) - 1.0) * m  # 1.
+    logits = (-r / temperature).masked_fill(~step_mask, -math.inf)
+    w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without steps: all -inf -> 0 weights
+    weighted = w * r  # 2.
+    num_steps = m.sum(-1)
+    per_step = weighted.sum(-1) / num_steps.clamp(min=1)
+    weighted = (weighted - _leave_one_out_mean(per_step, group_ids)[:, None]) * m  # 3.
+    verifiable = outcome - _leave_one_out_mean(outcome, group_ids)  # 4.
+    token_rewards = torch.zeros_like(rmask).scatter_add(1, pos, w_prm * weighted)
+    token_rewards = token_rewards + w_rule * place_on_last_token(verifiable, ev["response_mask"])
+    returns = discounted_returns(token_rewards * rmask, rmask, 1.0)  # 5.
+    components = {"outcome": outcome, "prm_min_weighted_sum": (w * r).sum(-1)}
+    _record(metrics, components, outcome)
+    return returns * rmask, returns * rmask

@@ -94,7 +94,7 @@ def role_demands(cfg: Any) -> dict[str, RoleDemand]:
     counts = {
         "learner": int(cfg.learner.world_size),
         "rollout": int(cfg.rollout.num_workers),
-        "prm": int(cfg.reward.prm.num_replicas) if cfg.reward.prm.enabled else 0,
+        "prm": int(cfg.reward.prm.num_replicas) if cfg.reward.prm.enabled and not cfg.reward.prm.oracle else 0,
         "critic": int(cfg.algo.critic.world_size) if cfg.algo.advantage == "gae" else 0,
     }
     demands = {}

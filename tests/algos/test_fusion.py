@@ -328,3 +328,54 @@ def test_place_response_rewards_hand_worked():
         place_response_rewards([[0.5, -1.0], [1.0, 2.0, 3.0]], mask)
     with pytest.raises(ValueError, match=r"token_rewards contains 1 non-finite"):
         place_response_rewards([[0.5, float("nan")], [1.0, 2.0, 3.0], []], mask)
+
+
+def test_min_fusion_hand_worked():
+    """PURE's min-form credit on one group of two rows, worked by hand with temperature 1."""
+    from rlloop.algos import min_fusion
+
+    outcome = torch.tensor([1.0, 0.0])
+    values = torch.tensor([[0.9, 0.6, 0.95], [0.5, 0.1, 0.0]])
+    positions = torch.tensor([[1, 3, 5], [2, 5, 0]])
+    step_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rmask = torch.ones(2, 6)
+    groups = torch.tensor([7, 7])
+    adv, ret = min_fusion(outcome, values, positions, step_mask, rmask, groups, w_rule=0.5, w_prm=1.0,
+                          temperature=1.0)  # fmt: skip
+
+    # row 0: r = 2V - 1 = [0.8, 0.2, 0.9]; softmin weights exp(-r) / sum
+    e0 = [math.exp(-0.8), math.exp(-0.2), math.exp(-0.9)]
+    w0 = [e / sum(e0) for e in e0]
+    r0 = [w0[0] * 0.8, w0[1] * 0.2, w0[2] * 0.9]
+    # row 1: r = [0.0, -0.8]
+    e1 = [math.exp(0.0), math.exp(0.8)]
+    w1 = [e / sum(e1) for e in e1]
+    r1 = [w1[0] * 0.0, w1[1] * -0.8]
+    # leave-one-out baselines: the other row's mean weighted reward per step
+    b0, b1 = sum(r1) / 2, sum(r0) / 3
+    # verifiable reward minus the other row's: +1 and -1, times w_rule at the last token
+    tok0 = [0, r0[0] - b0, 0, r0[1] - b0, 0, r0[2] - b0 + 0.5 * 1]
+    tok1 = [0, 0, r1[0] - b1, 0, 0, r1[1] - b1 + 0.5 * -1]
+    want = torch.tensor([[sum(t[i:]) for i in range(6)] for t in (tok0, tok1)])
+    assert torch.allclose(ret, want, atol=1e-6)
+    assert torch.allclose(adv, want, atol=1e-6)
+
+
+def test_min_fusion_weights_the_worst_step_at_low_temperature():
+    """At temperature -> 0 a row's process return from its first token is its minimum step reward; a
+    group of one has no baseline, and steps that pad a solution with liked steps add ~nothing."""
+    from rlloop.algos import min_fusion
+
+    outcome = torch.tensor([0.0, 0.0])
+    values = torch.tensor([[0.9, 0.2, 0.9, 0.9], [0.9, 0.2, 0.0, 0.0]])
+    positions = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 0]])
+    step_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    rmask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    _, ret = min_fusion(outcome, values, positions, step_mask, rmask, torch.tensor([0, 1]), w_rule=0.1, w_prm=1.0,
+                        temperature=1e-3)  # fmt: skip
+    assert ret[0, 0].item() == pytest.approx(-0.6, abs=1e-4)  # min r = 2 * 0.2 - 1
+    assert ret[1, 0].item() == pytest.approx(-0.6, abs=1e-4)  # the two extra liked steps changed nothing
+    assert ret[1, 2:].abs().sum() == 0  # padding stays 0
+    with pytest.raises(ValueError, match="min_temperature"):
+        min_fusion(outcome, values, positions, step_mask, rmask, torch.tensor([0, 1]), w_rule=0.1, w_prm=1.0,
+                   temperature=0.0)  # fmt: skip
