@@ -12,6 +12,17 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("console", "jsonl", "wandb")
+# The console's short line: what a person watching a run acts on. Every metric still goes to metrics.jsonl
+# and wandb; the full row is on the console at DEBUG level.
+CONSOLE_KEYS = (
+    "reward/total",
+    "accuracy",
+    "response_length/mean",
+    "kl",
+    "entropy",
+    "time/step",
+)
+CONSOLE_EVERY = 10  # steps between short console lines (evaluation rows are always shown)
 # Never let a secret reach a saved config or a metrics row.
 _SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
 
@@ -78,6 +89,9 @@ class Tracker:
             mode=mode,
             dir=str(self.out_dir),
             config=config,
+            # no run-history sparklines and sync hints on the console at the end of every run: the run's
+            # folder is named once below, the metrics are in metrics.jsonl and training.png
+            settings=wandb.Settings(quiet=True),
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -86,16 +100,24 @@ class Tracker:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         if "console" in self.backends:
-            shown = {
-                k: v for k, v in row.items() if k != "step" and not k.startswith("time/") or k == "time/step"
-            }
-            logger.info(
-                "step %d | %s",
-                step,
-                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()),
-            )
+            self._console(row, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+
+    def _console(self, row: dict[str, Any], step: int) -> None:
+        """Every CONSOLE_EVERY steps and on evaluation rows: one short INFO line (the progress bar shows
+        the rest); the full row at DEBUG."""
+
+        def fmt(items: Any) -> str:
+            return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %d | %s", step, fmt((k, v) for k, v in row.items() if k != "step"))
+        evals = [(k, v) for k, v in row.items() if k.startswith("eval/") and k != "eval/num_samples"]
+        if evals:
+            logger.info("step %d | held-out %s", step, fmt((k.removeprefix("eval/"), v) for k, v in evals))
+        if step % CONSOLE_EVERY == 0 and any(k in row for k in CONSOLE_KEYS):
+            logger.info("step %d | %s", step, fmt((k, row[k]) for k in CONSOLE_KEYS if row.get(k) is not None))
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """Sample trajectories and the like: a wandb table, and a jsonl file beside metrics.jsonl."""

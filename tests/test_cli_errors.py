@@ -22,7 +22,35 @@ def _compose(*overrides):
 def test_default_config_composes_and_validates():
     cfg = _compose()
     validate_config(cfg)
-    assert cfg.model.name == "arith-small" and cfg.learner.zero_stage == 2 and cfg.algo.advantage == "grpo"
+    assert cfg.model.name == "chain-small" and cfg.task.name == "chain" and cfg.algo.advantage == "grpo"
+    assert cfg.learner.zero_stage == 0 and cfg.learner.world_size == 1  # the laptop demo: one rank
+    assert not cfg.reward.prm.enabled  # no untrained PRM scoring every step of the demo
+
+
+def test_a_pretrained_model_on_another_task_names_the_right_model():
+    from rlloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model=arith-small"):
+        validate_config(_compose("task=arith"))
+    validate_config(_compose("task=arith", "model=arith-small"))
+    validate_config(_compose("task=chain-credit"))
+    assert _compose("task=chain-credit").rollout.max_new_tokens == 160  # the preset reaches other groups
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("reward.fusion=bogus", "reward.fusion"),
+        ("reward.min_temperature=0", "reward.min_temperature"),
+        ("reward.prm.oracle=true", "reward.prm.oracle"),  # the rule preset has no PRM
+    ],
+)
+def test_fusion_and_oracle_keys_are_checked(override, culprit):
+    from rlloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        validate_config(_compose(override))
+    validate_config(_compose("reward=tdrm", "reward.prm.oracle=true", "reward.fusion=min", "reward.w_prm=1"))
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,10 @@ LOCAL_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "RAY_DEDUP_LOGS": "0",
+    # Actors' output is interleaved with the driver's progress bar: no weight-loading / shard-writing bars
+    # and no load reports from transformers there (errors still print).
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
 }
 
 
