@@ -335,6 +335,25 @@ def register_configs() -> None:
     cs.store(name="rlloop_schema", node=Config)
 
 
+def with_defaults(schema: type, values: Any) -> dict:
+    """A plain dict of `values` (a dict or config node of `schema`) over the schema's defaults.
+
+    The learner actors take their config as plain dicts; this makes the schema the only place their
+    defaults are written (a key the caller leaves out gets the schema's value, never a second default).
+    """
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    out = dataclasses.asdict(schema())
+    for key, value in dict(values).items():
+        # a sub-config given in part (algo.critic) keeps the schema's defaults for the rest
+        out[key] = {**out[key], **value} if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
 def to_dict(cfg: Any) -> dict:
     """A plain, resolved dict of a config (for saving beside a run and for actors)."""
     from omegaconf import OmegaConf
@@ -342,4 +361,4 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-__all__ = ["Config", "MISSING", "register_configs", "to_dict"]
+__all__ = ["Config", "MISSING", "register_configs", "to_dict", "with_defaults"]

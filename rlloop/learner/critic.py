@@ -182,9 +182,9 @@ class CriticLearner(PolicyLearner):
         algo = self.algo_cfg
         if batch.values is None or batch.returns is None:
             raise ValueError("critic train_step needs batch.values (compute_values) and batch.returns (gae)")
-        ppo_epochs = int(algo.get("ppo_epochs", 1))
-        loss_agg = algo.get("loss_agg", "token-mean")
-        clip = float(algo["critic"].get("value_clip", 0.2))
+        ppo_epochs = int(algo["ppo_epochs"])
+        loss_agg = algo["loss_agg"]
+        clip = float(algo["critic"]["value_clip"])
         mask = torch.tensor(batch.response_mask, dtype=torch.float32)
         total = float(mask.sum())
         slices = micro_slices(len(batch), self.micro_batch_size)

@@ -181,7 +181,10 @@ class LearnerGroup:
         self.world_size = int(learner_cfg["world_size"])
         if self.world_size < 1:
             raise ValueError(f"learner.world_size must be >= 1, got {self.world_size}")
-        self.learner_cfg, self.algo_cfg = dict(learner_cfg), dict(algo_cfg)
+        from rlloop.config import AlgoConfig, LearnerConfig, with_defaults
+
+        self.learner_cfg = with_defaults(LearnerConfig, learner_cfg)
+        self.algo_cfg = with_defaults(AlgoConfig, algo_cfg)
         self.timeout_s = float(timeout_s)
         self.version = 0
         self.pg = None
@@ -215,7 +218,7 @@ class LearnerGroup:
             )
             if self.world_size == 1:
                 master_addr = "127.0.0.1"
-            master_port = int(learner_cfg.get("master_port") or 0) or free_port
+            master_port = int(self.learner_cfg["master_port"] or 0) or free_port
             start = time.perf_counter()
             self._gather(
                 [
@@ -243,7 +246,7 @@ class LearnerGroup:
             "%s learner group up: %d ranks, ZeRO-%s, %s:%d, %.1f s; rank 0 init phases %s",
             role,
             self.world_size,
-            learner_cfg.get("zero_stage"),
+            self.learner_cfg["zero_stage"],
             master_addr,
             master_port,
             time.perf_counter() - start,
@@ -359,7 +362,7 @@ class LearnerGroup:
         padded, n = pad_rows(batch, self.world_size)
         shards = shard_slices(len(padded), self.world_size)
         scales = rank_loss_scales(
-            padded.response_mask, n, shards, self.algo_cfg.get("loss_agg", "token-mean")
+            padded.response_mask, n, shards, self.algo_cfg["loss_agg"]
         )
         refs = [
             actor.call.remote("train_step", padded.select(s), scale)
@@ -398,7 +401,7 @@ class LearnerGroup:
         )
         if any(p != plans[0] for p in plans[1:]):
             raise LearnerError(f"weight_bucket_plan: ranks planned different buckets {plans}")
-        self._bucket_ranks = self.actors if self.learner_cfg.get("zero_stage") == 3 else self.actors[:1]
+        self._bucket_ranks = self.actors if self.learner_cfg["zero_stage"] == 3 else self.actors[:1]
         return plans[0]
 
     def gather_weight_bucket(

@@ -132,7 +132,11 @@ class PolicyLearner:
         seed: int = 0,
     ) -> None:
         self.rank, self.world_size = rank, world_size
-        self.learner_cfg, self.algo_cfg = dict(learner_cfg), dict(algo_cfg)
+        from rlloop.config import AlgoConfig, LearnerConfig, with_defaults
+
+        # keys the caller leaves out take the schema's defaults (rlloop.config), never a second set here
+        self.learner_cfg = with_defaults(LearnerConfig, learner_cfg)
+        self.algo_cfg = with_defaults(AlgoConfig, algo_cfg)
         self.temperature = float(temperature)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for logprobs, got {temperature}")
@@ -159,12 +163,12 @@ class PolicyLearner:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from rlloop.distributed.procmem import set_malloc_mmap_threshold
 
-        threshold_mb = float(self.learner_cfg.get("malloc_mmap_threshold_mb", 0.0) or 0.0)
+        threshold_mb = float(self.learner_cfg["malloc_mmap_threshold_mb"])
         if threshold_mb > 0 and not set_malloc_mmap_threshold(int(threshold_mb * 2**20)):
             logger.warning(
                 "learner.malloc_mmap_threshold_mb=%g: not applied (no glibc, or glibc refused the value)", threshold_mb
             )
-        num_threads = int(self.learner_cfg.get("num_threads", 1))
+        num_threads = int(self.learner_cfg["num_threads"])
         os.environ["OMP_NUM_THREADS"] = str(num_threads)
         torch.set_num_threads(num_threads)
         torch.manual_seed(seed)
@@ -183,11 +187,11 @@ class PolicyLearner:
         model = self._load_model(model_path)
         timings["load model"] = time.perf_counter()
         gc_layers = 0
-        if self.learner_cfg.get("gradient_checkpointing", False):
+        if self.learner_cfg["gradient_checkpointing"]:
             gc_layers = enable_gradient_checkpointing(model)
         self.hf_config = model.config
         self.ref_model: torch.nn.Module | None = None
-        if self.algo_cfg.get("use_ref", False):
+        if self.algo_cfg["use_ref"]:
             # Frozen copy of the initial weights, taken before ZeRO-3 partitions the parameters.
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
 
@@ -197,15 +201,15 @@ class PolicyLearner:
             zero_stage=self.zero_stage,
             micro_batch_size=self.micro_batch_size,
             grad_accum=grad_accum,
-            grad_clip=float(self.learner_cfg.get("grad_clip", 0.0) or 0.0),
-            bf16=bool(self.learner_cfg.get("bf16", False)),
+            grad_clip=float(self.learner_cfg["grad_clip"] or 0.0),
+            bf16=bool(self.learner_cfg["bf16"]),
             zero3_param_persistence_threshold=self.learner_cfg.get("zero3_param_persistence_threshold"),
         )
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=float(self.learner_cfg["lr"]),
-            weight_decay=float(self.learner_cfg.get("weight_decay", 0.0)),
-            betas=tuple(float(b) for b in self.learner_cfg.get("betas", (0.9, 0.999))),
+            weight_decay=float(self.learner_cfg["weight_decay"]),
+            betas=tuple(float(b) for b in self.learner_cfg["betas"]),
         )
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         # Dropout off in every forward, so logprobs of the update match the old/ref logprobs at ratio 1.
@@ -307,7 +311,7 @@ class PolicyLearner:
         from rlloop.learner.logprobs import sampled_logprobs
 
         algo = self.algo_cfg
-        ppo_epochs = int(algo.get("ppo_epochs", 1))
+        ppo_epochs = int(algo["ppo_epochs"])
         # One epoch = one optimizer step after every micro-batch's forward: the update's own logprobs,
         # detached, ARE the old policy's (what a separate no-grad pass would recompute), so the ratio
         # starts at exactly 1 with one forward pass less per micro-batch.
@@ -317,13 +321,13 @@ class PolicyLearner:
                 f"train_step: batch.old_logprobs is None with ppo_epochs={ppo_epochs} "
                 "(compute_logprobs(which='policy') first; only a one-epoch update takes them from its own forward)"
             )
-        loss_agg = algo.get("loss_agg", "token-mean")
-        kl_coef = float(algo.get("kl_coef", 0.0))
-        kl_in_loss = kl_coef > 0 and not algo.get("kl_in_reward", False)
+        loss_agg = algo["loss_agg"]
+        kl_coef = float(algo["kl_coef"])
+        kl_in_loss = kl_coef > 0 and not algo["kl_in_reward"]
         if kl_in_loss and batch.ref_logprobs is None:
             raise ValueError("train_step: kl_coef > 0 with kl_in_reward = False needs batch.ref_logprobs")
-        entropy_coef = float(algo.get("entropy_coef", 0.0))
-        tis_cap = algo.get("tis_cap")
+        entropy_coef = float(algo["entropy_coef"])
+        tis_cap = algo["tis_cap"]
 
         mask = torch.tensor(batch.response_mask, dtype=torch.float32)
         total_tokens = float(mask.sum())
@@ -361,15 +365,15 @@ class PolicyLearner:
                     diff = (old - arr(batch.rollout_logprobs, rows, n)).abs()
                     add("actor/rollout_logprob_mismatch", float(_masked_mean(diff, micro_mask)) * token_share)
                 pg_loss, pg_metrics = compute_policy_loss(
-                    algo.get("policy_loss", "ppo"),
+                    algo["policy_loss"],
                     logprobs,
                     old,
                     arr(batch.advantages, rows, n),
                     micro_mask,
                     loss_agg=loss_agg,
-                    clip_low=float(algo.get("clip_low", 0.2)),
-                    clip_high=float(algo.get("clip_high", 0.2)),
-                    clip_ratio_c=float(algo.get("clip_ratio_c", 3.0)),
+                    clip_low=float(algo["clip_low"]),
+                    clip_high=float(algo["clip_high"]),
+                    clip_ratio_c=float(algo["clip_ratio_c"]),
                     rollout_logprobs=arr(batch.rollout_logprobs, rows, n) if tis_cap is not None else None,
                     tis_cap=tis_cap,
                 )
@@ -384,7 +388,7 @@ class PolicyLearner:
                 if batch.ref_logprobs is not None:
                     with torch.set_grad_enabled(kl_in_loss):
                         kl_mat = kl_penalty(
-                            algo.get("kl_estimator", "k3"), logprobs, arr(batch.ref_logprobs, rows, n)
+                            algo["kl_estimator"], logprobs, arr(batch.ref_logprobs, rows, n)
                         )
                         kl_ref = aggregate_loss(kl_mat, micro_mask, loss_agg)
                     if kl_in_loss:
