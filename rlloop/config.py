@@ -18,8 +18,18 @@ from omegaconf import MISSING
 class TaskConfig:
     name: str = "arith"  # built in: "arith" | "chain"; or "file" (train_path/test_path)
     data_source: str = "arith"  # routes samples to a verifier (reward.verifier.sources)
-    train_path: Optional[str] = None  # jsonl/parquet with columns prompt, answer[, data_source]
-    test_path: Optional[str] = None
+    # jsonl/parquet: a path, a list of paths or a glob; rlloop, verl, TRL and OpenRLHF layouts are detected
+    train_path: Optional[Any] = None
+    test_path: Optional[Any] = None
+    # columns, when detection (rlloop/data/loader.py find_columns) is not enough; dotted keys reach into
+    # nested objects (reward_model.ground_truth). input_key/label_key are OpenRLHF's names for the same.
+    prompt_key: Optional[str] = None
+    answer_key: Optional[str] = None
+    input_key: Optional[str] = None
+    label_key: Optional[str] = None
+    apply_chat_template: bool = True  # false: the prompt's raw text, no template (base models)
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    overlong_prompts: str = "filter"  # prompt + rollout.max_new_tokens over the context: filter | truncate | error
     num_train: int = 20000  # built-in tasks: problems generated for training
     num_test: int = 200  # built-in: held-out problems (and eval size for file tasks, 0 = all)
     min_ops: int = 1  # arith, chain: operations per problem
@@ -95,7 +105,9 @@ class VerifierConfig:
     timeout_s: float = 10.0
     # data_source -> verifier name (registry); "*" is the fallback
     sources: Dict[str, str] = field(default_factory=lambda: {"arith": "math", "*": "math"})
-    custom_fn: Optional[str] = None  # "pkg.module:function" for the "custom" verifier
+    # the "custom" verifier's function: "pkg.module:function" or "/path/to/file.py:function"
+    custom_fn: Optional[str] = None
+    custom_style: str = "auto"  # its signature: auto (detected) | verl | trl | openrlhf
     # per-verifier keyword options, e.g. {code: {wall_s: 2, memory_mb: 256}, math: {extract: boxed}}
     options: Dict[str, Any] = field(default_factory=dict)
     plugins: List[str] = field(default_factory=list)  # modules that @register_verifier extra verifiers
@@ -194,6 +206,9 @@ class CriticConfig:
     num_threads: int = 1
 
 
+OLD_LOGPROBS_MODES = ("auto", "recompute")  # algo.old_logprobs (read by the controller)
+
+
 @dataclass
 class AlgoConfig:
     name: str = "grpo"
@@ -222,7 +237,7 @@ class AlgoConfig:
     # where the PPO ratio's old logprobs come from: "auto" = the update's own forward, detached, when
     # ppo_epochs == 1 (on-policy, one optimizer step per batch: identical values, one forward pass less),
     # else a separate no-grad pass before the update; "recompute" = always that separate pass
-    old_logprobs: str = "auto"
+    old_logprobs: str = "auto"  # one of OLD_LOGPROBS_MODES
     critic: CriticConfig = field(default_factory=CriticConfig)  # advantage=gae only
 
 

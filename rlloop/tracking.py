@@ -12,6 +12,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("console", "jsonl", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")  # wandb.mode
 # The console's short line: what a person watching a run acts on. Every metric still goes to metrics.jsonl
 # and wandb; the full row is on the console at DEBUG level.
 CONSOLE_KEYS = (

@@ -12,6 +12,13 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"config {key}={value!r}: {why}")
 
 
+def _choose(key: str, value: Any, choices: Any) -> None:
+    """`value` must be one of `choices`: a registry (its names) or the tuple its consumer defines."""
+    names = [str(n) for n in choices]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    _require(value in names, key, value, f"unknown; choose {listed}")
+
+
 def check_keys(cfg: Any, schema: type, prefix: str = "") -> None:
     """Every key of `cfg` must be a field of the dataclass `schema` (Hydra lets `+key=...` through)."""
     import dataclasses
@@ -56,9 +63,14 @@ def validate_config(cfg: Any) -> None:
     from rlloop.config import Config
 
     check_keys(cfg, Config)
-    from rlloop.algos.advantages import ADVANTAGES
-    from rlloop.algos.losses import POLICY_LOSSES
-    from rlloop.tracking import BACKENDS
+    from rlloop.algos.advantages import ADVANTAGES, GROUP_RELATIVE
+    from rlloop.algos.fusion import FUSION_MODES, PRM_TRANSFORMS, STEP_NORMS, STEP_PROCESSES
+    from rlloop.algos.kl import KL_ESTIMATORS
+    from rlloop.algos.losses import LOSS_AGG_MODES, POLICY_LOSSES
+    from rlloop.algos.td import TD_KINDS
+    from rlloop.config import OLD_LOGPROBS_MODES
+    from rlloop.rollout.worker import ENGINES
+    from rlloop.tracking import BACKENDS, WANDB_MODES
 
     r, a, lr, t, rw = cfg.rollout, cfg.algo, cfg.learner, cfg.trainer, cfg.reward
     _require(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be >= 1")
@@ -73,7 +85,7 @@ def validate_config(cfg: Any) -> None:
     _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0 (0 = greedy eval only)")
     _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
     _require(
-        r.n >= 2 or a.advantage not in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "gdpo"),
+        r.n >= 2 or a.advantage not in GROUP_RELATIVE,
         "rollout.n",
         r.n,
         f"group-relative advantage {a.advantage!r} needs >= 2 samples per prompt",
@@ -83,7 +95,7 @@ def validate_config(cfg: Any) -> None:
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _require(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 for training samples")
     _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
-    _require(r.engine in ("hf", "vllm"), "rollout.engine", r.engine, "choose hf or vllm")
+    _choose("rollout.engine", r.engine, ENGINES)
     if r.engine == "vllm":
         _check_vllm(r, cfg.cluster.rollout.num_gpus)
     _require(lr.lr > 0, "learner.lr", lr.lr, "must be > 0")
@@ -96,28 +108,19 @@ def validate_config(cfg: Any) -> None:
         lr.malloc_mmap_threshold_mb,
         "must be >= 0 (0 = glibc's dynamic threshold)",
     )
-    _require(
-        a.advantage in ADVANTAGES, "algo.advantage", a.advantage, f"unknown; choose from {sorted(ADVANTAGES)}"
-    )
-    _require(
-        a.policy_loss in POLICY_LOSSES,
-        "algo.policy_loss",
-        a.policy_loss,
-        f"unknown; choose from {sorted(POLICY_LOSSES)}",
-    )
+    _choose("algo.advantage", a.advantage, ADVANTAGES)
+    _choose("algo.policy_loss", a.policy_loss, POLICY_LOSSES)
+    _choose("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
+    _choose("algo.loss_agg", a.loss_agg, LOSS_AGG_MODES)
     if a.advantage == "gae":
         _check_critic(a, rw)
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
     _require(a.ppo_epochs >= 1, "algo.ppo_epochs", a.ppo_epochs, "must be >= 1")
-    _require(
-        a.old_logprobs in ("auto", "recompute"), "algo.old_logprobs", a.old_logprobs, "choose auto or recompute"
-    )
-    _require(
-        rw.fusion in ("outcome", "step", "token", "prime", "min"),
-        "reward.fusion",
-        rw.fusion,
-        "choose outcome, step, token, prime or min",
-    )
+    _choose("algo.old_logprobs", a.old_logprobs, OLD_LOGPROBS_MODES)
+    _check_kl(a, rw)
+    _choose("reward.fusion", rw.fusion, FUSION_MODES)
+    _choose("reward.step_process", rw.step_process, STEP_PROCESSES)
+    _choose("reward.step_norm", rw.step_norm, STEP_NORMS)
     _require(rw.min_temperature > 0, "reward.min_temperature", rw.min_temperature, "must be > 0")
     _require(0 <= rw.w_prm <= 1, "reward.w_prm", rw.w_prm, "must be in [0, 1]")
     _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
@@ -130,13 +133,8 @@ def validate_config(cfg: Any) -> None:
         "takes its step values from the chain task's step checker: it needs task=chain, "
         "reward.prm.enabled=true and reward.prm.online=false",
     )
-    _require(rw.prm.g in ("logit", "sigmoid"), "reward.prm.g", rw.prm.g, "choose logit or sigmoid")
-    _require(
-        rw.prm.td in ("td0", "nstep", "td_lambda", "mc"),
-        "reward.prm.td",
-        rw.prm.td,
-        "choose td0, nstep, td_lambda or mc",
-    )
+    _choose("reward.prm.g", rw.prm.g, PRM_TRANSFORMS)
+    _choose("reward.prm.td", rw.prm.td, TD_KINDS)
     _require(rw.prm.lr > 0, "reward.prm.lr", rw.prm.lr, "must be > 0")
     _require(0 <= rw.prm.gamma <= 1, "reward.prm.gamma", rw.prm.gamma, "must be in [0, 1]")
     _require(
@@ -160,13 +158,33 @@ def validate_config(cfg: Any) -> None:
     _require(rw.verifier.timeout_s > 0, "reward.verifier.timeout_s", rw.verifier.timeout_s, "must be > 0")
     bad = [b for b in cfg.logger if b not in BACKENDS]
     _require(not bad, "logger", list(cfg.logger), f"unknown backend(s) {bad}; choose from {list(BACKENDS)}")
-    _require(
-        cfg.wandb.mode in ("offline", "online", "disabled"),
-        "wandb.mode",
-        cfg.wandb.mode,
-        "choose offline, online or disabled",
-    )
+    _choose("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     check_verifiers(rw.verifier)
+
+
+def _check_kl(a: Any, rw: Any) -> None:
+    """algo.kl_in_reward and the adaptive coefficient (algo.kl_target / kl_horizon)."""
+    _require(
+        a.kl_target is None or a.kl_target > 0, "algo.kl_target", a.kl_target, "must be > 0 (or null: fixed kl_coef)"
+    )
+    _require(a.kl_horizon >= 1, "algo.kl_horizon", a.kl_horizon, "must be >= 1 sample")
+    _require(
+        a.kl_target is None or (a.kl_in_reward and a.kl_coef > 0),
+        "algo.kl_target",
+        a.kl_target,
+        "adapts the coefficient of the KL penalty in the reward, starting from algo.kl_coef: it needs "
+        f"algo.kl_in_reward=true and algo.kl_coef > 0 (got kl_in_reward={a.kl_in_reward}, kl_coef={a.kl_coef})",
+    )
+    # the penalty joins the token rewards that an advantage estimator reads; these fusions compute their
+    # advantages from the outcome and step values themselves
+    own = ("step", "min", "prime") if a.advantage != "gae" else ("min", "prime")
+    _require(
+        not (a.kl_in_reward and a.kl_coef > 0) or rw.fusion not in own,
+        "algo.kl_in_reward",
+        a.kl_in_reward,
+        f"reward.fusion={rw.fusion} computes its advantages without token rewards, so a KL penalty in the "
+        "reward has nowhere to go; put the KL in the loss (algo.kl_in_reward=false) or use fusion outcome or token",
+    )
 
 
 def _check_critic(a: Any, rw: Any) -> None:
@@ -185,7 +203,9 @@ def _check_critic(a: Any, rw: Any) -> None:
         c.init,
         f"initialises the critic from reward.{c.init}.path, which is unset (a trained folder is needed)",
     )
-    _require(c.output in ("auto", "linear", "sigmoid"), "algo.critic.output", c.output, "choose auto, linear or sigmoid")
+    from rlloop.learner.critic import OUTPUTS
+
+    _choose("algo.critic.output", c.output, ("auto", *OUTPUTS))
     _require(c.lr > 0, "algo.critic.lr", c.lr, "must be > 0")
     _require(c.value_clip > 0, "algo.critic.value_clip", c.value_clip, "must be > 0")
     _require(c.world_size >= 1, "algo.critic.world_size", c.world_size, "must be >= 1")
@@ -205,11 +225,10 @@ def _check_sync_and_async(lr: Any, t: Any, a: Any) -> None:
     _require(
         lr.sync_probe_every >= 0, "learner.sync_probe_every", lr.sync_probe_every, "must be >= 0 (0 = off)"
     )
-    modes = ("off", "one_step", "bounded")
-    _require(t.async_mode in modes, "trainer.async_mode", t.async_mode, f"choose one of {', '.join(modes)}")
-    _require(
-        t.stale_policy in ("drop", "wait"), "trainer.stale_policy", t.stale_policy, "choose drop or wait"
-    )
+    from rlloop.distributed.async_rollout import ASYNC_MODES, STALE_POLICIES
+
+    _choose("trainer.async_mode", t.async_mode, ASYNC_MODES)
+    _choose("trainer.stale_policy", t.stale_policy, STALE_POLICIES)
     _require(t.max_staleness >= 0, "trainer.max_staleness", t.max_staleness, "must be >= 0 policy versions")
     _require(t.async_lookahead >= 0, "trainer.async_lookahead", t.async_lookahead, "must be >= 0 (0 = auto)")
     if t.async_mode == "off":
@@ -314,7 +333,9 @@ def _check_token_sources(rw: Any) -> None:
 
     q, ip = rw.qrm, rw.implicit_prm
     _require(0 <= rw.w_token <= 1, "reward.w_token", rw.w_token, "must be in [0, 1]")
-    _require(rw.token_norm in ("none", "std"), "reward.token_norm", rw.token_norm, "choose none or std")
+    from rlloop.algos.fusion import TOKEN_NORMS
+
+    _choose("reward.token_norm", rw.token_norm, TOKEN_NORMS)
     if rw.fusion == "token":
         _require(
             q.enabled or ip.enabled,

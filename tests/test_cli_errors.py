@@ -84,6 +84,13 @@ def test_schema_rejects_unknown_keys_and_wrong_types(override, error, culprit):
         ("trainer.total_steps=0", "trainer.total_steps"),
         ("logger=[console,tensorboard]", "logger"),
         ("reward.fusion=magic", "reward.fusion"),
+        ("algo.kl_estimator=bogus", "algo.kl_estimator"),
+        ("algo.loss_agg=bogus", "algo.loss_agg"),
+        ("reward.step_norm=bogus", "reward.step_norm"),
+        ("reward.step_process=bogus", "reward.step_process"),
+        ("trainer.async_mode=bogus", "trainer.async_mode"),
+        ("algo.kl_target=0.1", "algo.kl_target"),  # adaptive KL without a KL penalty in the reward
+        ("algo.kl_horizon=0", "algo.kl_horizon"),
     ],
 )
 def test_impossible_values_name_the_key(override, culprit):
@@ -94,3 +101,38 @@ def test_impossible_values_name_the_key(override, culprit):
 
 # The CLI's exit code, one-line message and untouched run folder, for config, data, model and reward
 # function errors, are checked by the table in tests/test_bad_inputs.py.
+
+
+def test_choice_lists_come_from_the_registries():
+    """A name registered at run time is accepted at once: validate.py keeps no list of its own."""
+    from rlloop.algos.advantages import ADVANTAGES, GROUP_RELATIVE
+    from rlloop.algos.kl import KL_ESTIMATORS, register_kl
+    from rlloop.algos.losses import LOSS_AGG_MODES, POLICY_LOSSES
+
+    for name in KL_ESTIMATORS:
+        validate_config(_compose(f"algo.kl_estimator={name}"))
+    for name in LOSS_AGG_MODES:
+        validate_config(_compose(f"algo.loss_agg={name}"))
+    for name in POLICY_LOSSES:
+        validate_config(_compose(f"algo.policy_loss={name}"))
+    for name in sorted(set(ADVANTAGES) - {"gae"}):  # gae needs a critic init, checked elsewhere
+        validate_config(_compose(f"algo.advantage={name}"))
+    assert {"grpo", "rloo", "gdpo"} <= GROUP_RELATIVE and "reinforce_pp" not in GROUP_RELATIVE
+    register_kl("test_only_kl")(KL_ESTIMATORS["k1"])
+    try:
+        validate_config(_compose("algo.kl_estimator=test_only_kl"))
+    finally:
+        del KL_ESTIMATORS["test_only_kl"]
+    with pytest.raises(ConfigError, match=r"algo\.kl_estimator='bogus': unknown; choose k1, k2, k3 or abs"):
+        validate_config(_compose("algo.kl_estimator=bogus"))
+
+
+def test_kl_in_reward_and_the_adaptive_coefficient_are_checked():
+    validate_config(_compose("algo=reinforce_pp"))
+    validate_config(_compose("algo=reinforce_pp", "algo.kl_target=0.05", "algo.kl_horizon=1000"))
+    with pytest.raises(ConfigError, match=r"algo\.kl_target"):  # KL in the loss: no adaptive coefficient
+        validate_config(_compose("algo.kl_coef=0.1", "algo.kl_target=0.05"))
+    with pytest.raises(ConfigError, match=r"algo\.kl_in_reward"):  # min fusion takes no token rewards
+        validate_config(
+            _compose("algo=reinforce_pp", "reward=tdrm", "reward.prm.oracle=true", "reward.fusion=min", "reward.w_prm=1")
+        )

@@ -23,13 +23,16 @@ from .masked import discounted_returns, group_mean_std, masked_mean_std, masked_
 
 AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
 ADVANTAGES: dict[str, AdvantageFn] = {}
+# estimators whose baseline is the prompt's group: they need rollout.n >= 2 samples per prompt
+GROUP_RELATIVE: set[str] = set()
 
 # Arguments every estimator may receive; each takes only those it declares.
 _COMMON = ("values", "gamma", "lam", "eps")
 
 
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: `@register_advantage("grpo")` makes the function selectable by `algo.advantage`."""
+def register_advantage(name: str, *, group_relative: bool = False) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Decorator: `@register_advantage("grpo")` makes the function selectable by `algo.advantage`;
+    `group_relative=True` marks an estimator that compares the samples of one prompt (GROUP_RELATIVE)."""
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:
         if name in ADVANTAGES:
@@ -37,6 +40,8 @@ def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
                 f"advantage estimator {name!r} is already registered ({ADVANTAGES[name].__name__})"
             )
         ADVANTAGES[name] = fn
+        if group_relative:
+            GROUP_RELATIVE.add(name)
         return fn
 
     return decorator
@@ -103,7 +108,7 @@ def _scores(token_rewards: Tensor, mask: Tensor) -> Tensor:
     return masked_sum(token_rewards, mask, dim=-1)
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", group_relative=True)
 def grpo(
     token_rewards: Tensor, mask: Tensor, group_ids: Tensor, *, eps: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
@@ -114,7 +119,7 @@ def grpo(
     return adv, adv
 
 
-@register_advantage("dr_grpo")
+@register_advantage("dr_grpo", group_relative=True)
 def dr_grpo(token_rewards: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Dr. GRPO: A_b = s_b - mu_G (no std division, which up-weights near-solved/unsolved prompts)."""
     s = _scores(token_rewards, mask)
@@ -123,7 +128,7 @@ def dr_grpo(token_rewards: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Ten
     return adv, adv
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", group_relative=True)
 def rloo(token_rewards: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """RLOO: A_b = s_b - mean_{j in G, j != b} s_j = (s_b - mu_G) * n / (n - 1); 0 for n = 1."""
     s = _scores(token_rewards, mask)
@@ -144,7 +149,7 @@ def reinforce_pp(
     return masked_whiten(returns, mask, eps), returns
 
 
-@register_advantage("reinforce_pp_baseline")
+@register_advantage("reinforce_pp_baseline", group_relative=True)
 def reinforce_pp_baseline(
     token_rewards: Tensor, mask: Tensor, group_ids: Tensor, *, eps: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
@@ -156,7 +161,7 @@ def reinforce_pp_baseline(
     return adv, adv
 
 
-@register_advantage("gdpo")
+@register_advantage("gdpo", group_relative=True)
 def gdpo(
     token_rewards: Tensor,
     mask: Tensor,

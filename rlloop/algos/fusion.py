@@ -33,6 +33,13 @@ from .checks import (
 )
 from .masked import discounted_returns, group_mean_std, last_token_index, masked_mean_std, masked_whiten
 
+# The choices of the fusion keys, the one list of each (rlloop.validate reads them from here).
+FUSION_MODES = ("outcome", "step", "token", "prime", "min")  # reward.fusion
+PRM_TRANSFORMS = ("logit", "sigmoid")  # reward.prm.g
+STEP_PROCESSES = ("value", "shaping")  # reward.step_process
+STEP_NORMS = ("group", "batch", "none")  # reward.step_norm
+TOKEN_NORMS = ("none", "std")  # reward.token_norm
+
 _LOGIT_CLAMP = 1e-6  # V is clamped to [c, 1-c] before the logit: |g| <= 13.8 instead of inf at V in {0, 1}
 
 
@@ -118,7 +125,7 @@ def place_response_rewards(values: Sequence[Sequence[float]], response_mask: Ten
 
 def prm_transform(prm_value: Tensor, g: str) -> Tensor:
     """g(V): "logit" = log(V / (1 - V)) (TDRM's release uses the raw logit), "sigmoid" = V itself."""
-    check_choice("reward.prm.g", g, ("logit", "sigmoid"))
+    check_choice("reward.prm.g", g, PRM_TRANSFORMS)
     bad = (prm_value < 0) | (prm_value > 1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -237,7 +244,7 @@ def _process_events(
         )
     T = response_mask.shape[1]
     group_ids = check_group_ids(group_ids, B)
-    check_choice("reward.step_process", process, ("value", "shaping"))
+    check_choice("reward.step_process", process, STEP_PROCESSES)
     check_range("gamma", gamma, 0.0, 1.0)
     dtype, device = outcome.dtype, outcome.device
     step_values = step_values.to(dtype)
@@ -353,7 +360,7 @@ def step_fusion(
     step_mask, rmask, dtype, device = ev["step_mask"], ev["rmask"], ev["dtype"], ev["device"]
     outcome, response_mask, has_tokens = ev["outcome"], ev["response_mask"], ev["has_tokens"]
     B, T = outcome.shape[0], response_mask.shape[1]
-    check_choice("reward.step_norm", norm, ("group", "batch", "none"))
+    check_choice("reward.step_norm", norm, STEP_NORMS)
     event_norm = _normalise(event_values, event_mask, group_ids, norm, eps, center=(process == "value"))
     outcome_norm = _normalise(outcome, has_tokens, group_ids, norm, eps, center=True)
 
@@ -431,7 +438,7 @@ def token_fusion(
     mask = check_mask("response_mask", response_mask, token_rewards.shape, like="token_rewards").to(
         outcome.dtype
     )
-    check_choice("reward.token_norm", token_norm, ("none", "std"))
+    check_choice("reward.token_norm", token_norm, TOKEN_NORMS)
     r = token_rewards.to(outcome.dtype) * mask
     if token_norm == "std":
         _, std = masked_mean_std(r, mask)
