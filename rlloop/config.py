@@ -221,13 +221,19 @@ class AlgoConfig:
     clip_high: float = 0.2
     clip_ratio_c: float = 3.0
     loss_agg: str = "token-mean"
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
+    kl_coef: float = 0.0  # beta of the KL term (its start value when adaptive: kl_target)
+    kl_estimator: str = "k3"  # registry name (rlloop.algos.kl.KL_ESTIMATORS): k1 | k2 | k3 | abs
+    # true: the KL is a penalty -beta * kl(log pi_old - log pi_ref) on each response token's reward, added
+    # before the advantages (logged as reward/kl_penalty), and the loss has no KL term; false: a KL loss term
     kl_in_reward: bool = False
     entropy_coef: float = 0.0
-    use_ref: bool = True  # compute reference logprobs (needed for KL; logged even at kl_coef 0)
+    # compute the reference logprobs also without a KL term (kl_coef 0), for the `kl` metric; kl_coef > 0
+    # computes them whatever this says
+    use_ref: bool = True
     tis_cap: Optional[float] = None  # truncated importance sampling against rollout logprobs
-    kl_target: Optional[float] = None  # adaptive KL coefficient toward this KL (None = fixed kl_coef)
+    # adaptive coefficient of the KL in the reward (kl_in_reward, Ziegler et al.) toward this per-token KL,
+    # updated once per step and logged as algo/kl_coef; None = fixed kl_coef
+    kl_target: Optional[float] = None
     kl_horizon: int = 10000  # adaptive KL: samples over which the coefficient may move by 20%
     dynamic_sampling: bool = False  # drop groups whose rewards all tie (DAPO), rlloop.algos.sampling
     dynamic_sampling_max_rounds: int = 0  # extra generation rounds to refill dropped groups (0 = drop only)

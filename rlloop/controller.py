@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rlloop import checkpoint
+from rlloop.algos.kl import apply_kl_in_reward, make_kl_controller
 from rlloop.config import to_dict
 from rlloop.errors import ConfigError, RlloopError
 from rlloop.types import Batch, Rollout, Sample
@@ -192,6 +193,12 @@ class Trainer:
         self.stream = PromptStream(self.train_set, cfg.trainer.seed)
         self.step = 0
         self.trained_groups: list[str] = []  # prompt uids in the order they were trained on
+        a = cfg.algo
+        # a KL term (in the loss or the reward) always needs the reference logprobs; algo.use_ref adds
+        # them without one, for the `kl` metric
+        self.use_ref = bool(a.use_ref or a.kl_coef > 0)
+        # the coefficient of the KL penalty in the reward: fixed, or adaptive toward algo.kl_target
+        self.kl_ctl = make_kl_controller(a.kl_coef, a.kl_target, a.kl_horizon)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resume_state: dict | None = None
         self.resume_path: Path | None = None
@@ -291,7 +298,7 @@ class Trainer:
         self.learner = LearnerGroup(
             self.model_path,
             to_dict(cfg.learner),
-            to_dict(cfg.algo),
+            {**to_dict(cfg.algo), "use_ref": self.use_ref},
             temperature=r.temperature,
             train_batch_size=r.prompts_per_step * r.n,
             seed=cfg.trainer.seed,
@@ -483,6 +490,9 @@ class Trainer:
         batch: Batch,
         prm_out: list[dict] | None,
         token_scores: torch.Tensor | None = None,
+        *,
+        kl_rewards: torch.Tensor | None = None,
+        kl_coef: float = 0.0,
     ) -> dict[str, float]:
         """Fuse verifier and PRM scores into batch.token_rewards / advantages / returns.
 
@@ -497,7 +507,13 @@ class Trainer:
         rewards with leave-one-out baselines plus w_rule times the verifiable reward.
         reward.fusion=prime: PRIME's leave-one-out advantages per source (outcome, implicit-PRM r_t),
         summed with weights w_rule / w_token and whitened (rlloop.rewards.implicit_prm.prime_advantages).
-        Returns metrics: per-source statistics and the mean fused reward (`reward/total`).
+        kl_rewards [B, T] (algo.kl_in_reward: -kl_coef * kl_t, from `kl_in_reward`) join the token rewards before the
+        advantage estimator; fusions that compute advantages without one (step without a critic, min,
+        prime) take none (validate.py refuses the combination).
+        algo.advantage=gdpo gets each reward source as its own column (`gdpo_components`), normalised
+        within the group apart from the others, rather than their sum.
+        Returns metrics: per-source statistics and the mean fused reward before any KL penalty
+        (`reward/total`).
         """
         from rlloop.algos.advantages import compute_advantages
         from rlloop.algos.fusion import (
@@ -505,6 +521,7 @@ class Trainer:
             min_fusion,
             outcome_fusion,
             place_on_last_token,
+            prm_transform,
             step_fusion,
             step_token_rewards,
             token_fusion,
@@ -520,22 +537,34 @@ class Trainer:
         metrics: dict[str, float] = {}
         values = None if batch.values is None else torch.from_numpy(batch.values)  # the critic's (gae)
 
+        # gdpo: each source of the reward [B] with the weight it has in the fused sum
+        components: dict[str, tuple[torch.Tensor, float]] = {"correct": (outcome, rw.w_rule)}
+        trained: dict[str, torch.Tensor] = {}  # the token rewards the estimator saw, KL penalty included
+
         def advantages(token_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if kl_rewards is not None:
+                token_rewards = token_rewards + kl_rewards
+                components["kl"] = (-kl_rewards.sum(-1) / kl_coef, -kl_coef)  # sum_t kl_t, weight -beta
+            trained["token_rewards"] = token_rewards
+            extra = gdpo_components(components) if a.advantage == "gdpo" else {}
             return compute_advantages(
-                a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps
-            )
+                a.advantage, token_rewards, mask, group_ids, values=values, gamma=a.gamma, lam=a.lam, eps=a.adv_eps,
+                **extra,
+            )  # fmt: skip
 
         if a.overlong_buffer > 0:
             lengths = torch.tensor([len(ro.response_ids) for ro in rollouts])
             penalty = overlong_penalty(
                 lengths, self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty
             )
+            components["overlong"] = (penalty, rw.w_rule)
             outcome = outcome + penalty
             metrics["reward/overlong_penalty"] = float(penalty.mean())
         if rw.w_format > 0:
-            bonus = rw.w_format * torch.tensor(format_scores(rollouts), dtype=torch.float32)
-            outcome = outcome + bonus
-            metrics["reward/format_bonus"] = float(bonus.mean())
+            fmt = torch.tensor(format_scores(rollouts), dtype=torch.float32)
+            components["format"] = (fmt, rw.w_rule * rw.w_format)
+            outcome = outcome + rw.w_format * fmt
+            metrics["reward/format_bonus"] = float(rw.w_format * fmt.mean())
         steps = self._step_tensors(rollouts, prm_out) if prm_out is not None else None
         if rw.fusion == "outcome":
             prm_value = None
@@ -544,6 +573,7 @@ class Trainer:
                     steps["values"], steps["mask"], steps["answer_step"], steps["prompt_value"]
                 )
                 metrics["reward/prm_value"] = float(prm_value.mean())
+                components["prm"] = (prm_transform(prm_value, rw.prm.g), rw.w_prm)
             total = outcome_fusion(
                 outcome, prm_value, w_rule=rw.w_rule, w_prm=rw.w_prm, g=rw.prm.g, metrics=metrics
             )
@@ -585,6 +615,7 @@ class Trainer:
                 f"reward.fusion={rw.fusion!r} needs a token-reward source, which is not configured"
             )
         elif rw.fusion == "token":
+            components["token"] = ((token_scores * mask).sum(-1), rw.w_token)
             token_rewards = token_fusion(
                 outcome,
                 token_scores,
@@ -605,6 +636,9 @@ class Trainer:
             metrics.update({f"fusion/{k}": v for k, v in stats.items()})
             token_rewards = rw.w_rule * place_on_last_token(outcome, mask) + rw.w_token * token_scores * mask
             total = rw.w_rule * outcome + rw.w_token * token_sum
+        if kl_rewards is not None and not trained:
+            raise RlloopError(f"algo.kl_in_reward: reward.fusion={rw.fusion} takes no token rewards")
+        token_rewards = trained.get("token_rewards", token_rewards)
         batch.token_rewards = token_rewards.numpy().astype(np.float32)
         batch.advantages = adv.numpy().astype(np.float32)
         batch.returns = ret.numpy().astype(np.float32)
@@ -839,6 +873,7 @@ class Trainer:
             "stream": stream,
             "trained_groups": self.trained_groups,
             "restarts": self.restarts,
+            "kl_coef": self.kl_ctl.value,  # adaptive KL: the coefficient as it has moved so far
             "model_fingerprint": checkpoint.model_fingerprint(self.model_path),
             "model_path": self.model_path,
         }
@@ -873,6 +908,7 @@ class Trainer:
         self.stream.pos = int(state["stream"]["pos"])
         self.trained_groups = list(state.get("trained_groups", []))
         self.restarts = dict(state.get("restarts", {}))
+        self.kl_ctl.value = float(state.get("kl_coef", self.kl_ctl.value))
         self.sync_weights(version=self.policy_version)
         versions = self._get([w.get_policy_version.remote() for w in self.workers], "policy versions")
         logger.info(
@@ -1136,21 +1172,29 @@ class Trainer:
             batch = build_batch(rollouts, self.pad_id)
             if "ref" in early:  # filtered since: collect the stale pass (errors surface), then redo it
                 self.learner.gather_logprobs(early.pop("ref"))
-        # gae: the critic's values of this batch, computed while the token sources score it
+        # gae: the critic's values of this batch, and the reference pass on the learner ranks, computed
+        # while the token sources score it
         values_pending = self.critic.submit_values(batch) if self.critic is not None else None
+        ref_pending = early.get("ref")
+        if ref_pending is None and self.use_ref:
+            ref_pending = self.learner.submit_logprobs(batch, "ref")
         token_scores, token_metrics, implicit_prm_update = self._score_tokens(rollouts, batch, timer)
         if values_pending is not None:
             with timer.phase("critic_values"):
                 batch.values = self.critic.gather_values(values_pending)
-        fusion_metrics = {**token_metrics, **self.score(rollouts, batch, prm_out, token_scores)}
         with timer.phase("logprobs"):
-            ref_pending = early.get("ref")
-            if ref_pending is None and cfg.algo.use_ref:
-                ref_pending = self.learner.submit_logprobs(batch, "ref")
             if not self._fused_old_logprobs:
                 batch.old_logprobs = self.learner.compute_logprobs(batch, "policy")
             if ref_pending is not None:
                 batch.ref_logprobs = self.learner.gather_logprobs(ref_pending)
+        kl_rewards, kl_metrics = self.kl_in_reward(batch)
+        fusion_metrics = {
+            **token_metrics,
+            **kl_metrics,
+            **self.score(
+                rollouts, batch, prm_out, token_scores, kl_rewards=kl_rewards, kl_coef=kl_metrics.get("algo/kl_coef", 0.0)
+            ),
+        }
         with timer.phase("learner"):
             # the critic (its own processes) regresses toward the GAE returns while the policy updates
             critic_pending = self.critic.submit_train_step(batch) if self.critic is not None else None
@@ -1212,6 +1256,42 @@ class Trainer:
             **timing,
         }
 
+    def kl_in_reward(self, batch: Batch) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """algo.kl_in_reward: the KL penalty -beta * kl_t per response token [B, T] (None when off), for
+        score() to add to the token rewards before the advantages, and its metrics.
+
+        kl_t is algo.kl_estimator of log pi_old(y_t) - log pi_ref(y_t). pi_old is batch.old_logprobs when
+        the update recomputes them; a one-epoch update (algo.old_logprobs=auto) takes them from its own
+        forward, after this point, so the rollout engine's logprobs stand in: the same weights in sync mode
+        (their gap is rollout/logprob_mismatch), the sampling policy in async mode. beta is the KL
+        controller's value, updated once per step from this batch's KL (adaptive with algo.kl_target).
+        Metrics: reward/kl_penalty, the mean over sequences of beta * sum_t kl_t (what each sequence's
+        return loses); reward/kl, the mean over sequences of the per-token mean kl_t (the controller's
+        measure); algo/kl_coef, the beta used for this batch.
+        """
+        a = self.cfg.algo
+        if not a.kl_in_reward or a.kl_coef == 0:
+            return None, {}
+        if batch.ref_logprobs is None:
+            raise RlloopError("algo.kl_in_reward: the reference logprobs were not computed for this batch")
+        old = batch.old_logprobs if batch.old_logprobs is not None else batch.rollout_logprobs
+        mask = torch.from_numpy(batch.response_mask)
+        beta = self.kl_ctl.value
+        penalty, current_kl = apply_kl_in_reward(
+            torch.zeros(mask.shape),
+            torch.from_numpy(old),
+            torch.from_numpy(batch.ref_logprobs),
+            mask,
+            kl_coef=beta,
+            estimator=a.kl_estimator,
+        )
+        self.kl_ctl.update(current_kl, n_steps=len(batch))
+        return penalty, {
+            "reward/kl_penalty": float(-penalty.sum(-1).mean()),
+            "reward/kl": current_kl,
+            "algo/kl_coef": beta,
+        }
+
     @property
     def _fused_old_logprobs(self) -> bool:
         """The update takes the PPO ratio's old logprobs from its own forward (see AlgoConfig.old_logprobs)."""
@@ -1223,7 +1303,7 @@ class Trainer:
         starts the reference-logprob pass on the learner ranks before the loop blocks on PRM scoring, so
         both run at once (two processes, two cores). Dynamic sampling replaces rows after the first
         round, so it gets no hook."""
-        if not self.cfg.algo.use_ref or self.prm_pool is None or self.cfg.algo.dynamic_sampling:
+        if not self.use_ref or self.prm_pool is None or self.cfg.algo.dynamic_sampling:
             return None
 
         def start(rollouts: list[Rollout]) -> None:
@@ -1565,6 +1645,19 @@ def critic_metrics(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tens
     var_r = float(r.var()) if r.numel() > 1 else 0.0
     explained = 1.0 - float((r - v).var()) / var_r if var_r > 1e-12 else float("nan")
     return {"critic/values": float(v.mean()), "critic/returns": float(r.mean()), "critic/explained_var": explained}
+
+
+def gdpo_components(components: dict[str, tuple[torch.Tensor, float]]) -> dict[str, Any]:
+    """algo.advantage=gdpo's inputs: the reward sources [B] as columns `reward_components` [B, S] and
+    their weights in the fused reward `reward_weights` [S]. A source of weight 0 is left out (it adds
+    nothing to the sum, and GDPO weights each source after normalising it)."""
+    kept = {name: (c, w) for name, (c, w) in components.items() if w != 0}
+    if not kept:
+        raise ConfigError("algo.advantage=gdpo: every reward source has weight 0 (reward.w_rule, w_prm, ...)")
+    return {
+        "reward_components": torch.stack([c.to(torch.float32) for c, _ in kept.values()], dim=1),
+        "reward_weights": [float(w) for _, w in kept.values()],
+    }
 
 
 def group_index(groups: list[str]) -> torch.Tensor:
