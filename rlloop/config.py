@@ -18,18 +18,8 @@ from omegaconf import MISSING
 class TaskConfig:
     name: str = "arith"  # built in: "arith" | "chain"; or "file" (train_path/test_path)
     data_source: str = "arith"  # routes samples to a verifier (reward.verifier.sources)
-    # jsonl/parquet: a path, a list of paths or a glob; rlloop, verl, TRL and OpenRLHF layouts are detected
-    train_path: Optional[Any] = None
-    test_path: Optional[Any] = None
-    # columns, when detection (rlloop/data/loader.py find_columns) is not enough; dotted keys reach into
-    # nested objects (reward_model.ground_truth). input_key/label_key are OpenRLHF's names for the same.
-    prompt_key: Optional[str] = None
-    answer_key: Optional[str] = None
-    input_key: Optional[str] = None
-    label_key: Optional[str] = None
-    apply_chat_template: bool = True  # false: the prompt's raw text, no template (base models)
-    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
-    overlong_prompts: str = "filter"  # prompt + rollout.max_new_tokens over the context: filter | truncate | error
+    train_path: Optional[str] = None  # jsonl/parquet with columns prompt, answer[, data_source]
+    test_path: Optional[str] = None
     num_train: int = 20000  # built-in tasks: problems generated for training
     num_test: int = 200  # built-in: held-out problems (and eval size for file tasks, 0 = all)
     min_ops: int = 1  # arith, chain: operations per problem
@@ -105,9 +95,7 @@ class VerifierConfig:
     timeout_s: float = 10.0
     # data_source -> verifier name (registry); "*" is the fallback
     sources: Dict[str, str] = field(default_factory=lambda: {"arith": "math", "*": "math"})
-    # the "custom" verifier's function: "pkg.module:function" or "/path/to/file.py:function"
-    custom_fn: Optional[str] = None
-    custom_style: str = "auto"  # its signature: auto (detected) | verl | trl | openrlhf
+    custom_fn: Optional[str] = None  # "pkg.module:function" for the "custom" verifier
     # per-verifier keyword options, e.g. {code: {wall_s: 2, memory_mb: 256}, math: {extract: boxed}}
     options: Dict[str, Any] = field(default_factory=dict)
     plugins: List[str] = field(default_factory=list)  # modules that @register_verifier extra verifiers
