@@ -24,22 +24,32 @@ _OWN_TEMPLATE = ("tiny", "arith-small", "chain-small")
 
 
 def rendered_prompt(sample: Sample, cfg: Any) -> str:
-    """The prompt text a rollout feeds the model: the chat template over the sample's messages."""
-    from rlloop.data.loader import chat_messages
+    """The prompt text a rollout feeds the model (rlloop.data.loader.prompt_text)."""
+    from rlloop.data.loader import (
+        chat_messages,
+        chat_template_kwargs,
+        prompt_text,
+        raw_prompt_text,
+        uses_chat_template,
+    )
 
-    messages = chat_messages(sample, cfg.task)
+    if not uses_chat_template(cfg.task):
+        return raw_prompt_text(sample, cfg.task)
     if not cfg.model.path and cfg.model.name in _OWN_TEMPLATE:
         import jinja2
 
         from rlloop.models.tokenizer import CHAT_TEMPLATE
 
-        return jinja2.Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+        return jinja2.Template(CHAT_TEMPLATE).render(
+            messages=chat_messages(sample, cfg.task),
+            add_generation_prompt=True,
+            **chat_template_kwargs(cfg.task),
+        )
     from transformers import AutoTokenizer
 
     from rlloop.models import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model, cfg.task))
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt_text(sample, AutoTokenizer.from_pretrained(resolve_model(cfg.model, cfg.task)), cfg.task)
 
 
 def check(cfg: Any, out=sys.stdout) -> int:

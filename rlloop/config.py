@@ -18,8 +18,18 @@ from omegaconf import MISSING
 class TaskConfig:
     name: str = "arith"  # built in: "arith" | "chain"; or "file" (train_path/test_path)
     data_source: str = "arith"  # routes samples to a verifier (reward.verifier.sources)
-    train_path: Optional[str] = None  # jsonl/parquet with columns prompt, answer[, data_source]
-    test_path: Optional[str] = None
+    # jsonl/parquet: a path, a list of paths or a glob; rlloop, verl, TRL and OpenRLHF layouts are detected
+    train_path: Optional[Any] = None
+    test_path: Optional[Any] = None
+    # columns, when detection (rlloop/data/loader.py find_columns) is not enough; dotted keys reach into
+    # nested objects (reward_model.ground_truth). input_key/label_key are OpenRLHF's names for the same.
+    prompt_key: Optional[str] = None
+    answer_key: Optional[str] = None
+    input_key: Optional[str] = None
+    label_key: Optional[str] = None
+    apply_chat_template: bool = True  # false: the prompt's raw text, no template (base models)
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    overlong_prompts: str = "filter"  # prompt + rollout.max_new_tokens over the context: filter | truncate | error
     num_train: int = 20000  # built-in tasks: problems generated for training
     num_test: int = 200  # built-in: held-out problems (and eval size for file tasks, 0 = all)
     min_ops: int = 1  # arith, chain: operations per problem

@@ -155,6 +155,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         from rlloop.data import build_datasets, render_prompt
+        from rlloop.data.loader import fit_prompt_lengths, max_positions
         from rlloop.models import resolve_model
         from rlloop.validate import validate_config
 
@@ -172,6 +173,21 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
+        self.train_set, self.test_set = (  # prompts too long for the context: task.overlong_prompts
+            fit_prompt_lengths(
+                samples,
+                self.tokenizer,
+                cfg.task,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                context=max_positions(self.model_path),
+                split=split,
+            )
+            for split, samples in (("train", self.train_set), ("test", self.test_set))
+        )
+        if not self.train_set:
+            raise RlloopError(f"task {cfg.task.name!r}: every training prompt is too long for the model")
+        # the verifier gets each prompt's row: verl's extra_info, TRL's columns and chat messages
+        self._samples = {s.uid: s for s in self.test_set + self.train_set}
         self.critic_init = None  # algo.advantage=gae: where the critic starts, checked before any actor
         if cfg.algo.advantage == "gae":
             from rlloop.learner.critic import resolve_critic_init

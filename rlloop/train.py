@@ -44,14 +44,14 @@ def preflight(cfg: Any, run_dir: str | None = None) -> None:
     """Check everything the user gave that needs no actor; RlloopError naming the culprit otherwise.
 
     Config values and reward functions (validate_config), data sets and their data sources, the model
-    and PRM folders, prompt lengths against the model's context, and the checkpoint to resume (looked up
+    and PRM folders, prompt lengths against the model's context (task.overlong_prompts), and the checkpoint to resume (looked up
     under `output_dir` or `run_dir`, the hydra.run.dir). Builds a built-in model on first use (cached, so
     the run itself reuses it).
     """
     from rlloop import checkpoint
     from rlloop.data import build_datasets
     from rlloop.data.check import check_task_golds
-    from rlloop.data.loader import check_prompt_lengths, max_positions
+    from rlloop.data.loader import fit_prompt_lengths, max_positions
     from rlloop.distributed.placement import preflight_check
     from rlloop.models import resolve_model
     from rlloop.validate import check_data_sources, validate_config
@@ -77,13 +77,20 @@ def preflight(cfg: Any, run_dir: str | None = None) -> None:
     check_task_golds(cfg.task, cfg.reward.verifier, train, test)  # unverifiable golds: warn or raise
     model_path = resolve_model(cfg.model, cfg.task)
     tokenizer = _check_model_folder(model_path, key)
-    check_prompt_lengths(
-        train + test,
-        tokenizer,
-        cfg.task,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        context=max_positions(model_path),
-    )
+    for split, samples in (("train", train), ("test", test)):
+        kept = fit_prompt_lengths(
+            samples,
+            tokenizer,
+            cfg.task,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            context=max_positions(model_path),
+            split=split,
+        )
+        if samples and not kept:
+            raise ConfigError(
+                f"every {split} prompt is too long for the model with rollout.max_new_tokens="
+                f"{cfg.rollout.max_new_tokens} (task.overlong_prompts={cfg.task.overlong_prompts})"
+            )
     if resume is not None:
         checkpoint.load_state(
             resume, fingerprint=checkpoint.model_fingerprint(model_path), total_steps=cfg.trainer.total_steps

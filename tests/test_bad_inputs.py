@@ -60,7 +60,16 @@ CASES = [
         ["task=file", "task.train_path={data}/latin1.jsonl"],
         ["latin1.jsonl", "line 2", "UTF-8"],
     ),
-    ("huge row", ["task=file", "task.train_path={data}/huge.jsonl"], ["'huge'", "tokens", "256"]),
+    (  # the default, task.overlong_prompts=filter, drops it with a warning instead
+        "huge row",
+        ["task=file", "task.train_path={data}/huge.jsonl", "task.overlong_prompts=error"],
+        ["'huge'", "tokens", "256"],
+    ),
+    (
+        "no prompt fits",
+        ["task=file", "task.train_path={data}/all_huge.jsonl"],
+        ["every train prompt", "too long"],
+    ),
     ("duplicated uids", ["task=file", "task.train_path={data}/dup.jsonl"], ["line 3", "'a'", "line 1"]),
     (
         "uid clash train/test",
@@ -152,6 +161,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         b'{"prompt": "1+1?", "answer": "2"}\n{"prompt": "caf\xe9?", "answer": "1"}\n'
     )
     _jsonl(data / "huge.jsonl", [good[0], {"uid": "huge", "prompt": "1 + " * 3000 + "1?", "answer": "3001"}])
+    _jsonl(data / "all_huge.jsonl", [{"uid": "huge", "prompt": "1 + " * 3000 + "1?", "answer": "3001"}])
     _jsonl(data / "dup.jsonl", [good[0], good[1], {"uid": "a", "prompt": "3+3?", "answer": "6"}])
     _jsonl(data / "clash.jsonl", [{"uid": "a", "prompt": "9+9?", "answer": "18"}])
     (data / "not_json.jsonl").write_text(json.dumps(good[0]) + "\n{prompt: 1+1}\n")

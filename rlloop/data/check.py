@@ -8,7 +8,6 @@ samples would be recorded as unscored). Verifiers without one (code, custom func
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable, Iterable, List, Mapping, NamedTuple, Optional
 
 from rlloop.errors import ConfigError
@@ -93,13 +92,12 @@ def check_golds(
     return problems
 
 
-def row_labels(path: str | Path) -> List[str]:
-    """ "<file>: line N" (jsonl) or "<file>: row N" (parquet) for each data row of a file, in the order
-    load_samples reads them (so `GoldProblem.index` indexes this list)."""
-    from rlloop.data.loader import _read_rows, _row_name
+def row_labels(path: Any) -> List[str]:
+    """ "<file>: line N" (jsonl) or "<file>: row N" (parquet) for each data row of a file (or of each file
+    of a list or glob), in the order load_samples reads them (so `GoldProblem.index` indexes this list)."""
+    from rlloop.data.loader import _read_rows, _row_name, resolve_paths
 
-    p = Path(path).expanduser()
-    return [_row_name(p, row) for row, _ in _read_rows(p)]
+    return [_row_name(p, row) for p in resolve_paths(path, "path") for row, _ in _read_rows(p)]
 
 
 def describe(problems: List[GoldProblem], labels: Optional[List[str]] = None, limit: int = 0) -> List[str]:

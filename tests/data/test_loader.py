@@ -39,7 +39,8 @@ def test_parquet_happy_path(tmp_path):
     f = tmp_path / "d.parquet"
     pq.write_table(pa.table({"prompt": ["a?", "b?"], "answer": ["1", "2"], "level": [3, 4]}), f)
     s = load_samples(str(f), data_source="math", split="test")
-    assert [x.ground_truth for x in s] == ["1", "2"] and s[1].extra == {"level": 4} and s[1].uid == "test-1"
+    assert [x.ground_truth for x in s] == ["1", "2"] and s[1].uid == "test-1"
+    assert s[1].extra == {"answer": "2", "level": 4}  # every column but the prompt: TRL's reward kwargs
 
 
 def test_missing_file_named(tmp_path):
