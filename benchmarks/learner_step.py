@@ -100,7 +100,7 @@ def worker(args) -> None:
             "malloc_mmap_threshold_mb": 1.0 if "mmap1m" in mods else 0.0,
         },
         {
-            "name": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_low": 0.2, "clip_high": 0.2,
+            "advantage": "grpo", "policy_loss": "ppo", "clip_low": 0.2, "clip_high": 0.2,
             "clip_ratio_c": 3.0, "loss_agg": "token-mean", "kl_coef": 0.0, "entropy_coef": 0.0,
             "use_ref": False, "tis_cap": None, "ppo_epochs": 1,
         },

@@ -168,7 +168,6 @@ class ImplicitPRMConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "rule"
     fusion: str = "outcome"  # outcome | step | token | prime | min (PURE's min-form credit)
     w_rule: float = 1.0
     w_prm: float = 0.0
@@ -209,7 +208,6 @@ OLD_LOGPROBS_MODES = ("auto", "recompute")  # algo.old_logprobs (read by the con
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"
     advantage: str = "grpo"  # registry name (rlloop.algos.advantages)
     adv_eps: float = 1e-6
     gamma: float = 1.0

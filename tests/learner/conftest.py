@@ -35,7 +35,6 @@ def learner_cfg(**overrides) -> dict:
 
 def algo_cfg(**overrides) -> dict:
     cfg = {
-        "name": "grpo",
         "advantage": "grpo",
         "adv_eps": 1e-6,
         "gamma": 1.0,
