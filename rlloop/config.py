@@ -105,7 +105,9 @@ class VerifierConfig:
     timeout_s: float = 10.0
     # data_source -> verifier name (registry); "*" is the fallback
     sources: Dict[str, str] = field(default_factory=lambda: {"arith": "math", "*": "math"})
-    custom_fn: Optional[str] = None  # "pkg.module:function" for the "custom" verifier
+    # the "custom" verifier's function: "pkg.module:function" or "/path/to/file.py:function"
+    custom_fn: Optional[str] = None
+    custom_style: str = "auto"  # its signature: auto (detected) | verl | trl | openrlhf
     # per-verifier keyword options, e.g. {code: {wall_s: 2, memory_mb: 256}, math: {extract: boxed}}
     options: Dict[str, Any] = field(default_factory=dict)
     plugins: List[str] = field(default_factory=list)  # modules that @register_verifier extra verifiers

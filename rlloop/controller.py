@@ -493,8 +493,11 @@ class Trainer:
                 solution_str=ro.text,
                 ground_truth=ro.ground_truth,
                 prompt=ro.prompt_text,
+                extra=dict(sample.extra) if sample else {},
+                raw_prompt=sample.prompt if sample else None,
             )
             for ro in rollouts
+            for sample in [self._samples.get(ro.group)]
         ]
         for ro, res in zip(rollouts, self.verifier.score(requests)):
             ro.outcome = {"correct": float(res.score), **{k: float(v) for k, v in res.scores.items()}}

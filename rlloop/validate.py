@@ -429,6 +429,7 @@ def check_verifiers(verifier_cfg: Any) -> None:
             {k: dict(o or {}) for k, o in (v.get("options") or {}).items()},
             v.get("custom_fn"),
             list(v.get("plugins") or []),
+            v.get("custom_style") or "auto",
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

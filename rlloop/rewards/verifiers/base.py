@@ -11,14 +11,16 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Union
 
 VerifierFn = Callable[..., "VerifyResult"]
 
 
 @dataclass
 class VerifyRequest:
-    """One sample to score. `extra` carries per-sample metadata (verl's `extra_info`, TRL's dataset columns)."""
+    """One sample to score. `extra` carries the data row's other columns (`Sample.extra`: verl's
+    `extra_info`, TRL's dataset columns); `prompt` is the prompt as rendered for the model, `raw_prompt`
+    the data set's own (text or chat messages; None when unknown)."""
 
     uid: str
     data_source: str
@@ -26,6 +28,7 @@ class VerifyRequest:
     ground_truth: str
     prompt: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
+    raw_prompt: Union[str, List[Dict[str, str]], None] = None
 
 
 @dataclass

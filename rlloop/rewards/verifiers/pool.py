@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, List, Optional
 
 from rlloop.rewards.verifiers.base import VerifyRequest, VerifyResult, check_options, get_verifier
-from rlloop.rewards.verifiers.custom import load_custom_fn
+from rlloop.rewards.verifiers.custom import absolute_custom_fn, load_custom_fn
 from rlloop.rewards.verifiers.worker import VerifierWorkerCore, import_plugins, route, verifier_options
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def check_verifier_config(
     options: Dict[str, Dict[str, Any]],
     custom_fn: Optional[str],
     plugins: List[str],
+    custom_style: str = "auto",
 ) -> None:
     """ValueError naming the key when a verifier, its options, a plugin or the custom function is unusable.
 
@@ -109,10 +110,10 @@ def check_verifier_config(
         except ValueError as err:
             raise ValueError(f"reward.verifier.options.{name}: {err}") from None
     for name in set(sources.values()):
-        opts = verifier_options(name, options, custom_fn)
+        opts = verifier_options(name, options, custom_fn, custom_style)
         check_options(name, opts)
         if name == "custom":
-            load_custom_fn(opts.get("fn"))
+            load_custom_fn(opts.get("fn"), opts.get("style", "auto"))
         if name == "code":  # refuse here, before any worker starts, when code would run unisolated
             from rlloop.rewards.verifiers.sandbox import SandboxUnavailable, warm_up
 
@@ -121,15 +122,15 @@ def check_verifier_config(
             except SandboxUnavailable as err:
                 raise ValueError(f"reward.verifier.options.code: {err}") from None
     if custom_fn and "custom" not in sources.values():
-        load_custom_fn(custom_fn)
+        load_custom_fn(custom_fn, custom_style)
 
 
 class VerifierPool:
     """Score `VerifyRequest`s in `num_workers` Ray actors. Requires `ray.init()` to have been called.
 
     cfg: `rlloop.config.VerifierConfig`, or a DictConfig/dict with its keys (num_workers, timeout_s,
-    sources, custom_fn, options, plugins, worker_num_cpus). Sources, verifier names, options and the
-    custom function are all checked here, in the caller's process, before any worker starts.
+    sources, custom_fn, custom_style, options, plugins, worker_num_cpus). Sources, verifier names, options
+    and the custom function are all checked here, in the caller's process, before any worker starts.
     """
 
     def __init__(self, cfg: Any) -> None:
@@ -142,7 +143,10 @@ class VerifierPool:
         self.options: Dict[str, Dict[str, Any]] = {
             k: dict(v or {}) for k, v in (c.get("options") or {}).items()
         }
-        self.custom_fn: Optional[str] = c.get("custom_fn")
+        self.custom_fn: Optional[str] = absolute_custom_fn(c.get("custom_fn"))
+        self.custom_style: str = c.get("custom_style") or "auto"
+        if "fn" in self.options.get("custom", {}):
+            self.options["custom"]["fn"] = absolute_custom_fn(self.options["custom"]["fn"])
         self.plugins: List[str] = list(c.get("plugins") or [])
         worker_num_cpus = float(c.get("worker_num_cpus", 0.1))
         if self.num_workers < 1:
@@ -163,6 +167,7 @@ class VerifierPool:
             timeout_s=self.timeout_s,
             plugins=self.plugins,
             sys_path=[p for p in sys.path if p],
+            custom_style=self.custom_style,
         )
         self._lock = threading.Condition()
         self._pending: Deque[_Item] = collections.deque()
@@ -195,7 +200,7 @@ class VerifierPool:
 
     # ---- start-up checks -------------------------------------------------------------------------
     def _validate(self) -> None:
-        check_verifier_config(self.sources, self.options, self.custom_fn, self.plugins)
+        check_verifier_config(self.sources, self.options, self.custom_fn, self.plugins, self.custom_style)
 
     def check_sources(self, data_sources: Iterable[str]) -> None:
         """ValueError naming the first data_source that no verifier handles."""

@@ -30,10 +30,16 @@ def route(sources: Mapping[str, str], data_source: str) -> str:
     return name
 
 
-def verifier_options(name: str, options: Mapping[str, Any], custom_fn: Optional[str]) -> Dict[str, Any]:
+def verifier_options(
+    name: str, options: Mapping[str, Any], custom_fn: Optional[str], custom_style: str = "auto"
+) -> Dict[str, Any]:
+    """`reward.verifier.options[name]`, with custom_fn/custom_style as the custom verifier's fn/style."""
     opts = dict(options.get(name) or {})
-    if name == "custom" and custom_fn and "fn" not in opts:
-        opts["fn"] = custom_fn
+    if name == "custom":
+        if custom_fn and "fn" not in opts:
+            opts["fn"] = custom_fn
+        if custom_style and custom_style != "auto" and "style" not in opts:
+            opts["style"] = custom_style
     return opts
 
 
@@ -57,6 +63,7 @@ class VerifierWorkerCore:
         timeout_s: float = 10.0,
         plugins: Optional[List[str]] = None,
         sys_path: Optional[List[str]] = None,
+        custom_style: str = "auto",
     ) -> None:
         # The driver's sys.path, so a user's custom_fn/plugin module imports here as it did there.
         for entry in reversed(sys_path or []):
@@ -72,7 +79,7 @@ class VerifierWorkerCore:
         self.timeout_s = timeout_s
         self._fns = {}
         for name in set(self.sources.values()):
-            opts = verifier_options(name, self.options, custom_fn)
+            opts = verifier_options(name, self.options, custom_fn, custom_style)
             check_options(name, opts)
             self._fns[name] = (get_verifier(name), opts)
         self.isolation: Dict[str, str] = {}
@@ -122,4 +129,47 @@ class VerifierWorkerCore:
             return VerifyResult.failed(request.uid, f"verifier error: {type(err).__name__}: {err}"[:500])
 
     def verify_many(self, requests: List[VerifyRequest]) -> List[VerifyResult]:
-        return [self.verify(r) for r in requests]
+        """Results in request order. A verifier with a batched path (`verify_batch`, e.g. a TRL-style
+        custom function) gets all of its requests in one call; the others run per sample."""
+        results: List[Optional[VerifyResult]] = [None] * len(requests)
+        by_verifier: Dict[str, List[int]] = {}
+        for i, r in enumerate(requests):
+            try:
+                by_verifier.setdefault(route(self.sources, r.data_source), []).append(i)
+            except ValueError:
+                results[i] = self.verify(r)  # reports the unrouted data_source
+        for name, indices in by_verifier.items():
+            fn, opts = self._fns.get(name) or (get_verifier(name), {})
+            batched = (
+                self._verify_batch(fn, opts, [requests[i] for i in indices]) if len(indices) > 1 else None
+            )
+            for i, result in zip(indices, batched or [self.verify(requests[i]) for i in indices]):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _verify_batch(
+        self, fn: Any, opts: Dict[str, Any], requests: List[VerifyRequest]
+    ) -> Optional[List[VerifyResult]]:
+        """One batched call under the batch's time limit (timeout_s per sample, as the pool allows);
+        None when the verifier has no batched path, or the call failed other than by timing out (the
+        caller then scores per sample, so a failure is reported against the sample that causes it)."""
+        verify_batch = getattr(fn, "verify_batch", None)
+        if verify_batch is None:
+            return None
+        uids = [r.uid for r in requests]
+        try:
+            with time_limit(self.timeout_s * len(requests)):
+                results = verify_batch(requests, **opts)
+            if results is None:
+                return None
+            if len(results) != len(requests) or not all(isinstance(x, VerifyResult) for x in results):
+                raise TypeError(f"verify_batch returned {len(results)} items for {len(requests)} requests")
+        except SampleTimeout as err:
+            logger.warning("samples %s: batch %s", uids, err)
+            return [VerifyResult.failed(uid, f"timeout: batch of {len(uids)}: {err}") for uid in uids]
+        except Exception as err:
+            logger.warning("samples %s: batched verifier raised %r; scoring them one by one", uids, err)
+            return None
+        for uid, result in zip(uids, results):
+            result.uid = uid
+        return results

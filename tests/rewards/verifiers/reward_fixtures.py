@@ -23,9 +23,11 @@ def verl_compute_score(data_source, solution_str, ground_truth, extra_info=None)
 def trl_reward(prompts, completions, ground_truth, **kwargs):
     """TRL-style: list in, list out; also checks the prompt was passed through."""
     out = []
-    for prompt, completion, gt in zip(prompts, completions, ground_truth, strict=False):
-        bonus = 0.5 if kwargs.get("bonus", [False])[0] else 0.0
-        out.append((1.0 if completion.strip().endswith(str(gt)) else 0.0) * 0.5 + bonus * bool(prompt))
+    bonuses = kwargs.get("bonus") or [None] * len(prompts)  # a column some rows lack: None in those
+    for prompt, completion, gt, bonus in zip(prompts, completions, ground_truth, bonuses, strict=True):
+        out.append(
+            (1.0 if completion.strip().endswith(str(gt)) else 0.0) * 0.5 + 0.5 * bool(bonus and prompt)
+        )
     return out
 
 
@@ -72,3 +74,20 @@ def misbehave(data_source, solution_str, ground_truth, extra_info=None):
     if mode is None:
         return verl_compute_score(data_source, solution_str, ground_truth, extra_info)
     return modes[mode](data_source, solution_str, ground_truth, extra_info)
+
+
+def openrlhf_reward(queries, prompts, labels):
+    """OpenRLHF-style: 1.0 when the query (prompt + completion) ends with the label; logs the length."""
+    rewards = [float(q.endswith(str(label))) for q, label in zip(queries, labels, strict=True)]
+    assert all(q.startswith(p) for q, p in zip(queries, prompts, strict=True))
+    return {"rewards": rewards, "scores": rewards, "extra_logs": {"query_len": [len(q) for q in queries]}}
+
+
+def verl_echo_extra_info(data_source, solution_str, ground_truth, extra_info=None):
+    """verl-style: the score is extra_info['weight'] when the answer is right (extra_info as given)."""
+    return float(extra_info["weight"]) * float(solution_str.strip().endswith(str(ground_truth)))
+
+
+async def trl_async_reward(prompts, completions, **kwargs):
+    """TRL-style async: 1.0 per completion given as chat messages, 0.5 per plain string."""
+    return [1.0 if isinstance(c, list) and c[0]["role"] == "assistant" else 0.5 for c in completions]
