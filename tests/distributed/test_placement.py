@@ -18,10 +18,15 @@ from rlloop.errors import ConfigError
 from rlloop.train import compose_config
 from tests.conftest import TINY_RUN, run_cli
 
+# the defaults these tests were written for (two ZeRO-2 ranks, the PRM service on); the embedded demo's
+# defaults are one rank and no PRM since issue 20
+OLD_DEFAULTS = ["learner=zero2", "reward=tdrm"]
+
 
 def _cfg(*overrides: str):
     # one rollout worker (rollout=hf runs two by default) unless a test asks for more
-    return compose_config(["model=tiny", "rollout.num_workers=1", *overrides])
+    # the defaults the placement tests were written for: two ZeRO-2 ranks and the PRM service on
+    return compose_config([*OLD_DEFAULTS, "model=tiny", "rollout.num_workers=1", *overrides])
 
 
 # ---------------------------------------------------------------- the plan (no Ray)
@@ -31,7 +36,7 @@ def test_local_preset_keeps_the_cpu_resources_it_always_had():
     """cluster=local: learner ranks 0.5 CPU in their own group (as LearnerGroup made it), rollout workers
     0.25 (two of them, rollout=hf), PRM replicas 0.1, no GPU anywhere; 1.8 CPUs in all with the 2
     verifier workers."""
-    plan = plan_placement(compose_config(["model=tiny"]))
+    plan = plan_placement(compose_config([*OLD_DEFAULTS, "model=tiny"]))
     assert plan.mode == "separate" and plan.strategy == "PACK"
     assert plan.groups == {
         "learner": [{"CPU": 0.5}, {"CPU": 0.5}],
@@ -45,10 +50,10 @@ def test_local_preset_keeps_the_cpu_resources_it_always_had():
 def test_ppo_places_its_critic_ranks():
     """algo=ppo (advantage=gae) adds the critic's DeepSpeed ranks as a role of their own; on the 2-core
     local preset they fit beside the rest (1.9 CPUs), on GPUs each rank asks for a GPU (or shares one)."""
-    plan = plan_placement(compose_config(["model=tiny", "algo=ppo"]))
+    plan = plan_placement(compose_config([*OLD_DEFAULTS, "model=tiny", "algo=ppo"]))
     assert plan.groups["critic"] == [{"CPU": 0.1}]
     assert plan.total("CPU") == pytest.approx(1.9)
-    assert "critic" not in plan_placement(compose_config(["model=tiny"])).groups  # grpo: no critic
+    assert "critic" not in plan_placement(compose_config([*OLD_DEFAULTS, "model=tiny"])).groups  # grpo: no critic
     plan = plan_placement(_cfg("algo=ppo", "algo.critic.world_size=2", "cluster=gpu_separate"))
     assert plan.groups["critic"] == [{"CPU": 2.0, "GPU": 1.0}] * 2
     shared = plan_placement(
@@ -347,7 +352,7 @@ def test_learner_ranks_on_two_nodes_train_one_step(tmp_path):
 def test_thread_oversubscription_is_named_with_the_keys_to_change():
     from rlloop.distributed.placement import thread_oversubscription
 
-    default = compose_config(["model=tiny"])
+    default = compose_config([*OLD_DEFAULTS, "model=tiny"])
     assert thread_oversubscription(default, cores=2) == []  # the default: 2 x 1 rollout, 2 x 1 learner
     (msg,) = thread_oversubscription(compose_config(["rollout.num_threads=2"]), cores=2)
     assert "rollout.num_workers x rollout.num_threads = 2 x 2" in msg and "rollout.num_threads=1" in msg
