@@ -182,6 +182,7 @@ class RewardConfig:
     token_norm: str = "none"  # fusion=token: none | std (Q-RM: divide by the std over response tokens)
     step_process: str = "shaping"  # fusion=step: shaping (gamma*V_k - V_{k-1}, policy-invariant) | value (V_k)
     step_norm: str = "group"  # fusion=step: normalise each source per group | batch | none
+    first_error_threshold: float = 0.5  # fusion=first_error: a step with V below it is "doubted"
     min_temperature: float = 0.1  # fusion=min: softmin temperature over step rewards (PURE's release: 0.1)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)

@@ -536,6 +536,7 @@ class Trainer:
         """
         from rlloop.algos.advantages import compute_advantages
         from rlloop.algos.fusion import (
+            first_error_fusion,
             fusion_stats,
             min_fusion,
             outcome_fusion,
@@ -626,6 +627,16 @@ class Trainer:
             adv, ret = min_fusion(
                 outcome, steps["values"], positions * steps["mask"].long(), steps["mask"], mask, group_ids,
                 w_rule=rw.w_rule, w_prm=rw.w_prm, temperature=rw.min_temperature, metrics=metrics,
+            )  # fmt: skip
+            token_rewards = place_on_last_token(outcome, mask)
+            total = outcome
+        elif rw.fusion == "first_error":
+            if steps is None:
+                raise RlloopError("reward.fusion=first_error needs the PRM: set reward.prm.enabled=true")
+            positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
+            adv, ret = first_error_fusion(
+                outcome, steps["values"], positions * steps["mask"].long(), steps["mask"], mask, group_ids,
+                w_prm=rw.w_prm, threshold=rw.first_error_threshold, eps=a.adv_eps, metrics=metrics,
             )  # fmt: skip
             token_rewards = place_on_last_token(outcome, mask)
             total = outcome

@@ -122,6 +122,12 @@ def validate_config(cfg: Any) -> None:
     _choose("reward.step_process", rw.step_process, STEP_PROCESSES)
     _choose("reward.step_norm", rw.step_norm, STEP_NORMS)
     _require(rw.min_temperature > 0, "reward.min_temperature", rw.min_temperature, "must be > 0")
+    _require(
+        0 <= rw.first_error_threshold <= 1,
+        "reward.first_error_threshold",
+        rw.first_error_threshold,
+        "must be in [0, 1] (a PRM value)",
+    )
     _require(0 <= rw.w_prm <= 1, "reward.w_prm", rw.w_prm, "must be in [0, 1]")
     _require(0 <= rw.w_rule <= 1, "reward.w_rule", rw.w_rule, "must be in [0, 1]")
     _require(0 <= rw.w_format <= 1, "reward.w_format", rw.w_format, "must be in [0, 1]")
@@ -146,7 +152,7 @@ def validate_config(cfg: Any) -> None:
     _check_prm_service(rw.prm)
     _check_placement(cfg)
     _require(
-        rw.fusion not in ("step", "min") or rw.prm.enabled,
+        rw.fusion not in ("step", "min", "first_error") or rw.prm.enabled,
         "reward.fusion",
         rw.fusion,
         f"{rw.fusion} fusion needs reward.prm.enabled=true",
@@ -177,7 +183,7 @@ def _check_kl(a: Any, rw: Any) -> None:
     )
     # the penalty joins the token rewards that an advantage estimator reads; these fusions compute their
     # advantages from the outcome and step values themselves
-    own = ("step", "min", "prime") if a.advantage != "gae" else ("min", "prime")
+    own = ("step", "min", "prime", "first_error") if a.advantage != "gae" else ("min", "prime", "first_error")
     _require(
         not (a.kl_in_reward and a.kl_coef > 0) or rw.fusion not in own,
         "algo.kl_in_reward",
@@ -191,7 +197,7 @@ def _check_critic(a: Any, rw: Any) -> None:
     """algo.critic.* for algo.advantage=gae (PPO with a critic, rlloop.learner.critic)."""
     c = a.critic
     _require(
-        rw.fusion not in ("prime", "min"),
+        rw.fusion not in ("prime", "min", "first_error"),
         "reward.fusion",
         rw.fusion,
         f"{rw.fusion} fusion computes leave-one-out advantages of its own, without a critic; with "

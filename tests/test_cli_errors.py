@@ -42,6 +42,7 @@ def test_a_pretrained_model_on_another_task_names_the_right_model():
     [
         ("reward.fusion=bogus", "reward.fusion"),
         ("reward.min_temperature=0", "reward.min_temperature"),
+        ("reward.first_error_threshold=2", "reward.first_error_threshold"),
         ("reward.prm.oracle=true", "reward.prm.oracle"),  # the rule preset has no PRM
     ],
 )
@@ -51,6 +52,7 @@ def test_fusion_and_oracle_keys_are_checked(override, culprit):
     with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
         validate_config(_compose(override))
     validate_config(_compose("reward=tdrm", "reward.prm.oracle=true", "reward.fusion=min", "reward.w_prm=1"))
+    validate_config(_compose("reward=tdrm", "reward.prm.oracle=true", "reward.fusion=first_error", "reward.w_prm=1"))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ Registries pick the method by config name: `ADVANTAGES` (algo.advantage), `POLIC
 from .advantages import ADVANTAGES, compute_advantages, register_advantage
 from .checks import make_group_ids
 from .fusion import (
+    first_error_fusion,
     fusion_stats,
     min_fusion,
     outcome_fusion,
@@ -53,6 +54,7 @@ __all__ = [
     "compute_value_loss",
     "entropy_from_logits",
     "filter_tied_groups",
+    "first_error_fusion",
     "fusion_stats",
     "kl_loss",
     "kl_penalty",

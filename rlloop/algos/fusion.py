@@ -7,6 +7,7 @@
            token; each source normalised on its own, returns by reverse cumulative sum, weighted sum
            (PRIME-style) -> advantages and returns directly.
   token    a per-token reward (e.g. Q-RM) added with a weight -> token rewards for an estimator.
+  first_error  GRPO's outcome advantage with a wrong solution's blame starting at its first doubted step.
   min      PURE's min-form credit (arXiv 2504.15275): softmin-weighted step rewards, leave-one-out
            baselines, plus a verifiable-reward share -> advantages and returns directly.
 
@@ -34,7 +35,7 @@ from .checks import (
 from .masked import discounted_returns, group_mean_std, last_token_index, masked_mean_std, masked_whiten
 
 # The choices of the fusion keys, the one list of each (rlloop.validate reads them from here).
-FUSION_MODES = ("outcome", "step", "token", "prime", "min")  # reward.fusion
+FUSION_MODES = ("outcome", "step", "token", "prime", "min", "first_error")  # reward.fusion
 PRM_TRANSFORMS = ("logit", "sigmoid")  # reward.prm.g
 STEP_PROCESSES = ("value", "shaping")  # reward.step_process
 STEP_NORMS = ("group", "batch", "none")  # reward.step_norm
@@ -516,3 +517,52 @@ def min_fusion(
     components = {"outcome": outcome, "prm_min_weighted_sum": (w * r).sum(-1)}
     _record(metrics, components, outcome)
     return returns * rmask, returns * rmask
+
+
+def first_error_fusion(
+    outcome: Tensor,
+    step_values: Tensor,
+    step_positions: Tensor,
+    step_mask: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    w_prm: float,
+    threshold: float = 0.5,
+    eps: float = 1e-6,
+    metrics: dict[str, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Outcome advantages whose blame starts at the first step the PRM doubts -> (advantages, returns) [B, T].
+
+    Arguments as `step_fusion`'s. GRPO's advantage A_i = (o_i - mean_g) / (std_g + eps) of each row's
+    outcome within its group, on every response token, except that a row with A_i < 0 keeps only
+    (1 - w_prm) of it on the tokens BEFORE its first step with V_k < `threshold` (the first step the PRM
+    thinks wrong): with w_prm = 1 a wrong solution's correct prefix is left alone and the tokens from its
+    first doubted step on carry all the blame. With the oracle PRM (reward.prm.oracle) this is the credit
+    a perfect process reward gives ("tokens from the first wrong step on punished, earlier steps
+    neutral"); a row with no doubted step is blamed whole, as outcome-only GRPO does; w_prm = 0 is GRPO.
+    """
+    ev = _process_events(outcome, step_values, step_positions, step_mask, response_mask, group_ids, gamma=1.0,
+                         process="value", prompt_value=None)  # fmt: skip
+    check_range("reward.w_prm", w_prm, 0.0, 1.0)
+    check_range("reward.first_error_threshold", threshold, 0.0, 1.0)
+    outcome, rmask, step_mask, pos = ev["outcome"], ev["rmask"], ev["step_mask"], ev["step_pos"]
+    B, T = rmask.shape
+    mean, std, _ = group_mean_std(outcome, torch.ones_like(outcome), group_ids)
+    adv = (outcome - mean) / (std + eps)
+    doubted = step_mask & (step_values.to(outcome.dtype) < threshold)
+    has_doubt = doubted.any(-1)
+    first = torch.where(has_doubt, doubted.float().argmax(-1), torch.zeros_like(has_doubt, dtype=torch.long))
+    # the first doubted step starts right after the previous step's last token (at 0 for step 0)
+    prev_end = pos.gather(1, (first - 1).clamp(min=0)[:, None]).squeeze(1)
+    start = torch.where(first > 0, prev_end + 1, torch.zeros_like(prev_end))
+    before = torch.arange(T, device=rmask.device)[None, :] < start[:, None]
+    spared = before & has_doubt[:, None] & (adv < 0)[:, None]
+    scale = torch.where(spared, torch.full_like(rmask, 1.0 - w_prm), torch.ones_like(rmask))
+    advantages = adv[:, None] * scale * rmask
+    spared_frac = (spared.to(rmask.dtype) * rmask).sum() / rmask.sum().clamp(min=1)
+    _record(metrics, {"outcome": outcome, "first_doubt_step": torch.where(has_doubt, first, -1).to(outcome.dtype)},
+            outcome)  # fmt: skip
+    if metrics is not None:
+        metrics["fusion/spared_token_frac"] = float(spared_frac)
+    return advantages, advantages

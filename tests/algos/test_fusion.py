@@ -379,3 +379,33 @@ def test_min_fusion_weights_the_worst_step_at_low_temperature():
     with pytest.raises(ValueError, match="min_temperature"):
         min_fusion(outcome, values, positions, step_mask, rmask, torch.tensor([0, 1]), w_rule=0.1, w_prm=1.0,
                    temperature=0.0)  # fmt: skip
+
+
+def test_first_error_fusion_hand_worked():
+    """GRPO advantages; a wrong row's tokens before its first doubted step keep (1 - w_prm) of its blame."""
+    from rlloop.algos import first_error_fusion
+
+    outcome = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    # row 0 right; row 1 wrong, doubts its step 1 (tokens 2..3); row 2 wrong, doubts nothing;
+    # row 3 right but the PRM doubts step 0: right rows are never spared or blamed more
+    values = torch.tensor([[0.9, 0.8], [0.9, 0.1], [0.8, 0.7], [0.2, 0.9]])
+    positions = torch.tensor([[1, 5], [1, 5], [2, 5], [1, 5]])
+    step_mask = torch.ones(4, 2)
+    rmask = torch.ones(4, 6)
+    groups = torch.tensor([0, 0, 0, 0])
+    adv, ret = first_error_fusion(outcome, values, positions, step_mask, rmask, groups, w_prm=1.0)
+    mean, std = 0.5, math.sqrt(1.0 / 3.0)  # unbiased std of [1, 0, 0, 1]
+    hi, lo = (1 - mean) / (std + 1e-6), (0 - mean) / (std + 1e-6)
+    want = torch.tensor(
+        [
+            [hi] * 6,
+            [0.0, 0.0] + [lo] * 4,  # step 0 (tokens 0-1) spared, blame from step 1 on
+            [lo] * 6,  # no doubted step: blamed whole
+            [hi] * 6,
+        ]
+    )
+    assert torch.allclose(adv, want, atol=1e-5) and torch.equal(adv, ret)
+    half, _ = first_error_fusion(outcome, values, positions, step_mask, rmask, groups, w_prm=0.5)
+    assert torch.allclose(half[1, :2], torch.tensor([0.5 * lo, 0.5 * lo]), atol=1e-5)
+    grpo, _ = first_error_fusion(outcome, values, positions, step_mask, rmask, groups, w_prm=0.0)
+    assert torch.allclose(grpo, torch.tensor([[hi] * 6, [lo] * 6, [lo] * 6, [hi] * 6]), atol=1e-5)
