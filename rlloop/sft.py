@@ -60,6 +60,21 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def length_grouped(perm: list[int], lengths: list[int], batch_size: int, rng: random.Random, window: int = 16) -> list[int]:
+    """`perm` reordered so that each run of `batch_size` indices holds examples of similar length: every
+    window of `window` batches is sorted by length and cut into batches, whose order is then shuffled.
+    A padded batch costs its longest row times its rows; on chain's corpus random batches are 74 % tokens
+    and 26 % padding, grouped ones nearly all tokens."""
+    out: list[int] = []
+    span = window * batch_size
+    for start in range(0, len(perm), span):
+        chunk = sorted(perm[start : start + span], key=lambda i: lengths[i])
+        batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        out += [i for b in batches for i in b]
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -178,13 +193,14 @@ def pretrain_builtin(
     )
     engine.train()
     order: list[int] = []
+    lengths = [len(ids) for ids, _ in examples]
     losses: list[float] = []
     bar = tqdm(range(steps), desc=f"pretraining {model_cfg.name}", disable=not progress, mininterval=2.0)
     for step in bar:
         if len(order) < batch_size:  # epochs over a reshuffled training set
             perm = list(range(len(examples)))
             rng.shuffle(perm)
-            order += perm
+            order += length_grouped(perm, lengths, batch_size, rng)
         idx, order = order[:batch_size], order[batch_size:]
         batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
         loss = engine(**batch).loss

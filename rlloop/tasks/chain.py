@@ -62,6 +62,11 @@ def _all_facts() -> tuple[Fact, ...]:
 
 
 FACTS: tuple[Fact, ...] = _all_facts()  # 270 facts
+# the operations allowed from each running value, in the order the generator draws from
+_MOVES = {
+    a: [(op, b) for op in "+-" for b in range(1, MAX_OPERAND + 1) if 0 <= apply(a, op, b) <= MAX_VALUE]
+    for a in range(MAX_VALUE + 1)
+}
 
 
 def misconceptions(seed: int, frac: float = 0.25, max_offset: int = 6) -> dict[Fact, int]:
@@ -198,12 +203,7 @@ def _one_problem(rng: random.Random, min_ops: int, max_ops: int, banned: Collect
     start = a = rng.randint(1, MAX_OPERAND)
     ops = []
     for _ in range(rng.randint(min_ops, max_ops)):
-        choices = [
-            (op, b)
-            for op in "+-"
-            for b in range(1, MAX_OPERAND + 1)
-            if 0 <= apply(a, op, b) <= MAX_VALUE and (a, op, b) not in banned
-        ]
+        choices = _MOVES[a] if not banned else [(op, b) for op, b in _MOVES[a] if (a, op, b) not in banned]
         if not choices:
             break
         op, b = rng.choice(choices)

@@ -145,3 +145,23 @@ def test_compare_groups_runs_by_label(tmp_path):
     assert png.stat().st_size > 1000
     with pytest.raises(RlloopError, match="LABEL=RUN_DIR"):
         compare.main(["--run", str(tmp_path / "a0"), "--out", str(png)])
+
+
+def test_prompts_to_reach_reads_the_mean_curve():
+    from rlloop.experiments.credit import prompts_to_reach
+
+    summary = {"a": {"prompts_seen": [0, 160, 320], "mean": [0.1, 0.4, 0.6]}}
+    assert prompts_to_reach(summary, "a", 0.4) == 160
+    assert prompts_to_reach(summary, "a", 0.05) == 0
+    assert prompts_to_reach(summary, "a", 0.7) == math.inf
+
+
+@pytest.mark.slow
+def test_credit_smoke_runs_rule_and_oracle(tmp_path):
+    """The credit calibration at CI size: both arms train on the chain task and the report is written."""
+    from rlloop.experiments.credit import main
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "credit.json").read_text())
+    assert set(report["summary"]) == {"rule", "oracle"}
+    assert "prompts_to_reach" in report and (tmp_path / "credit.png").exists()

@@ -1,0 +1,86 @@
+"""Calibrate a credit-assignment setting: does a PERFECT process reward save prompts over the outcome alone?
+
+Before asking whether a learned PRM helps RL, a setting has to be one where step credit can help at all.
+On `task=chain-credit` (long chains, `chain-small` pretrained on them) this runs, per seed:
+
+- `rule`: GRPO on the verifier's outcome only (`reward=rule`);
+- `oracle`: the same, with the oracle PRM (`reward.prm.oracle=true`: V = 1 before the first wrong step,
+  0 from it on) through `reward.fusion=first_error` (a wrong solution's blame starts at its first wrong
+  step; its correct prefix is left alone) — the credit a perfect PRM gives;
+- any `--arm NAME=override,override` added on the command line (e.g. a learned PRM).
+
+For each arm it reports the prompts its mean curve needs to reach `rule`'s final mean accuracy, and the
+ratio to `rule`'s; the setting is well posed for the PRM question when the oracle's ratio is <= 0.5.
+Last line: `credit: rule_prompts=R oracle_prompts=O ratio=O/R`.
+
+    python -m rlloop.experiments.credit --seeds 0,1,2 --steps 40 --out docs/credit
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from rlloop.experiments import common
+
+ARMS = {
+    "rule": ["reward=rule"],
+    "oracle": ["reward=tdrm", "reward.prm.oracle=true", "reward.fusion=first_error", "reward.w_prm=1.0"],
+}
+
+
+def prompts_to_reach(summary: dict, arm: str, target: float) -> float:
+    """Prompts seen at the first eval point where `arm`'s mean accuracy >= target (inf if never)."""
+    s = summary[arm]
+    for x, m in zip(s["prompts_seen"], s["mean"], strict=True):
+        if m >= target - 1e-9:
+            return float(x)
+    return math.inf
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_run_arguments(ap)
+    ap.add_argument("--task", default="chain-credit")
+    ap.add_argument("--arm", action="append", default=[], help="NAME=override[,override...] (extra arms)")
+    ap.add_argument("--out", default="outputs/credit")
+    args = common.parse_run_args(ap, argv)
+    model = "chain-small" if args.model == "arith-small" else args.model
+    arms = dict(ARMS)
+    for spec in args.arm:
+        name, _, overrides = spec.partition("=")
+        arms[name] = [o for o in overrides.split(",") if o]
+    task = ["task=chain", "task.min_ops=3", "task.max_ops=4", "task.heldout_fact_frac=0"] if args.smoke else [f"task={args.task}"]
+    base = [
+        *task, f"model={model}", f"trainer.total_steps={args.steps}",
+        f"trainer.eval_every={args.eval_every}", "trainer.eval_samples=0",
+        f"rollout.prompts_per_step={args.prompts_per_step}", f"rollout.n={args.n}",
+        *([f"rollout.max_new_tokens={args.max_new_tokens}"] if args.smoke else []), *args.override,
+    ]  # fmt: skip
+    out = Path(args.out)
+    results = []
+    for seed in common.parse_seeds(args.seeds):
+        for arm, overrides in arms.items():
+            results.append(
+                common.train_run(arm, seed, [*base, *overrides], out / "runs" / f"{arm}-{seed}",
+                                 prompts_per_step=args.prompts_per_step, timeout_s=args.timeout_s)  # fmt: skip
+            )
+    summary = common.summarise(results)
+    extra: dict = {}
+    if "rule" in summary:
+        target = summary["rule"]["final_mean"]
+        reach = {arm: prompts_to_reach(summary, arm, target) for arm in summary}
+        extra = {"target_accuracy": target, "prompts_to_reach": reach}
+        for arm, x in reach.items():
+            print(f"{arm}: reaches rule's final accuracy {target:.3f} after {x:g} prompts")
+        if "oracle" in reach:
+            ratio = reach["oracle"] / reach["rule"] if reach["rule"] else math.nan
+            print(f"credit: rule_prompts={reach['rule']:g} oracle_prompts={reach['oracle']:g} ratio={ratio:.2f}")
+    common.write_report(out, "credit", results, summary, extra)
+    common.plot_curves(summary, out / "credit.png", title=f"{args.task}: outcome only vs step credit")
+    return common.finish(out, results, summary)
+
+
+if __name__ == "__main__":
+    common.cli(main)
