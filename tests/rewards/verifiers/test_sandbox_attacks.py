@@ -367,12 +367,18 @@ def _processes_left(uid: int) -> list[str]:
     return left
 
 
-def _survivors(uid: int, wait_s: float = 2.0) -> list[str]:
-    """`_processes_left` once the kernel has torn the dead pid namespace down (it does so asynchronously)."""
+def _survivors(uid: int, before: list[str], wait_s: float = 2.0) -> list[str]:
+    """`_processes_left` once the kernel has torn the dead pid namespace down (it does so asynchronously),
+    less those alive before the attack ran (in a full test run this process's children include the Ray
+    cluster a session fixture started)."""
+
+    def new() -> list[str]:
+        return [p for p in _processes_left(uid) if p not in before]
+
     deadline = time.monotonic() + wait_s
-    while _processes_left(uid) and time.monotonic() < deadline:
+    while new() and time.monotonic() < deadline:
         time.sleep(0.02)
-    return _processes_left(uid)
+    return new()
 
 
 def _listening(port: int) -> bool:
@@ -450,6 +456,7 @@ def test_attack_scores_zero_and_leaves_no_trace(name, host, tmp_path, monkeypatc
     ctx = {"CANARY": canary, "TOKEN": token, "PORT": host["PORT"], "BIND_PORT": bind_port, **host}
     program, kind = ATTACKS[name]
     hits_before = len(host["hits"])
+    before = _processes_left(_UID_BASE + os.getpid())
     t0 = time.monotonic()
     result = verify_code(
         VerifyRequest(name, "code", f"```python\n{_fill(program, ctx)}\n```", _tests(kind, secret)), **OPTS
@@ -465,7 +472,7 @@ def test_attack_scores_zero_and_leaves_no_trace(name, host, tmp_path, monkeypatc
     assert sorted(os.listdir(canary)) == ["expected.json"], name
     assert len(host["hits"]) == hits_before, (name, host["hits"][hits_before:])
     assert not _listening(bind_port), name
-    assert _survivors(_UID_BASE + os.getpid()) == [], name
+    assert _survivors(_UID_BASE + os.getpid(), before) == [], name
     assert os.environ["RLLOOP_EXPECTED"] == secret  # we are alive and untouched
 
 
@@ -480,11 +487,12 @@ def test_at_least_thirty_attacks_and_every_class_is_there():
 @pytest.mark.parametrize("name", list(LEGIT))
 def test_legitimate_program_scores_one(name):
     program, tests, _ = LEGIT[name]
+    before = _processes_left(_UID_BASE + os.getpid())
     result = verify_code(
         VerifyRequest(name, "code", f"```python\n{program}\n```", tests), **{**OPTS, "wall_s": 5.0}
     )
     assert result.score == 1.0, (name, result)
-    assert _survivors(_UID_BASE + os.getpid()) == []
+    assert _survivors(_UID_BASE + os.getpid(), before) == []
 
 
 def test_sandbox_dies_with_its_worker(tmp_path):
@@ -501,18 +509,23 @@ def test_sandbox_dies_with_its_worker(tmp_path):
         "run_io('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\ntime.sleep(60)', "
         "limits=SandboxLimits(wall_s=60, cpu_s=60))\n"
     )
+    before = _processes_left(-1)  # this process's children (uid -1 is nobody's)
     worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert worker.stdout.readline().strip() == b"go"
         uid = _UID_BASE + worker.pid
         deadline = time.monotonic() + 20
         # the worker, bwrap x2, the runner and its child (the interpreter probe before it has no child)
-        while len(_processes_left(uid)) < 5 and time.monotonic() < deadline:
+
+        def started() -> list[str]:
+            return [p for p in _processes_left(uid) if p not in before]
+
+        while len(started()) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(_processes_left(uid)) >= 5, _processes_left(uid)
+        assert len(started()) >= 5, started()
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=5)
-        assert _survivors(uid) == []
+        assert _survivors(uid, before) == []
     finally:
         worker.kill()
 
