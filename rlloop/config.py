@@ -66,6 +66,7 @@ class ModelConfig:
     sft_steps: int = 150  # ~1-5 min on 2 cores; stopped early on purpose so RL has room to improve
     sft_batch_size: int = 64
     sft_lr: float = 1.5e-3
+    sft_group_by_length: bool = False  # batches of similar length (less padding; chain-small's recipe)
     cache_dir: Optional[str] = None  # default $RLLOOP_CACHE or ~/.cache/rlloop
 
 

@@ -194,13 +194,14 @@ def pretrain_builtin(
     engine.train()
     order: list[int] = []
     lengths = [len(ids) for ids, _ in examples]
+    group = bool(_get(model_cfg, "sft_group_by_length", False))
     losses: list[float] = []
     bar = tqdm(range(steps), desc=f"pretraining {model_cfg.name}", disable=not progress, mininterval=2.0)
     for step in bar:
         if len(order) < batch_size:  # epochs over a reshuffled training set
             perm = list(range(len(examples)))
             rng.shuffle(perm)
-            order += length_grouped(perm, lengths, batch_size, rng)
+            order += length_grouped(perm, lengths, batch_size, rng) if group else perm
         idx, order = order[:batch_size], order[batch_size:]
         batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
         loss = engine(**batch).loss
@@ -257,6 +258,9 @@ def pretrain_builtin(
 
 def _main(cfg: Any) -> None:
     from rlloop.models import resolve_model
+
+    # DeepSpeed probes for libaio with a test compile that setuptools' compiler logs line by line
+    logging.getLogger("compilers").setLevel(logging.WARNING)
 
     if cfg.output_dir:  # train into an explicit folder (no cache)
         pretrain_builtin(cfg.model, cfg.task, cfg.output_dir)

@@ -118,6 +118,7 @@ def pretrained_key(model_cfg: Any, task_cfg: Any) -> dict:
         "sft_steps": int(model_cfg.sft_steps),
         "sft_batch_size": int(model_cfg.sft_batch_size),
         "sft_lr": float(model_cfg.sft_lr),
+        **({"sft_group_by_length": True} if _get(model_cfg, "sft_group_by_length", False) else {}),
         "task": {
             "name": t.name,
             **BUILTIN[t.name].knobs(t),
