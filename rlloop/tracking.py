@@ -90,9 +90,9 @@ class Tracker:
             mode=mode,
             dir=str(self.out_dir),
             config=config,
-            # no run-history sparklines and sync hints on the console at the end of every run: the run's
-            # folder is named once below, the metrics are in metrics.jsonl and training.png
-            settings=wandb.Settings(quiet=True),
+            # no sync hints at the start and no run-history sparklines at the end of every run: the
+            # run's folder (wandb/ inside it) is printed at the end, the metrics are in metrics.jsonl
+            settings=wandb.Settings(silent=True),
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -233,7 +233,7 @@ def _main(cfg: DictConfig) -> None:
         # The user's input is wrong: one clear line naming the culprit, no traceback.
         logger.error("error: %s", err)
         sys.exit(2)
-    logger.info("summary: %s", json.dumps(summary))
+    logger.debug("summary: %s", json.dumps(summary))  # also <out_dir>/summary.json
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before is not None and after is not None:
         line = f"held-out accuracy: before {before:.3f} -> after {after:.3f} (greedy)"
