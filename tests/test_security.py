@@ -35,8 +35,11 @@ ALLOWED = {
     ("rlloop/experiments/common.py", "import subprocess"): (
         "the experiment suite launches `python -m rlloop.train` runs: a fixed argv, no shell"
     ),
+    ("rlloop/experiments/demo_seeds.py", "import subprocess"): (
+        "runs the demo, `python -m rlloop.train` with seed overrides: a fixed argv, no shell"
+    ),
     ("rlloop/models/__init__.py", "import subprocess"): (
-        "pretrains arith-small with `python -m rlloop.sft`: a fixed argv, no shell, no model output"
+        "pretrains the built-in models with `python -m rlloop.sft`: a fixed argv, no shell, no model output"
     ),
 }
 
