@@ -599,47 +599,35 @@ class Trainer:
             )
             token_rewards = place_on_last_token(total, mask)
             adv, ret = advantages(token_rewards)
-        elif rw.fusion == "step":
+        elif rw.fusion in ("step", "min", "first_error"):
             if steps is None:
-                raise RlloopError("reward.fusion=step needs the PRM: set reward.prm.enabled=true")
+                raise RlloopError(f"reward.fusion={rw.fusion} needs the PRM: set reward.prm.enabled=true")
             positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
             step_args = (outcome, steps["values"], positions * steps["mask"].long(), steps["mask"], mask, group_ids)
-            step_kw = {
-                "w_rule": rw.w_rule,
-                "w_prm": rw.w_prm,
-                "gamma": a.gamma,
-                "process": rw.step_process,
-                "prompt_value": steps["prompt_value"],
-                "metrics": metrics,
-            }
-            if values is not None:  # gae: raw step rewards as token rewards, credited through the critic
-                token_rewards = step_token_rewards(*step_args, **step_kw)
-                adv, ret = advantages(token_rewards)
-                total = token_rewards.sum(-1)
+            # these fusions give advantages directly; the learner's token rewards are the outcome alone
+            token_rewards = place_on_last_token(outcome, mask)
+            total = outcome
+            if rw.fusion == "min":
+                adv, ret = min_fusion(*step_args, w_rule=rw.w_rule, w_prm=rw.w_prm, temperature=rw.min_temperature,
+                                      metrics=metrics)  # fmt: skip
+            elif rw.fusion == "first_error":
+                adv, ret = first_error_fusion(*step_args, w_prm=rw.w_prm, threshold=rw.first_error_threshold,
+                                              eps=a.adv_eps, metrics=metrics)  # fmt: skip
             else:
-                adv, ret = step_fusion(*step_args, norm=rw.step_norm, eps=a.adv_eps, **step_kw)
-                token_rewards = place_on_last_token(outcome, mask)
-                total = outcome
-        elif rw.fusion == "min":
-            if steps is None:
-                raise RlloopError("reward.fusion=min needs the PRM: set reward.prm.enabled=true")
-            positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
-            adv, ret = min_fusion(
-                outcome, steps["values"], positions * steps["mask"].long(), steps["mask"], mask, group_ids,
-                w_rule=rw.w_rule, w_prm=rw.w_prm, temperature=rw.min_temperature, metrics=metrics,
-            )  # fmt: skip
-            token_rewards = place_on_last_token(outcome, mask)
-            total = outcome
-        elif rw.fusion == "first_error":
-            if steps is None:
-                raise RlloopError("reward.fusion=first_error needs the PRM: set reward.prm.enabled=true")
-            positions = steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]
-            adv, ret = first_error_fusion(
-                outcome, steps["values"], positions * steps["mask"].long(), steps["mask"], mask, group_ids,
-                w_prm=rw.w_prm, threshold=rw.first_error_threshold, eps=a.adv_eps, metrics=metrics,
-            )  # fmt: skip
-            token_rewards = place_on_last_token(outcome, mask)
-            total = outcome
+                step_kw = {
+                    "w_rule": rw.w_rule,
+                    "w_prm": rw.w_prm,
+                    "gamma": a.gamma,
+                    "process": rw.step_process,
+                    "prompt_value": steps["prompt_value"],
+                    "metrics": metrics,
+                }
+                if values is not None:  # gae: raw step rewards as token rewards, credited through the critic
+                    token_rewards = step_token_rewards(*step_args, **step_kw)
+                    adv, ret = advantages(token_rewards)
+                    total = token_rewards.sum(-1)
+                else:
+                    adv, ret = step_fusion(*step_args, norm=rw.step_norm, eps=a.adv_eps, **step_kw)
         elif token_scores is None:
             raise RlloopError(
                 f"reward.fusion={rw.fusion!r} needs a token-reward source, which is not configured"
