@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlloop.distributed.actor import ActorCore
 from rlloop.types import Batch
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class LearnerError(RuntimeError):
         self.lost = lost
 
 
-class LearnerActor:
+class LearnerActor(ActorCore):
     """Ray shell: builds the PolicyLearner on `setup` and forwards calls to it."""
 
     def __init__(self) -> None:
@@ -56,12 +57,6 @@ class LearnerActor:
         with socket.socket() as sock:
             sock.bind(("", 0))
             return int(sock.getsockname()[1])
-
-    def peak_rss_gb(self) -> float:
-        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
-        from rlloop.distributed.procmem import peak_rss_gb
-
-        return peak_rss_gb()
 
     def setup(self, *args: Any, role: str = "policy", **kwargs: Any) -> None:
         if role == "critic":

@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ from torch import Tensor
 
 from rlloop.algos.checks import check_group_ids, check_mask, check_tensor
 from rlloop.algos.masked import discounted_returns, last_token_index, masked_whiten
+from rlloop.distributed.actor import ModelActorCore, lazy_actors
 from rlloop.types import Batch
 
 logger = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ logger = logging.getLogger(__name__)
 PRIME_BETA = 0.05  # released default
 
 
-class ImplicitPRM:
+class ImplicitPRM(ModelActorCore):
     """π_φ (trainable, initialised from `model_path`, normally the policy's init) and π_ref (frozen copy).
 
     temperature: logits are divided by it before the log-softmax (1.0 = the plain model, as PRIME's RM).
@@ -186,30 +185,10 @@ class ImplicitPRM:
 
     # ----- weights ------------------------------------------------------------------------------------
 
-    def state_dict_numpy(self) -> dict[str, np.ndarray]:
-        """π_φ's HF state dict as float32 numpy arrays."""
-        return {k: v.detach().to(torch.float32).cpu().numpy() for k, v in self.model.state_dict().items()}
-
-    def load_state_numpy(self, named_arrays: dict[str, np.ndarray], version: int | None = None) -> int:
-        """Load (a subset of) π_φ's state-dict names; returns the new version."""
-        state = self.model.state_dict()
-        unknown = [k for k in named_arrays if k not in state]
-        if unknown:
-            raise KeyError(f"ImplicitPRM.load_state_numpy: names not in the model: {unknown[:5]}")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")  # Ray's object store is read-only
-            self.model.load_state_dict(
-                {k: torch.from_numpy(np.asarray(v)) for k, v in named_arrays.items()}, strict=False
-            )
-        self.version = self.version + 1 if version is None else int(version)
-        return self.version
-
     def save(self, path: str) -> None:
         """π_φ as a plain HF causal-LM folder (weights only; add the tokenizer yourself)."""
         self.model.save_pretrained(path)
 
-    def ping(self) -> bool:
-        return True
 
 
 # ----- fusion (pure) ----------------------------------------------------------------------------------
@@ -301,15 +280,4 @@ def prime_prompt_filter(outcome: Tensor, group_ids: Tensor, low: float = 0.2, hi
     return (acc[inv] >= low - 1e-9) & (acc[inv] <= high + 1e-9)
 
 
-_ACTORS: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    # `ImplicitPRMService` = ray.remote(ImplicitPRM), built on first use so Ray stays an optional import.
-    if name == "ImplicitPRMService":
-        if name not in _ACTORS:
-            import ray
-
-            _ACTORS[name] = ray.remote(ImplicitPRM)
-        return _ACTORS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_actors(__name__, ImplicitPRMService=ImplicitPRM)

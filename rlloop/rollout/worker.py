@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from rlloop.distributed.actor import ActorCore, lazy_actors
 from rlloop.rollout.engine import HFEngine, RolloutEngine
 from rlloop.rollout.steps import decode_with_offsets, find_step_ends
 from rlloop.rollout.vllm_engine import VLLMEngine  # imports vllm only when an engine is built
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFEngine, "vllm": VLLMEngine}
 
 
-class RolloutWorkerCore:
+class RolloutWorkerCore(ActorCore):
     """Samples `n` completions per prompt with an engine and finds their reasoning steps.
 
     Prompts are dicts `{"uid", "prompt_ids", "prompt_text", "data_source", "ground_truth"}`; the response
@@ -158,25 +159,5 @@ class RolloutWorkerCore:
     def wake(self) -> None:
         self.engine.wake()
 
-    def ping(self) -> bool:
-        return True
 
-    def peak_rss_gb(self) -> float:
-        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
-        from rlloop.distributed.procmem import peak_rss_gb
-
-        return peak_rss_gb()
-
-
-_ACTORS: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    # `RolloutWorker` = ray.remote(RolloutWorkerCore), built on first use so Ray stays an optional import.
-    if name == "RolloutWorker":
-        if name not in _ACTORS:
-            import ray
-
-            _ACTORS[name] = ray.remote(RolloutWorkerCore)
-        return _ACTORS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_actors(__name__, RolloutWorker=RolloutWorkerCore)

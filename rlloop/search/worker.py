@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from rlloop.distributed.actor import lazy_actors
 from rlloop.rollout.worker import RolloutWorkerCore
 from rlloop.search.beam import StepOutput, StepRequest
 from rlloop.search.bon import Candidate
@@ -197,15 +198,4 @@ class SearchWorkerCore(RolloutWorkerCore):
         return outputs
 
 
-_ACTORS: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    # `SearchWorker` = ray.remote(SearchWorkerCore), built on first use so Ray stays an optional import.
-    if name == "SearchWorker":
-        if name not in _ACTORS:
-            import ray
-
-            _ACTORS[name] = ray.remote(SearchWorkerCore)
-        return _ACTORS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_actors(__name__, SearchWorker=SearchWorkerCore)

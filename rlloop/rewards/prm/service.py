@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
+from rlloop.distributed.actor import ModelActorCore, lazy_actors
 from rlloop.rewards.prm.batching import pack_by_token_budget
 from rlloop.rewards.prm.model import ValueHeadModel, has_value_head, one_pass_step_logits
 from rlloop.rollout.steps import char_ends_to_token_ends, split_steps
@@ -36,7 +35,7 @@ class EncodedTrajectory:
     step_positions: list[int]  # index of each step's end token (non-decreasing)
 
 
-class PRMScorer:
+class PRMScorer(ModelActorCore):
     """Scores trajectories with a `ValueHeadModel`: V after the prompt and after every step.
 
     model_path: a PRM folder (backbone + value head), or a plain causal LM (e.g. the policy's init), which
@@ -210,41 +209,10 @@ class PRMScorer:
 
     # ----- weights ---------------------------------------------------------------------------------
 
-    def state_dict_numpy(self) -> dict[str, np.ndarray]:
-        """The whole PRM (`backbone.*`, `head.*`) as float32 numpy arrays (numpy has no bfloat16)."""
-        return {k: v.detach().to(torch.float32).cpu().numpy() for k, v in self.model.state_dict().items()}
-
-    def load_state_numpy(self, named_arrays: dict[str, np.ndarray], version: int | None = None) -> int:
-        """Load (a subset of) `state_dict_numpy()` names; returns the new version."""
-        state = self.model.state_dict()
-        unknown = [k for k in named_arrays if k not in state]
-        if unknown:
-            raise KeyError(f"PRM.load_state_numpy: names not in the PRM: {unknown[:5]}")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")  # Ray's object store is read-only
-            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in named_arrays.items()}
-        for k, t in tensors.items():
-            if tuple(t.shape) != tuple(state[k].shape):
-                raise ValueError(
-                    f"PRM.load_state_numpy: {k} has shape {tuple(t.shape)}, expected {tuple(state[k].shape)}"
-                )
-        self.model.load_state_dict(tensors, strict=False)
-        self.version = self.version + 1 if version is None else int(version)
-        return self.version
-
     def save(self, path: str) -> None:
         """Write a PRM folder (backbone, value head, tokenizer) loadable by `PRMScorer(path)`."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-
-    def ping(self) -> bool:
-        return True
-
-    def peak_rss_gb(self) -> float:
-        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
-        from rlloop.distributed.procmem import peak_rss_gb
-
-        return peak_rss_gb()
 
     # ----- online mode: the PRM learns by TD on the loop's fresh rollouts (actor-critic) -------------
 
@@ -301,15 +269,4 @@ def resolve_device(device: str) -> torch.device:
     raise ValueError(f"PRM device={device!r}: choose cpu, cuda, cuda:N or auto")
 
 
-_ACTORS: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    # `PRMService` = ray.remote(PRMScorer), built on first use so Ray stays an optional import.
-    if name == "PRMService":
-        if name not in _ACTORS:
-            import ray
-
-            _ACTORS[name] = ray.remote(PRMScorer)
-        return _ACTORS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_actors(__name__, PRMService=PRMScorer)

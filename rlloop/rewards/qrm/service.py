@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
+from rlloop.distributed.actor import ModelActorCore, lazy_actors
 from rlloop.rewards.qrm.model import TokenQModel
 from rlloop.rewards.qrm.trainer import collate, pad_id_of
 
 logger = logging.getLogger(__name__)
 
 
-class QRMScorer:
+class QRMScorer(ModelActorCore):
     """Per-token Q-RM scores of (prompt, response) token-id pairs.
 
     model_path: a Q-RM folder written by `python -m rlloop.qrm_train` (`TokenQModel.save_pretrained`); a
@@ -130,22 +129,6 @@ class QRMScorer:
         """`token_rewards` on `Rollout`s (prompt_ids, response_ids)."""
         return self.token_rewards([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts])
 
-    def load_state_numpy(self, named_arrays: dict[str, np.ndarray], version: int | None = None) -> int:
-        """Load (a subset of) the model's state-dict names (`backbone.*`, `head.weight`); new version."""
-        state = self.model.state_dict()
-        unknown = [k for k in named_arrays if k not in state]
-        if unknown:
-            raise KeyError(f"QRMScorer.load_state_numpy: names not in the Q-RM: {unknown[:5]}")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")  # Ray's object store is read-only
-            self.model.load_state_dict(
-                {k: torch.from_numpy(np.asarray(v)) for k, v in named_arrays.items()}, strict=False
-            )
-        self.version = self.version + 1 if version is None else int(version)
-        return self.version
-
-    def ping(self) -> bool:
-        return True
 
 
 def check_same_tokenizer(a, b, name_a: str, name_b: str, hint: str | None = None) -> None:
@@ -163,15 +146,4 @@ def check_same_tokenizer(a, b, name_a: str, name_b: str, hint: str | None = None
         )
 
 
-_ACTORS: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    # `QRMService` = ray.remote(QRMScorer), built on first use so Ray stays an optional import.
-    if name == "QRMService":
-        if name not in _ACTORS:
-            import ray
-
-            _ACTORS[name] = ray.remote(QRMScorer)
-        return _ACTORS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_actors(__name__, QRMService=QRMScorer)

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional
 
+from rlloop.distributed.actor import ActorCore
 from rlloop.rewards.verifiers.base import VerifyRequest, VerifyResult, check_options, get_verifier
 from rlloop.rewards.verifiers.timeouts import SampleTimeout, time_limit
 
@@ -52,7 +53,7 @@ def import_plugins(modules: List[str]) -> None:
             raise ValueError(f"reward.verifier.plugins: cannot import {module!r}: {err!r}") from err
 
 
-class VerifierWorkerCore:
+class VerifierWorkerCore(ActorCore):
     """Scores requests one by one; `verify_many` is the unit of work the pool sends."""
 
     def __init__(
@@ -104,12 +105,6 @@ class VerifierWorkerCore:
     def isolations(self) -> Dict[str, str]:
         """{verifier: isolation in force}, e.g. {"code": "bwrap"} (see sandbox.describe)."""
         return dict(self.isolation)
-
-    def peak_rss_gb(self) -> float:
-        """This process's peak RSS in GiB (the controller's `mem/<role>_rss_gb`)."""
-        from rlloop.distributed.procmem import peak_rss_gb
-
-        return peak_rss_gb()
 
     def verify(self, request: VerifyRequest) -> VerifyResult:
         try:
