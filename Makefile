@@ -1,10 +1,10 @@
-# rlloop: `make demo` sets up and runs the default CPU job; `make test` runs the test suite.
+# rlloop: `make demo` sets up and runs the default CPU job; `make test` runs the tests not marked slow.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rlloop-installed
 
-.PHONY: setup demo test test-fast test-slow lint job sweep clean setup-vllm test-vllm
+.PHONY: setup demo test test-fast test-slow test-all lint job sweep clean setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -23,14 +23,23 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(PY) -m rlloop.train $(ARGS)
 
-test: setup
-	$(PY) -m pytest -q $(ARGS)
+# `make test`: every test not marked `slow` (the suite a change must pass, <= 20 min on 2 cores);
+# `make test-slow`: only the `slow` end-to-end tests (CI runs both); `make test-all`: both in one pytest.
+# --durations lists the slowest tests at the end of the log. A failed test fails the target, and so does
+# pytest's exit code 5 (no test collected, e.g. a marker or path that matches nothing): make fails on any
+# non-zero exit code.
+DURATIONS ?= 15
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+test: setup
+	$(PY) -m pytest -q -m "not slow" --durations=$(DURATIONS) $(ARGS)
+
+test-fast: test
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -m slow --durations=$(DURATIONS) $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q --durations=$(DURATIONS) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check rlloop tests benchmarks
