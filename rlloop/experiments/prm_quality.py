@@ -1,18 +1,39 @@
-"""Experiment 2, PRM quality on the built-in `arith` task: TD(0) / n-step / TD(λ) vs ScalarPRM, same rollouts.
+"""Experiment 2, PRM quality: TD(0) / n-step / TD(λ) vs ScalarPRM on the same rollouts (`arith`, `chain`).
 
-Samples rollouts from the policy (`arith-small` by default, HF engine, temperature 1) on train and held-out
-test prompts, verifies them (the `\\boxed{}` integer against the ground truth), writes them in rlloop's
-rollout format (what `rlloop.prm_train data.format=rollouts` reads), trains one PRM per kind from the
-policy's backbone with a fresh value head and identical settings — TD(0), n-step and TD(λ) (γ = 0.8), and
-the ScalarPRM baseline (every step's target = the outcome, `td=mc`) — saves each as a PRM folder (what
-`reward.prm.path` loads), and reports on the held-out rollouts: AUROC of V_last against the verified
-outcome, V_last accuracy, smoothness (mean |V_{k+1} - V_k|, lower is smoother), and Best-of-N accuracy
-at N = 1, 4, 16 (pick the sample with the highest V_last among the first N of each prompt), next to
-majority vote and pass@N.
+Samples rollouts from the policy (HF engine, temperature 1) on train and held-out test prompts, verifies them
+(the `\\boxed{}` integer against the ground truth), writes them in rlloop's rollout format (what
+`rlloop.prm_train data.format=rollouts` reads), trains one PRM per arm from the policy's backbone with a
+fresh value head and identical settings, saves each as a PRM folder (what `reward.prm.path` loads), and
+reports on the held-out rollouts: AUROC of V_last against the verified outcome, V_last accuracy, smoothness
+(mean |V_{k+1} - V_k|, lower is smoother), and Best-of-N accuracy at N = 1, 4, 16 (pick the sample with the
+highest V_last among the first N of each prompt), next to majority vote and pass@N.
 
-    python -m rlloop.experiments.prm_quality --out outputs/experiments/prm_quality   # ~15-30 min, 2 cores
+Arms: a PRM kind (how a step's target is formed) and a label source (where the value information comes from):
 
-Results: `<out>/prm_quality.json`, `<out>/prm_quality.md`; the trained PRMs under `<out>/prms/<kind>/`.
+- label `outcome` (the default, and the only one `arith` uses): the rollout's own verified outcome ℓ, a
+  one-sample Monte-Carlo label. `mc` (ScalarPRM): y_k = ℓ at every step. `td0` / `nstep` (n = 2) /
+  `td_lambda` (λ = 0.7): the TD targets of `rlloop.algos.td`, bootstrapped on the PRM's own detached
+  values V_{k+j}, ℓ at the terminal step.
+- label `mc_soft` / `mc_hard` (Math-Shepherd's MC estimation, soft and hard): from the prefix ending at
+  each step k, `mc_samples` more completions are sampled from the policy; with the rollout's own
+  continuation that is M + 1 outcomes, and m_k = their mean (soft) or 1 if any is correct (hard); the
+  terminal step's label is ℓ. `mc` (ScalarPRM): y_k = m_k. `td0` / `nstep` / `td_lambda`: the SAME TD
+  formulas with the MC labels m_{k+j} in place of the bootstrapped V_{k+j} (TD(0): y_k = γ·m_{k+1}), i.e.
+  targets fixed before training (`TDPRMTrainer(td="labels")`). At γ = 1 and λ = 1 all coincide with ℓ.
+
+Tasks with an exact step checker (`chain`: `rlloop.tasks.chain.first_error`, ProcessBench's convention,
+-1 when every step is right) also get first-error localisation: the predicted first wrong step of a solution
+is the first step with V_k < 0.5 (-1 if none); accuracy on erroneous solutions (exact step index), accuracy
+on all-correct ones, and their harmonic mean F1 (ProcessBench). Also reported: the threshold and a
+drop rule (first k with V_k < τ·V_{k-1}, V_{-1} = 1) chosen on a validation split of train-split prompts
+(never on the test split), and bootstrap standard errors over held-out prompts.
+
+    python -m rlloop.experiments.prm_quality --out outputs/experiments/prm_quality   # arith, ~15-30 min
+    python -m rlloop.experiments.prm_quality --task chain-credit --labels outcome,mc_soft,mc_hard \\
+        --prm-seeds 0,1,2 --out outputs/prm_quality_chain                             # docs/results.md §0c
+
+Results: `<out>/prm_quality.json`, `<out>/prm_quality.md`; the trained PRMs under `<out>/prms/<arm>/`;
+for chain tasks `<out>/heldout_values.json` (held-out V per arm) and `<out>/localisation.png`.
 """
 
 from __future__ import annotations
@@ -20,17 +41,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("td0", "nstep", "td_lambda", "mc")
+LABELS = ("outcome", "mc_soft", "mc_hard")
 BON_N = (1, 4, 16)
+THRESHOLD = 0.5  # ProcessBench: the first step whose value falls below it is the predicted first error
+DEFAULT_MODEL = {"arith": "arith-small", "chain": "chain-small"}
 
 
 def verified(text: str, ground_truth: str) -> float:
@@ -44,6 +71,17 @@ def verified(text: str, ground_truth: str) -> float:
         return 0.0
 
 
+def step_checker(task_cfg: Any) -> Callable[[dict, str], int] | None:
+    """`fn(sample.extra, text) -> index of the first wrong step (-1: all right)` for tasks that have an
+    exact step checker (`first_error` and `parse_question` in their module), else None."""
+    from rlloop.tasks import BUILTIN
+
+    module = BUILTIN.get(str(getattr(task_cfg, "name", "")))
+    if module is None or not hasattr(module, "first_error"):
+        return None
+    return lambda extra, text: module.first_error(module.parse_question(extra["question"]), text)
+
+
 def sample_rollouts(
     model_path: str,
     samples,
@@ -54,17 +92,21 @@ def sample_rollouts(
     seed: int,
     batch_prompts: int = 16,
     num_threads: int = 2,
+    task_cfg: Any = None,
 ) -> list[dict]:
-    """Rollouts (as dicts of `Rollout` fields + `correct`) of `samples`, `n` per prompt; empty ones dropped."""
+    """Rollouts (as dicts of `Rollout` fields + `correct`, and `first_error` where the task has a step
+    checker) of `samples`, `n` per prompt; empty ones dropped."""
     from rlloop.config import TaskConfig
     from rlloop.data import render_prompt
     from rlloop.rollout.worker import RolloutWorkerCore
 
     worker = RolloutWorkerCore(model_path, engine="hf", num_threads=num_threads, seed=seed)
-    task_cfg = TaskConfig()
+    task_cfg = task_cfg if task_cfg is not None else TaskConfig()
+    checker = step_checker(task_cfg)
     out = []
     for lo in range(0, len(samples), batch_prompts):
         chunk = samples[lo : lo + batch_prompts]
+        by_uid = {s.uid: s for s in chunk}
         prompts = []
         for s in chunk:
             ids = render_prompt(s, worker.tokenizer, task_cfg)
@@ -73,7 +115,7 @@ def sample_rollouts(
                     "uid": s.uid,
                     "prompt_ids": ids,
                     "ground_truth": s.ground_truth,
-                    "data_source": "arith",
+                    "data_source": s.data_source or "arith",
                     "prompt_text": worker.tokenizer.decode(ids, skip_special_tokens=False),
                 }
             )
@@ -84,9 +126,221 @@ def sample_rollouts(
                 continue
             row = asdict(r)
             row["correct"] = verified(r.text, r.ground_truth)
+            if checker is not None:
+                row["first_error"] = checker(by_uid[r.group].extra, r.text)
             out.append(row)
         logger.info("sampled %d/%d prompts", min(lo + batch_prompts, len(samples)), len(samples))
     return out
+
+
+# ----- Monte-Carlo step labels (Math-Shepherd) ------------------------------------------------------------
+
+
+def mc_step_outcomes(
+    model_path: str,
+    rows: list[dict],
+    *,
+    m: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    num_threads: int = 2,
+    prefixes_per_call: int = 64,
+) -> list[list[list[float]]]:
+    """For every row and every non-terminal step k: the outcomes of `m` completions sampled from the
+    policy after the prefix that ends at step k (the response's own tokens up to the step's end token).
+    The terminal step gets [] (its label is the rollout's own outcome), and so does a prefix that already
+    holds a `\\boxed{}` answer. Returns outcomes[row][k] (lists of 0/1)."""
+    from rlloop.rollout.worker import RolloutWorkerCore
+
+    worker = RolloutWorkerCore(
+        model_path, engine="hf", num_threads=num_threads, seed=seed, max_batch_size=128
+    )
+    jobs = []  # (row index, step index, prompt dict)
+    for i, r in enumerate(rows):
+        for k, (tok_end, char_end) in enumerate(zip(r["step_ends"][:-1], r["step_char_ends"][:-1])):
+            prefix_text = r["text"][:char_end]
+            if "\\boxed" in prefix_text:
+                continue
+            jobs.append(
+                (
+                    i,
+                    k,
+                    {
+                        "uid": f"{r['uid']}@{k}",
+                        "prompt_ids": list(r["prompt_ids"]) + list(r["response_ids"][: tok_end + 1]),
+                        "prefix_text": prefix_text,
+                        "ground_truth": r["ground_truth"],
+                    },
+                )
+            )
+    out: list[list[list[float]]] = [[[] for _ in r["step_char_ends"]] for r in rows]
+    t0 = time.perf_counter()
+    for lo in range(0, len(jobs), prefixes_per_call):
+        chunk = jobs[lo : lo + prefixes_per_call]
+        rollouts = worker.generate(
+            [p for _, _, p in chunk],
+            n=m,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed + lo,
+        )
+        for j, (i, k, p) in enumerate(chunk):
+            out[i][k] = [
+                verified(p["prefix_text"] + c.text, p["ground_truth"]) for c in rollouts[j * m : (j + 1) * m]
+            ]
+        if (lo // prefixes_per_call) % 20 == 0:
+            done = min(lo + prefixes_per_call, len(jobs))
+            el = time.perf_counter() - t0
+            logger.info(
+                "MC labels: %d/%d prefixes, %.0fs, ETA %.0fs",
+                done,
+                len(jobs),
+                el,
+                el / done * (len(jobs) - done),
+            )
+    return out
+
+
+def mc_labels(row: dict, outcomes: list[list[float]], hard: bool) -> list[float]:
+    """m_k per step: the mean (soft) or any (hard) of the step's sampled outcomes plus the rollout's own
+    outcome ℓ (its own continuation is one more sample from the policy); ℓ at steps without samples."""
+    own = float(row["correct"])
+    labels = []
+    for samples in outcomes:
+        pool = [*samples, own]
+        labels.append(float(max(pool)) if hard else sum(pool) / len(pool))
+    return labels
+
+
+def label_targets(
+    kind: str, labels: Sequence[float], outcome: float, *, gamma: float, n: int, lam: float
+) -> list[float]:
+    """Per-step targets of PRM `kind` from MC labels m_k (module docstring): ScalarPRM y_k = m_k; TD kinds
+    use `rlloop.algos.td`'s formulas with m in place of the bootstrapped values (terminal: ℓ)."""
+    from rlloop.algos.td import compute_td_targets
+
+    if kind == "mc":
+        return [float(x) for x in labels]
+    values = torch.tensor([list(labels)], dtype=torch.float32)
+    y = compute_td_targets(
+        kind, values, torch.ones_like(values), torch.tensor([float(outcome)]), gamma=gamma, n=n, lam=lam
+    )
+    return y[0].tolist()
+
+
+# ----- first-error localisation (ProcessBench) ------------------------------------------------------------
+
+
+def predicted_first_error(values: Sequence[float], threshold: float = THRESHOLD, rule: str = "abs") -> int:
+    """The predicted first wrong step: the first k with V_k < threshold (`abs`), or with
+    V_k < threshold·V_{k-1}, V_{-1} = 1 (`drop`); -1 when there is none."""
+    prev = 1.0
+    for k, v in enumerate(values):
+        if (v < threshold) if rule == "abs" else (v < threshold * prev):
+            return k
+        prev = v
+    return -1
+
+
+def localisation(
+    values: Sequence[Sequence[float]],
+    first_errors: Sequence[int],
+    threshold: float = THRESHOLD,
+    rule: str = "abs",
+) -> dict[str, float]:
+    """ProcessBench's metrics of a PRM's step values against the exact first errors.
+
+    err_acc: share of erroneous solutions (first error e >= 0) whose predicted first error is exactly e;
+    correct_acc: share of all-correct solutions (e = -1) predicted -1; f1: their harmonic mean. Solutions
+    whose first error lies past their last step (a step is missing: the text stops early) cannot be
+    localised by a per-step score and are left out (`unlocalisable`). Also, on erroneous solutions, the
+    shares predicted too early (`early`) and too late or never (`late`).
+    """
+    hit_err = hit_ok = n_err = n_ok = early = late = skipped = 0
+    for v, e in zip(values, first_errors, strict=True):
+        pred = predicted_first_error(v, threshold, rule)
+        if e == -1:
+            n_ok += 1
+            hit_ok += pred == -1
+        elif e < len(v):
+            n_err += 1
+            hit_err += pred == e
+            early += 0 <= pred < e
+            late += pred == -1 or pred > e
+        else:
+            skipped += 1
+    a = hit_err / n_err if n_err else math.nan
+    b = hit_ok / n_ok if n_ok else math.nan
+    f1 = 2 * a * b / (a + b) if n_err and n_ok and a + b > 0 else (0.0 if n_err and n_ok else math.nan)
+    return {
+        "f1": f1,
+        "err_acc": a,
+        "correct_acc": b,
+        "early": early / n_err if n_err else math.nan,
+        "late": late / n_err if n_err else math.nan,
+        "n_err": float(n_err),
+        "n_correct": float(n_ok),
+        "unlocalisable": float(skipped),
+        "threshold": float(threshold),
+    }
+
+
+def best_threshold(
+    values: Sequence[Sequence[float]], first_errors: Sequence[int], rule: str = "abs"
+) -> float:
+    """The threshold in 0.02..0.98 (step 0.02) with the highest F1 on these (validation) solutions; ties go
+    to the one nearest 0.5."""
+    grid = [round(0.02 * i, 2) for i in range(1, 50)]
+    return max(grid, key=lambda t: (localisation(values, first_errors, t, rule)["f1"], -abs(t - 0.5)))
+
+
+def bootstrap_se(
+    groups: Sequence[str], stat: Callable[[list[int]], float], *, reps: int = 200, seed: int = 0
+) -> float:
+    """Standard error of `stat(row indices)` by resampling whole prompts (their rollouts are correlated)."""
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    keys = list(by_group)
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(reps):
+        idx = [i for _ in keys for i in by_group[rng.choice(keys)]]
+        x = stat(idx)
+        if not math.isnan(x):
+            draws.append(x)
+    return statistics.stdev(draws) if len(draws) > 1 else math.nan
+
+
+def localisation_report(
+    eval_rows: list[dict], eval_values: list[list[float]], val_rows: list[dict], val_values: list[list[float]]
+) -> dict[str, Any]:
+    """Held-out localisation at V < 0.5, and with the threshold / drop factor chosen on validation."""
+    fe = [r["first_error"] for r in eval_rows]
+    groups = [r["group"] for r in eval_rows]
+    out: dict[str, Any] = {"abs@0.5": localisation(eval_values, fe, THRESHOLD, "abs")}
+    out["abs@0.5"]["f1_se"] = bootstrap_se(
+        groups, lambda idx: localisation([eval_values[i] for i in idx], [fe[i] for i in idx])["f1"]
+    )
+    out["drop@0.5"] = localisation(eval_values, fe, THRESHOLD, "drop")
+    if val_rows:
+        vfe = [r["first_error"] for r in val_rows]
+        for rule in ("abs", "drop"):
+            t = best_threshold(val_values, vfe, rule)
+            rep = localisation(eval_values, fe, t, rule)
+            rep["f1_se"] = bootstrap_se(
+                groups,
+                lambda idx, t=t, rule=rule: localisation(
+                    [eval_values[i] for i in idx], [fe[i] for i in idx], t, rule
+                )["f1"],
+            )
+            rep["val_f1"] = localisation(val_values, vfe, t, rule)["f1"]
+            out[f"{rule}@val"] = rep
+    return out
+
+
+# ----- training and evaluation ----------------------------------------------------------------------------
 
 
 def train_and_eval(
@@ -101,9 +355,17 @@ def train_and_eval(
     gamma: float,
     seed: int,
     save_dir: Path | None = None,
+    step_labels: list[list[float]] | None = None,
+    val_rows: list[dict] | None = None,
+    nstep: int = 2,
+    lam: float = 0.7,
 ) -> dict:
     """Train a PRM (fresh head on the policy backbone) on `train_rows`; metrics and Best-of-N on
-    `eval_rows` (held out); saved (with the policy's tokenizer) to `save_dir` when given."""
+    `eval_rows` (held out); saved (with the policy's tokenizer) to `save_dir` when given.
+
+    `step_labels` (one target per step of each train row): train toward them (`td="labels"`) instead of
+    `td`'s own targets. Rows with `first_error` add `localisation` (and the held-out values under
+    `_values`, `_val_values`, which the caller pops)."""
     from transformers import AutoTokenizer
 
     from rlloop.rewards.prm.model import ValueHeadModel
@@ -113,7 +375,15 @@ def train_and_eval(
     model = ValueHeadModel.from_backbone(model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     trainer = TDPRMTrainer(
-        model, tok, lr=lr, td=td, gamma=gamma, micro_batch_size=batch_size, weight_decay=0.001
+        model,
+        tok,
+        lr=lr,
+        td="labels" if step_labels is not None else td,
+        gamma=gamma,
+        n=nstep,
+        lam=lam,
+        micro_batch_size=batch_size,
+        weight_decay=0.001,
     )
 
     def cols(rows):
@@ -130,7 +400,9 @@ def train_and_eval(
     for epoch in range(epochs):
         rng.shuffle(order)
         for lo in range(0, len(order), batch_size):
-            m = trainer.step(*cols([train_rows[i] for i in order[lo : lo + batch_size]]))
+            idx = order[lo : lo + batch_size]
+            labels = {} if step_labels is None else {"step_labels": [step_labels[i] for i in idx]}
+            m = trainer.step(*cols([train_rows[i] for i in idx]), **labels)
         logger.info("%s epoch %d: last batch %s", td, epoch, {k: round(v, 4) for k, v in m.items()})
     train_s = time.perf_counter() - t0
     if save_dir is not None:
@@ -138,14 +410,22 @@ def train_and_eval(
         model.save_pretrained(str(save_dir))
         tok.save_pretrained(str(save_dir))
     values = trainer.step_values(*cols(eval_rows)[:3])
-    return {
+    train_labels = {} if step_labels is None else {"step_labels": step_labels}
+    result = {
         "td": td,
         "train_seconds": round(train_s, 1),
-        "train": trainer.evaluate(*cols(train_rows)),
+        "train": trainer.evaluate(*cols(train_rows), **train_labels),
         "heldout": trainer.evaluate(*cols(eval_rows)),
         "best_of_n": best_of_n(eval_rows, [v[-1] for v in values]),
         "path": str(save_dir) if save_dir is not None else None,
     }
+    if step_labels is not None:
+        result["labels"] = "given"
+    if eval_rows and "first_error" in eval_rows[0]:
+        val_values = trainer.step_values(*cols(val_rows)[:3]) if val_rows else []
+        result["localisation"] = localisation_report(eval_rows, values, val_rows or [], val_values)
+        result["_values"] = values
+    return result
 
 
 def best_of_n(rows: list[dict], scores: list[float], ns: tuple[int, ...] = BON_N) -> dict[str, float]:
@@ -182,69 +462,130 @@ def best_of_n(rows: list[dict], scores: list[float], ns: tuple[int, ...] = BON_N
     return out
 
 
+def arm_key(kind: str, label: str) -> str:
+    """`td0` for the outcome label (the keys `arith` always had), `td0@mc_soft` otherwise."""
+    return kind if label == "outcome" else f"{kind}@{label}"
+
+
+def _setup(task: str, model_name: str | None, task_overrides: Sequence[str], model_overrides: dict | None):
+    """(task config, model folder, default max_new_tokens or None). `arith` without overrides keeps the
+    plain TaskConfig() this experiment always used (its numbers in docs/results.md §3 stay comparable)."""
+    from rlloop.config import ModelConfig, TaskConfig
+    from rlloop.models import resolve_model
+
+    if task == "arith" and not task_overrides:
+        task_cfg = TaskConfig()
+        name = model_name or "arith-small"
+        return task_cfg, resolve_model(ModelConfig(name=name, **(model_overrides or {})), task_cfg), None
+    from omegaconf import OmegaConf
+
+    from rlloop.train import compose_config
+
+    overrides = [f"task={task}", *task_overrides]
+    if model_name:
+        overrides.append(f"model={model_name}")
+    cfg = compose_config(overrides)
+    if model_name is None:
+        cfg.model = compose_config([f"model={DEFAULT_MODEL.get(cfg.task.name, 'arith-small')}"]).model
+    if model_overrides:
+        cfg.model = OmegaConf.merge(cfg.model, model_overrides)
+    return cfg.task, resolve_model(cfg.model, cfg.task), int(cfg.rollout.max_new_tokens)
+
+
+def _load_or_sample(path: Path, reuse: bool, sample: Callable[[], list[dict]]) -> list[dict]:
+    if reuse and path.exists():
+        logger.info("reusing %s", path)
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = sample()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def run(
     *,
     out: str,
     train_prompts: int,
     eval_prompts: int,
     n: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     temperature: float,
     epochs: int,
     lr: float,
     batch_size: int,
     gamma: float,
     seed: int,
-    model_name: str = "arith-small",
+    model_name: str | None = "arith-small",
     eval_n: int = 16,
     kinds: tuple[str, ...] = KINDS,
     model_overrides: dict | None = None,
+    task: str = "arith",
+    task_overrides: Sequence[str] = (),
+    labels: tuple[str, ...] = ("outcome",),
+    prm_seeds: Sequence[int] | None = None,
+    val_prompts: int = 0,
+    mc_samples: int = 4,
+    nstep: int = 2,
+    lam: float = 0.7,
+    reuse_rollouts: bool = False,
 ) -> dict:
-    from rlloop.config import ModelConfig, TaskConfig
-    from rlloop.models import resolve_model
-    from rlloop.tasks.arith import make_splits
-
+    """Sample, label, train every arm (kind × label) with every PRM seed, evaluate; see the module
+    docstring. `seed` seeds the sampling; `prm_seeds` (default [seed]) the PRM trainings. Writes
+    `<out>/prm_quality.json` and `.md`; returns the result dict (arm keys as `arm_key`)."""
+    for label in labels:
+        if label not in LABELS:
+            raise ValueError(f"unknown label source {label!r}; expected one of {list(LABELS)}")
     torch.set_num_threads(2)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    task_cfg = TaskConfig()  # the arith-small build and the train/test problems share it
-    model_path = resolve_model(ModelConfig(name=model_name, **(model_overrides or {})), task_cfg)
-    train_samples, test_samples = make_splits(task_cfg)
+    task_cfg, model_path, task_max_new = _setup(task, model_name, task_overrides, model_overrides)
+    max_new_tokens = max_new_tokens or task_max_new or 96
+    from rlloop.tasks import BUILTIN
+
+    train_samples, test_samples = BUILTIN[str(task_cfg.name)].make_splits(task_cfg)
     t0 = time.perf_counter()
-    train_rows = sample_rollouts(
-        model_path,
-        train_samples[:train_prompts],
-        n=n,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, task_cfg=task_cfg)
+    train_rows = _load_or_sample(
+        out_dir / "train_rollouts.jsonl",
+        reuse_rollouts,
+        lambda: sample_rollouts(model_path, train_samples[:train_prompts], n=n, seed=seed, **opts),
     )
-    eval_rows = sample_rollouts(
-        model_path,
-        test_samples[:eval_prompts],
-        n=eval_n,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed + 10_000,
+    eval_rows = _load_or_sample(
+        out_dir / "heldout_rollouts.jsonl",
+        reuse_rollouts,
+        lambda: sample_rollouts(
+            model_path, test_samples[:eval_prompts], n=eval_n, seed=seed + 10_000, **opts
+        ),
     )
+    val_rows: list[dict] = []
+    if val_prompts:
+        val_samples = train_samples[train_prompts : train_prompts + val_prompts]  # never trained on
+        val_rows = _load_or_sample(
+            out_dir / "val_rollouts.jsonl",
+            reuse_rollouts,
+            lambda: sample_rollouts(model_path, val_samples, n=n, seed=seed + 20_000, **opts),
+        )
     sample_s = time.perf_counter() - t0
-    for name, rows in (("train_rollouts.jsonl", train_rows), ("heldout_rollouts.jsonl", eval_rows)):
-        (out_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = {
-        "model": model_name,
-        "settings": {
-            "train_prompts": train_prompts,
-            "eval_prompts": eval_prompts,
-            "n": n,
-            "eval_n": eval_n,
-            "temperature": temperature,
-            "max_new_tokens": max_new_tokens,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "gamma": gamma,
-            "seed": seed,
-        },
+    settings = {
+        "train_prompts": train_prompts,
+        "eval_prompts": eval_prompts,
+        "n": n,
+        "eval_n": eval_n,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "gamma": gamma,
+        "seed": seed,
+    }
+    if task != "arith" or task_overrides:
+        settings.update(
+            task=task, task_overrides=list(task_overrides), labels=list(labels), val_prompts=val_prompts,
+            mc_samples=mc_samples, nstep=nstep, lam=lam, prm_seeds=list(prm_seeds or [seed]),
+        )  # fmt: skip
+    result: dict[str, Any] = {
+        "model": model_name or DEFAULT_MODEL.get(str(task_cfg.name)),
+        "settings": settings,
         "rollouts": {
             "train": len(train_rows),
             "heldout": len(eval_rows),
@@ -254,23 +595,83 @@ def run(
             "sample_seconds": round(sample_s, 1),
         },
     }
+    if eval_rows and "first_error" in eval_rows[0]:
+        fe = [r["first_error"] for r in eval_rows]
+        result["rollouts"].update(
+            heldout_all_steps_right=sum(e == -1 for e in fe) / len(fe),
+            heldout_unlocalisable=sum(e >= len(r["step_char_ends"]) for e, r in zip(fe, eval_rows)) / len(fe),
+            heldout_outcome_vs_steps_disagree=sum((e == -1) != (r["correct"] > 0.5) for e, r in zip(fe, eval_rows)) / len(fe),
+            val=len(val_rows),
+        )  # fmt: skip
     result["model_path"] = model_path
-    for td in kinds:
-        result[td] = train_and_eval(
-            model_path,
-            train_rows,
-            eval_rows,
-            td=td,
-            lr=lr,
-            epochs=epochs,
-            batch_size=batch_size,
-            gamma=gamma,
-            seed=seed,
-            save_dir=out_dir / "prms" / td,
-        )
+    mc_outcomes = None
+    if any(label.startswith("mc_") for label in labels):
+        path = out_dir / "mc_outcomes.json"
+        t1 = time.perf_counter()
+        if reuse_rollouts and path.exists():
+            mc_outcomes = json.loads(path.read_text())
+        else:
+            mc_outcomes = mc_step_outcomes(
+                model_path, train_rows, m=mc_samples, max_new_tokens=max_new_tokens,
+                temperature=temperature, seed=seed + 30_000,
+            )  # fmt: skip
+            path.write_text(json.dumps(mc_outcomes))
+        result["rollouts"]["mc_label_seconds"] = round(time.perf_counter() - t1, 1)
+    heldout_values: dict[str, list[list[float]]] = {}
+    for label in labels:
+        for td in kinds:
+            key = arm_key(td, label)
+            step_labels = None
+            if label != "outcome":
+                step_labels = [
+                    label_targets(
+                        td,
+                        mc_labels(r, o, hard=label == "mc_hard"),
+                        r["correct"],
+                        gamma=gamma,
+                        n=nstep,
+                        lam=lam,
+                    )
+                    for r, o in zip(train_rows, mc_outcomes, strict=True)
+                ]
+            by_seed = {}
+            for s in prm_seeds or [seed]:
+                res = train_and_eval(
+                    model_path, train_rows, eval_rows, td=td, lr=lr, epochs=epochs, batch_size=batch_size,
+                    gamma=gamma, seed=s, save_dir=out_dir / "prms" / key if not by_seed else None,
+                    step_labels=step_labels, val_rows=val_rows, nstep=nstep, lam=lam,
+                )  # fmt: skip
+                values = res.pop("_values", None)
+                if values is not None and not by_seed:
+                    heldout_values[key] = values
+                by_seed[s] = res
+                logger.info("%s seed %d: %s", key, s, _brief(res))
+            result[key] = next(iter(by_seed.values()))
+            if len(by_seed) > 1:
+                result[key]["seeds"] = {
+                    str(s): {k: v for k, v in r.items() if k != "path"} for s, r in by_seed.items()
+                }
+            (out_dir / "prm_quality.json").write_text(json.dumps(result, indent=2))  # partial results survive
     (out_dir / "prm_quality.json").write_text(json.dumps(result, indent=2))
     (out_dir / "prm_quality.md").write_text(markdown(result) + "\n")
+    if heldout_values:
+        (out_dir / "heldout_values.json").write_text(json.dumps(heldout_values))
+        try:
+            plot_localisation(eval_rows, heldout_values, out_dir / "localisation.png")
+        except ImportError as e:  # matplotlib is optional
+            logger.warning("no localisation plot: %s", e)
     return result
+
+
+def _brief(res: dict) -> str:
+    h = res["heldout"]
+    s = f"auroc={h.get('prm/auroc', float('nan')):.3f} smooth={h['prm/smoothness']:.4f}"
+    if "localisation" in res:
+        loc = res["localisation"]["abs@0.5"]
+        s += f" f1@0.5={loc['f1']:.3f} (err {loc['err_acc']:.3f}, ok {loc['correct_acc']:.3f})"
+        if "drop@val" in res["localisation"]:
+            s += f" f1drop@val={res['localisation']['drop@val']['f1']:.3f}"
+    return s
 
 
 NAMES = {
@@ -279,10 +680,19 @@ NAMES = {
     "td_lambda": "TD(λ=0.7)",
     "mc": "ScalarPRM (outcome labels)",
 }
+LABEL_NAMES = {
+    "outcome": {"td0": "bootstrap on V", "nstep": "bootstrap on V", "td_lambda": "bootstrap on V", "mc": "ℓ"},
+    "mc_soft": {k: "MC soft" for k in KINDS},
+    "mc_hard": {k: "MC hard" for k in KINDS},
+}
 
 
 def markdown(result: dict) -> str:
-    """The held-out table: one row per PRM kind."""
+    """The held-out table: one row per PRM kind (the `arith` table), or for tasks with a step checker the
+    localisation table: one row per arm, mean ± sd over PRM seeds."""
+    arms = [k for k in result if k.split("@")[0] in KINDS and isinstance(result[k], dict)]
+    if any("localisation" in result[k] for k in arms):
+        return localisation_markdown(result, arms)
     ns = [n for n in BON_N if f"bon@{n}" in next(iter(result[k] for k in KINDS if k in result))["best_of_n"]]
     head = "| PRM | AUROC(V_last) | V_last acc | smoothness | " + " | ".join(f"BoN@{n}" for n in ns) + " |"
     lines = [head, "|" + "---|" * (4 + len(ns))]
@@ -302,32 +712,135 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _seed_values(entry: dict, get: Callable[[dict], float]) -> list[float]:
+    runs = list(entry["seeds"].values()) if "seeds" in entry else [entry]
+    return [x for x in (get(r) for r in runs) if x is not None and not math.isnan(x)]
+
+
+def _fmt(xs: list[float], digits: int = 3) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def localisation_markdown(result: dict, arms: list[str]) -> str:
+    """Localisation table (chain tasks): F1 at V < 0.5 with its accuracies, F1 with the validation-chosen
+    threshold and drop rule, AUROC, smoothness and Best-of-4/16; mean ± sd over PRM seeds."""
+    ns = [n for n in (4, 16) if f"bon@{n}" in result[arms[0]]["best_of_n"]]
+    head = (
+        "| PRM | target | F1 (V<0.5) | err acc | correct acc | F1 (τ from val) | F1 (drop, τ from val) | "
+        "AUROC(V_last) | smoothness | " + " | ".join(f"BoN@{n}" for n in ns) + " |"
+    )
+    lines = [head, "|" + "---|" * (9 + len(ns))]
+    for key in arms:
+        kind, _, label = key.partition("@")
+        e = result[key]
+        loc = lambda rule: lambda r: r.get("localisation", {}).get(rule, {}).get("f1")  # noqa: E731
+        cells = [
+            NAMES[kind].replace(" (outcome labels)", ""),
+            LABEL_NAMES[label or "outcome"][kind],
+            _fmt(_seed_values(e, loc("abs@0.5"))),
+            _fmt(_seed_values(e, lambda r: r["localisation"]["abs@0.5"]["err_acc"])),
+            _fmt(_seed_values(e, lambda r: r["localisation"]["abs@0.5"]["correct_acc"])),
+            _fmt(_seed_values(e, loc("abs@val"))),
+            _fmt(_seed_values(e, loc("drop@val"))),
+            _fmt(_seed_values(e, lambda r: r["heldout"].get("prm/auroc"))),
+            _fmt(_seed_values(e, lambda r: r["heldout"]["prm/smoothness"]), 4),
+            *(_fmt(_seed_values(e, lambda r, n=n: r["best_of_n"][f"bon@{n}"])) for n in ns),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    b = result[arms[0]]["best_of_n"]
+    blank = "| " * 9
+    lines.append(f"| majority vote (no PRM) {blank}" + " | ".join(f"{b[f'vote@{n}']:.3f}" for n in ns) + " |")
+    lines.append(f"| pass@N (ceiling) {blank}" + " | ".join(f"{b[f'pass@{n}']:.3f}" for n in ns) + " |")
+    return "\n".join(lines)
+
+
+def plot_localisation(eval_rows: list[dict], values: dict[str, list[list[float]]], path: Path) -> None:
+    """Mean V_k against k - e on erroneous held-out solutions (aligned at the exact first error e), and
+    mean V_k against k on all-correct ones; one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for key, rows in values.items():
+        rel: dict[int, list[float]] = {}
+        pos: dict[int, list[float]] = {}
+        for r, v in zip(eval_rows, rows, strict=True):
+            e = r["first_error"]
+            if e == -1:
+                for k, x in enumerate(v):
+                    pos.setdefault(k, []).append(x)
+            elif e < len(v):
+                for k, x in enumerate(v):
+                    if -6 <= k - e <= 3:
+                        rel.setdefault(k - e, []).append(x)
+        style = "--" if "@" in key else "-"
+        label = f"{NAMES[key.split('@')[0]].replace(' (outcome labels)', '')} [{LABEL_NAMES[key.partition('@')[2] or 'outcome'][key.split('@')[0]]}]"
+        xs = sorted(rel)
+        ax1.plot(xs, [statistics.mean(rel[x]) for x in xs], style, marker="o", ms=3, label=label)
+        xs = sorted(k for k in pos if len(pos[k]) >= 10)
+        ax2.plot(xs, [statistics.mean(pos[x]) for x in xs], style, marker="o", ms=3, label=label)
+    for ax in (ax1, ax2):
+        ax.axhline(THRESHOLD, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(0, 1)
+    ax1.axvline(0, color="red", lw=0.8)
+    ax1.set_xlabel("step k − first error e (erroneous solutions)")
+    ax1.set_ylabel("mean V_k (held out)")
+    ax2.set_xlabel("step k (all-correct solutions)")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="outputs/experiments/prm_quality")
+    ap.add_argument("--task", default="arith", help="task preset (conf/task): arith | chain | chain-credit")
     ap.add_argument(
-        "--model", default="arith-small", help="built-in model name (arith-small | tiny | smollm2)"
+        "--task-override", action="append", default=[], help="Hydra override, e.g. task.max_ops=4"
+    )
+    ap.add_argument(
+        "--model", default=None, help="built-in model name (default: the task's: arith-small | chain-small)"
     )
     ap.add_argument("--eval-n", type=int, default=16, help="samples per held-out prompt (Best-of-N up to it)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="PRM kinds to train, comma-separated")
+    ap.add_argument("--labels", default="outcome", help=f"label sources, comma-separated: {','.join(LABELS)}")
     ap.add_argument("--train-prompts", type=int, default=128)
     ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--val-prompts", type=int, default=0, help="train-split prompts for choosing thresholds")
     ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--mc-samples", type=int, default=4, help="completions per prefix for MC step labels")
+    ap.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the task's rollout setting, or 96"
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--gamma", type=float, default=0.8)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--lam", type=float, default=0.7)
+    ap.add_argument("--nstep", type=int, default=2)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="sampling seed (and the PRM seed without --prm-seeds)"
+    )
+    ap.add_argument("--prm-seeds", default=None, help="PRM training seeds, comma-separated, e.g. 0,1,2")
+    ap.add_argument(
+        "--reuse-rollouts", action="store_true", help="reuse <out>/*_rollouts.jsonl and MC labels"
+    )
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     res = run(
         out=args.out,
         train_prompts=args.train_prompts,
         eval_prompts=args.eval_prompts,
         n=args.n,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens or args.task != "arith" else 96,
         temperature=args.temperature,
         epochs=args.epochs,
         lr=args.lr,
@@ -337,6 +850,15 @@ def main() -> None:
         model_name=args.model,
         eval_n=args.eval_n,
         kinds=tuple(k for k in args.kinds.split(",") if k),
+        task=args.task,
+        task_overrides=args.task_override,
+        labels=tuple(x for x in args.labels.split(",") if x),
+        prm_seeds=[int(s) for s in args.prm_seeds.split(",")] if args.prm_seeds else None,
+        val_prompts=args.val_prompts,
+        mc_samples=args.mc_samples,
+        nstep=args.nstep,
+        lam=args.lam,
+        reuse_rollouts=args.reuse_rollouts,
     )
     print(json.dumps({k: res[k] for k in ("rollouts",)}, indent=2))
     print(markdown(res))

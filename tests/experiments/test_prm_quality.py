@@ -1,0 +1,136 @@
+"""rlloop.experiments.prm_quality on tasks with an exact step checker: ProcessBench-style first-error
+localisation checked on hand-made examples, MC-label targets by hand, and the pipeline at CI size."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rlloop.experiments.prm_quality import (
+    best_threshold,
+    label_targets,
+    localisation,
+    mc_labels,
+    predicted_first_error,
+)
+from rlloop.tasks import chain
+
+# Hand-made PRM outputs with known first errors (e = -1: every step right).
+VALUES = [
+    [0.9, 0.8, 0.3, 0.2],  # e = 2; V < 0.5 first at 2: right
+    [0.9, 0.4, 0.3],  # e = 2; first at 1: too early
+    [0.9, 0.9, 0.9],  # e = 1; never below: too late
+    [0.7, 0.8, 0.9],  # e = -1; never below: right
+    [0.6, 0.45, 0.9],  # e = -1; below at 1: wrong
+    [0.9],  # e = 3: the text stops before its wrong step, not localisable by step scores
+]
+FIRST_ERRORS = [2, 2, 1, -1, -1, 3]
+
+
+def test_predicted_first_error_rules():
+    assert predicted_first_error([0.9, 0.6, 0.4, 0.1]) == 2
+    assert predicted_first_error([0.9, 0.6]) == -1
+    assert predicted_first_error([0.3, 0.2], threshold=0.25) == 1
+    # drop rule: V_k < τ·V_{k-1} with V_{-1} = 1; a low but steady value is not an error
+    assert predicted_first_error([0.3, 0.35, 0.1], rule="drop") == 0
+    assert predicted_first_error([0.6, 0.35, 0.4, 0.1], rule="drop") == 3
+
+
+def test_localisation_f1_by_hand():
+    loc = localisation(VALUES, FIRST_ERRORS)
+    # erroneous (localisable): 3, one exact -> 1/3; all-correct: 2, one predicted -1 -> 1/2
+    assert loc["err_acc"] == pytest.approx(1 / 3)
+    assert loc["correct_acc"] == pytest.approx(1 / 2)
+    assert loc["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))  # = 0.4
+    assert loc["f1"] == pytest.approx(0.4)
+    assert (loc["n_err"], loc["n_correct"], loc["unlocalisable"]) == (3, 2, 1)
+    assert loc["early"] == pytest.approx(1 / 3) and loc["late"] == pytest.approx(1 / 3)
+    # the drop rule at τ = 0.5: [0.6, 0.45, 0.9] no longer flags step 1 (0.45 > 0.3) -> correct acc 1
+    drop = localisation(VALUES, FIRST_ERRORS, 0.5, "drop")
+    assert (drop["err_acc"], drop["correct_acc"]) == (pytest.approx(1 / 3), 1.0)
+    assert drop["f1"] == pytest.approx(0.5)
+
+
+def test_localisation_without_one_class_is_nan_and_oracle_is_perfect():
+    assert math.isnan(localisation([[0.9, 0.1]], [1])["f1"])
+    # the exact checker's first error, and a perfect PRM built from it, give F1 = 1
+    p = chain.ChainProblem(start=7, ops=(("+", 5), ("-", 3), ("+", 8)))
+    right = chain.solution_text(p)
+    wrong = chain.format_solution(p.start, p.ops, [12, 8, 16])  # 12-3=8 is wrong (step 1)
+    texts, fes = [right, wrong], [chain.first_error(p, t) for t in (right, wrong)]
+    assert fes == [-1, 1]
+    oracle = [
+        [1.0 if e == -1 or k < e else 0.0 for k in range(len(chain.split_steps(t)))]
+        for t, e in zip(texts, fes)
+    ]
+    assert localisation(oracle, fes)["f1"] == 1.0
+
+
+def test_best_threshold_is_chosen_on_the_given_split():
+    # every erroneous solution drops to 0.2 at its error, correct ones stay at 0.3: only τ in (0.2, 0.3] wins
+    vals = [[0.3, 0.2, 0.2], [0.3, 0.3, 0.2], [0.3, 0.3, 0.3]]
+    fes = [1, 2, -1]
+    t = best_threshold(vals, fes)
+    assert 0.2 < t <= 0.3
+    assert localisation(vals, fes, t)["f1"] == 1.0
+    assert localisation(vals, fes)["f1"] == 0.0  # at 0.5 every solution is flagged at step 0
+
+
+def test_mc_labels_and_targets_by_hand():
+    row = {"correct": 0.0}
+    outcomes = [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], []]  # 3 samples after steps 0 and 1; terminal: none
+    soft = mc_labels(row, outcomes, hard=False)
+    assert soft == pytest.approx([2 / 4, 1 / 4, 0.0])  # own outcome 0 is one more sample
+    assert mc_labels(row, outcomes, hard=True) == [1.0, 1.0, 0.0]
+    assert label_targets("mc", soft, 0.0, gamma=0.8, n=2, lam=0.7) == pytest.approx(soft)
+    # TD(0) on MC labels: y_k = γ m_{k+1}, terminal ℓ
+    assert label_targets("td0", soft, 0.0, gamma=0.8, n=2, lam=0.7) == pytest.approx([0.8 * 0.25, 0.0, 0.0])
+    # 2-step: y_0 = γ² m_2 = 0.64, y_1 = γ m_2 = 0.8 (the window is truncated at the terminal), y_2 = ℓ
+    assert label_targets("nstep", [0.5, 0.25, 1.0], 1.0, gamma=0.8, n=2, lam=0.7) == pytest.approx(
+        [0.64, 0.8, 1.0]
+    )
+    # TD(λ): G_2 = 1, G_1 = γ((1-λ)·1 + λ·1) = 0.8, G_0 = γ((1-λ)·0.25 + λ·0.8)
+    y = label_targets("td_lambda", [0.5, 0.25, 1.0], 1.0, gamma=0.8, n=2, lam=0.7)
+    assert y == pytest.approx([0.8 * (0.3 * 0.25 + 0.7 * 0.8), 0.8, 1.0])
+
+
+def test_pipeline_runs_on_a_small_chain(tmp_path):
+    """The whole experiment at CI size: a random-init tiny policy on 3-4-step chains, 1 epoch, outcome and
+    MC labels; every arm reports localisation, AUROC fields, Best-of-N, and the plot is written."""
+    from rlloop.experiments import prm_quality
+
+    res = prm_quality.run(
+        out=str(tmp_path),
+        train_prompts=2,
+        eval_prompts=2,
+        val_prompts=1,
+        n=2,
+        eval_n=4,
+        max_new_tokens=12,
+        temperature=1.0,
+        epochs=1,
+        lr=3e-4,
+        batch_size=4,
+        gamma=0.8,
+        seed=0,
+        model_name="tiny",
+        kinds=("td0", "mc"),
+        task="chain",
+        task_overrides=["task.min_ops=3", "task.max_ops=4"],
+        labels=("outcome", "mc_soft"),
+        mc_samples=1,
+    )
+    assert set(res) >= {"td0", "mc", "td0@mc_soft", "mc@mc_soft"}
+    for key in ("td0", "mc@mc_soft"):
+        loc = res[key]["localisation"]
+        assert {"abs@0.5", "drop@0.5", "abs@val", "drop@val"} <= set(loc)
+        assert loc["abs@0.5"]["threshold"] == 0.5
+        assert "bon@4" in res[key]["best_of_n"]
+    assert res["rollouts"]["heldout"] == 8 and "heldout_all_steps_right" in res["rollouts"]
+    rows = [json.loads(x) for x in (tmp_path / "heldout_rollouts.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["first_error"], int) for r in rows)
+    assert "| TD(0) | bootstrap on V |" in (tmp_path / "prm_quality.md").read_text()
+    assert (tmp_path / "localisation.png").stat().st_size > 1000
+    assert len(json.loads((tmp_path / "heldout_values.json").read_text())["td0"]) == 8
