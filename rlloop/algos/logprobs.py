@@ -6,6 +6,9 @@ forward (the logits, the scaled copy, the log-softmax that autograd keeps for ba
 metric two or three more; on SmolLM2 (V = 49152) a 32 x 128 response micro-batch is 0.8 GB per tensor.
 Here forward keeps only the logits and a [B, T] log-sum-exp; backward recomputes the softmax chunk by
 chunk: d logp(y) / d z = (onehot(y) - softmax(z / T)) / T.
+
+`token_logprobs` is what the policy learner, the critic and the implicit PRM read from a causal LM's
+logits; it lives here, below `learner/` and `rewards/`, so neither imports the other for it.
 """
 
 from __future__ import annotations
@@ -93,3 +96,24 @@ def sampled_logprobs(
     logprobs, entropy = _SampledLogprobs.apply(logits, targets, float(temperature), bool(with_entropy))
     pad = (start + 1, 0)
     return torch.nn.functional.pad(logprobs, pad), torch.nn.functional.pad(entropy, pad)
+
+
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, start: int = 0
+) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, :t]) from the logits of a causal LM.
+
+    logits [B, T - start, V] are those of positions start..T-1 (all of them when start = 0), input_ids
+    [B, T] -> [B, T] float32 with columns 0..start set to 0 (no logits predict them).
+    Logits are divided by the sampling temperature first, as the rollout engine samples from them.
+    """
+    return sampled_logprobs(logits, input_ids, temperature, start, with_entropy=False)[0]
+
+
+def used_length(attention_mask) -> int:
+    """Columns up to and including the last attended token of any row (right padding is cut off).
+
+    attention_mask: [B, T], a tensor or a numpy array.
+    """
+    cols = torch.as_tensor(attention_mask).any(dim=0).nonzero()
+    return int(cols[-1]) + 1 if cols.numel() else 1

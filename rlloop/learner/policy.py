@@ -19,22 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlloop.algos.logprobs import sampled_logprobs, token_logprobs, used_length
+
 logger = logging.getLogger(__name__)
-
-
-def token_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, start: int = 0
-) -> torch.Tensor:
-    """log p(input_ids[:, t] | input_ids[:, :t]) from the logits of a causal LM.
-
-    logits [B, T - start, V] are those of positions start..T-1 (all of them when start = 0), input_ids
-    [B, T] -> [B, T] float32 with columns 0..start set to 0 (no logits predict them).
-    Logits are divided by the sampling temperature first, as the rollout engine samples from them.
-    Chunked, with no vocabulary-sized temporaries (`rlloop.learner.logprobs`).
-    """
-    from rlloop.learner.logprobs import sampled_logprobs
-
-    return sampled_logprobs(logits, input_ids, temperature, start, with_entropy=False)[0]
 
 
 def first_logit_position(response_mask: np.ndarray) -> int:
@@ -52,12 +39,6 @@ def micro_slices(num_rows: int, micro_batch_size: int) -> list[slice]:
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     return [slice(s, min(s + micro_batch_size, num_rows)) for s in range(0, num_rows, micro_batch_size)]
-
-
-def used_length(attention_mask: np.ndarray) -> int:
-    """Columns up to and including the last attended token of any row (right padding is cut off)."""
-    cols = np.flatnonzero(attention_mask.any(axis=0))
-    return int(cols[-1]) + 1 if cols.size else 1
 
 
 def micro_batch_weight(mask: torch.Tensor, rows: slice, num_cols: int, loss_agg: str) -> float:
@@ -308,7 +289,6 @@ class PolicyLearner:
         """
         from rlloop.algos.kl import kl_penalty
         from rlloop.algos.losses import aggregate_loss, compute_policy_loss, entropy_from_logits
-        from rlloop.learner.logprobs import sampled_logprobs
 
         algo = self.algo_cfg
         ppo_epochs = int(algo["ppo_epochs"])

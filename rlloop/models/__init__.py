@@ -174,19 +174,15 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_pretrained(model_cfg: Any, task_cfg: Any = None, *, in_process: bool = False) -> str:
+def build_pretrained(model_cfg: Any, task_cfg: Any = None) -> str:
     """Cached folder of the built-in model `model_cfg.name` (a PRETRAINED key), pretrained with
-    `python -m rlloop.sft` on first use."""
+    `python -m rlloop.sft` on first use (in a child process: `rlloop.sft` imports this module, never the
+    other way round)."""
     name = str(model_cfg.name)
     t = _pretrain_task_cfg(name, task_cfg)
 
     def build(out: Path) -> None:
-        if in_process:
-            from rlloop.sft import pretrain_builtin
-
-            pretrain_builtin(model_cfg, t, str(out))
-        else:
-            _run_sft_subprocess(model_cfg, t, out)
+        _run_sft_subprocess(model_cfg, t, out)
 
     return _cached_build(cache_dir(model_cfg), name, pretrained_key(model_cfg, t), build)
 

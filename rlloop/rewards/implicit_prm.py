@@ -92,7 +92,7 @@ class ImplicitPRM(ModelActorCore):
 
     def _log_ratio(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """log π_φ(y_t|y_<t) − log π_ref(y_t|y_<t) at every position [B, T] (grad through π_φ only)."""
-        from rlloop.learner.policy import token_logprobs
+        from rlloop.algos.logprobs import token_logprobs
 
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logp = token_logprobs(logits, input_ids, self.temperature)
@@ -104,7 +104,7 @@ class ImplicitPRM(ModelActorCore):
         return logp - ref_logp
 
     def _tensors(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        from rlloop.learner.policy import used_length
+        from rlloop.algos.logprobs import used_length
 
         T = used_length(batch.attention_mask)  # right padding beyond every row is cut off
         ids = torch.as_tensor(np.asarray(batch.input_ids)[:, :T], dtype=torch.long, device=self.device)

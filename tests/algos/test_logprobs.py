@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import rlloop.learner.logprobs as lp_mod
+import rlloop.algos.logprobs as lp_mod
+from rlloop.algos.logprobs import sampled_logprobs
 from rlloop.algos.losses import entropy_from_logits
-from rlloop.learner.logprobs import sampled_logprobs
 
 
 def plain(logits, ids, temperature, start):

@@ -70,7 +70,7 @@ class VerifierWorkerCore(ActorCore):
         for entry in reversed(sys_path or []):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        import rlloop.rewards.verifiers  # noqa: F401  (registers the built-ins)
+        from rlloop.rewards.verifiers import code, custom, format, math  # noqa: F401  (registers the built-ins)
 
         import_plugins(list(plugins or []))
         logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning
