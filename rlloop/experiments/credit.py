@@ -7,11 +7,14 @@ On `task=chain-credit` (long chains, `chain-small` pretrained on them) this runs
 - `oracle`: the same, with the oracle PRM (`reward.prm.oracle=true`: V = 1 before the first wrong step,
   0 from it on) through `reward.fusion=first_error` (a wrong solution's blame starts at its first wrong
   step; its correct prefix is left alone) — the credit a perfect PRM gives;
+- `oracle_step` (with `--arms`): the oracle's step values as a dense, group-normalised step reward
+  (`reward.fusion=step reward.step_process=value`) beside the outcome — credit that still has a signal
+  when every sample of a group is wrong;
 - any `--arm NAME=override,override` added on the command line (e.g. a learned PRM).
 
 For each arm it reports the prompts its mean curve needs to reach `rule`'s final mean accuracy, and the
 ratio to `rule`'s; the setting is well posed for the PRM question when the oracle's ratio is <= 0.5.
-Last line: `credit: rule_prompts=R oracle_prompts=O ratio=O/R`.
+Last line(s): `credit: rule_prompts=R oracle_prompts=O ratio=O/R` (one per oracle arm).
 
     python -m rlloop.experiments.credit --seeds 0,1,2 --steps 40 --out docs/credit
 """
@@ -24,10 +27,17 @@ from pathlib import Path
 
 from rlloop.experiments import common
 
+ORACLE = ["reward=tdrm", "reward.prm.oracle=true"]
 ARMS = {
     "rule": ["reward=rule"],
-    "oracle": ["reward=tdrm", "reward.prm.oracle=true", "reward.fusion=first_error", "reward.w_prm=1.0"],
+    # a wrong solution's correct prefix spared, the rest blamed: the prototype's oracle credit
+    "oracle": [*ORACLE, "reward.fusion=first_error", "reward.w_prm=1.0"],
+    # dense: every step's V (1 while right, 0 from the first error) as a group-normalised step reward on
+    # top of the outcome, so a group whose samples are all wrong still learns which went wrong later
+    "oracle_step": [*ORACLE, "reward.fusion=step", "reward.step_process=value", "reward.w_rule=1.0",
+                    "reward.w_prm=1.0"],
 }
+DEFAULT_ARMS = "rule,oracle"
 
 
 def prompts_to_reach(summary: dict, arm: str, target: float) -> float:
@@ -43,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_run_arguments(ap)
     ap.add_argument("--task", default="chain-credit")
+    ap.add_argument("--arms", default=DEFAULT_ARMS, help=f"built-in arms to run, comma-separated, of {sorted(ARMS)}")
     ap.add_argument("--arm", action="append", default=[], help="NAME=override[,override...] (extra arms)")
     ap.add_argument("--out", default="outputs/credit")
     args = common.parse_run_args(ap, argv)
     model = "chain-small" if args.model == "arith-small" else args.model
-    arms = dict(ARMS)
+    unknown = [a for a in args.arms.split(",") if a and a not in ARMS]
+    if unknown:
+        ap.error(f"--arms: unknown arm(s) {unknown}; choose from {sorted(ARMS)}")
+    arms = {a: ARMS[a] for a in args.arms.split(",") if a}
     for spec in args.arm:
         name, _, overrides = spec.partition("=")
         arms[name] = [o for o in overrides.split(",") if o]
@@ -74,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"target_accuracy": target, "prompts_to_reach": reach}
         for arm, x in reach.items():
             print(f"{arm}: reaches rule's final accuracy {target:.3f} after {x:g} prompts")
-        if "oracle" in reach:
-            ratio = reach["oracle"] / reach["rule"] if reach["rule"] else math.nan
-            print(f"credit: rule_prompts={reach['rule']:g} oracle_prompts={reach['oracle']:g} ratio={ratio:.2f}")
+        for arm in [a for a in reach if a.startswith("oracle")]:
+            ratio = reach[arm] / reach["rule"] if reach["rule"] else math.nan
+            print(f"credit: rule_prompts={reach['rule']:g} {arm}_prompts={reach[arm]:g} ratio={ratio:.2f}")
     common.write_report(out, "credit", results, summary, extra)
     common.plot_curves(summary, out / "credit.png", title=f"{args.task}: outcome only vs step credit")
     return common.finish(out, results, summary)
