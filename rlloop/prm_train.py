@@ -15,22 +15,16 @@ the trained PRM folder `out_dir/prm` (load with `ValueHeadModel.from_pretrained`
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import random
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from rlloop.config import ModelConfig
-from rlloop.errors import ConfigError, RlloopError
+from rlloop.errors import ConfigError
+from rlloop.rewards.training import entry_points
 
 logger = logging.getLogger("rlloop.prm_train")
 
@@ -102,32 +96,9 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1)")
 
 
-def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the prompt groups (rollouts of one prompt stay together)."""
-    if fraction <= 0:
-        return examples, []
-    groups = sorted({str(e.get("group") or e.get("question") or e.get("prompt_text")) for e in examples})
-    random.Random(seed).shuffle(groups)
-    held = set(groups[: max(1, int(round(fraction * len(groups))))])
-    key = lambda e: str(e.get("group") or e.get("question") or e.get("prompt_text"))  # noqa: E731
-    return [e for e in examples if key(e) not in held], [e for e in examples if key(e) in held]
-
-
-def load_prm(path: str, prm_init: str, dtype: str):
-    """(ValueHeadModel, tokenizer) from `path` according to `prm_init`."""
-    from transformers import AutoTokenizer
-
-    from rlloop.rewards.prm.model import ValueHeadModel, has_value_head
-
-    if prm_init == "prm" or (prm_init == "auto" and has_value_head(path)):
-        try:
-            model = ValueHeadModel.from_pretrained(path, dtype=dtype)
-        except FileNotFoundError as e:
-            raise ConfigError(f"prm_init=prm but model.path: {e}") from None
-    else:
-        model = ValueHeadModel.from_backbone(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+def _group(example: dict) -> str:
+    """The prompt group a trajectory belongs to (its rollouts stay on one side of the split)."""
+    return str(example.get("group") or example.get("question") or example.get("prompt_text"))
 
 
 def _columns(examples: list[dict]) -> tuple[list, list, list, list]:
@@ -148,30 +119,10 @@ def _labels(examples: list[dict], td: str) -> dict:
     return {"step_labels": [e["step_labels"] for e in examples]}
 
 
-def evaluate(trainer, examples: list[dict], fmt: str, td: str) -> dict[str, float]:
-    if not examples:
-        return {}
-    if fmt == "transitions":
-        return trainer.transition_evaluate(examples)
-    labels = _labels(examples, td) if td == "labels" else {}
-    return trainer.evaluate(*_columns(examples), **labels)
-
-
-def train(cfg: Any, out_dir: str) -> dict:
-    """Load data and model, train with DeepSpeed (world size 1), evaluate, save; returns the metrics."""
-    _check(cfg)  # before the heavy imports: a typo fails in a second
-    import torch
-    from tqdm import tqdm
-
-    from rlloop.models import resolve_model
-    from rlloop.models.ds_engine import build_ds_engine, destroy_distributed
+def _load_data(cfg: Any) -> tuple[list[dict], list[dict]]:
     from rlloop.rewards.prm.data import load_examples
-    from rlloop.rewards.prm.td_trainer import TDPRMTrainer
+    from rlloop.rewards.training import hold_out_groups
 
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     fmt = cfg.data.format
     kwargs = (
         {"step_delimiter": cfg.data.step_delimiter, "step_regex": cfg.data.step_regex}
@@ -182,93 +133,61 @@ def train(cfg: Any, out_dir: str) -> dict:
     if cfg.data.eval_path:
         eval_set = load_examples(fmt, cfg.data.eval_path, **kwargs)
     else:
-        train_set, eval_set = split_eval(train_set, cfg.data.eval_fraction, cfg.seed)
-    if not train_set:
-        raise ConfigError(f"data.train_path={cfg.data.train_path}: no training examples left")
+        train_set, eval_set = hold_out_groups(train_set, cfg.data.eval_fraction, cfg.seed, _group)
     logger.info("PRM data: %d train, %d eval (%s)", len(train_set), len(eval_set), fmt)
+    return train_set, eval_set
 
-    path = resolve_model(cfg.model)
-    model, tokenizer = load_prm(path, cfg.prm_init, cfg.model.dtype)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    engine = build_ds_engine(
-        model,
-        lr=cfg.lr,
-        zero_stage=cfg.zero_stage,
-        micro_batch_size=cfg.batch_size,
-        grad_accum=1,
-        grad_clip=cfg.grad_clip,
-        bf16=cfg.bf16,
-        weight_decay=cfg.weight_decay,
-        total_steps=total,
-        warmup_steps=int(cfg.warmup_ratio * total),
+
+def train(cfg: Any, out_dir: str) -> dict:
+    """Load data and model, train with DeepSpeed (world size 1), evaluate, save; returns the metrics."""
+    _check(cfg)  # before the heavy imports: a typo fails in a second
+    from rlloop.rewards.prm.model import ValueHeadModel
+    from rlloop.rewards.prm.td_trainer import TDPRMTrainer
+    from rlloop.rewards.training import OfflineRun, load_head_model, train_offline
+
+    transitions = cfg.data.format == "transitions"
+
+    def make_trainer(model, tokenizer, engine):
+        same_name = ("lr", "td", "gamma", "n", "lam", "terminal_weight", "ema", "max_length")
+        return TDPRMTrainer(
+            model,
+            tokenizer,
+            engine=engine,
+            max_grad_norm=cfg.grad_clip,
+            micro_batch_size=cfg.batch_size,
+            step_delimiter=cfg.data.step_delimiter,
+            step_regex=cfg.data.step_regex,
+            **{key: cfg[key] for key in same_name},
+        )
+
+    def train_step(trainer, batch: list[dict]) -> dict:
+        if transitions:
+            return trainer.transition_step(batch)
+        return trainer.step(*_columns(batch), **_labels(batch, cfg.td))
+
+    def evaluate(trainer, examples: list[dict]) -> dict[str, float]:
+        if not examples:
+            return {}
+        if transitions:
+            return trainer.transition_evaluate(examples)
+        return trainer.evaluate(*_columns(examples), **_labels(examples, cfg.td))
+
+    def progress(m: dict) -> dict:
+        return {"loss": f"{m.get('prm/loss', m.get('prm/bce')):.4f}", "lr": f"{m['prm/lr']:.2e}"}
+
+    run = OfflineRun(
+        name="prm",
+        unit="example",
+        desc=f"prm_train ({cfg.td})",
+        load_data=_load_data,
+        load_model=lambda path: load_head_model(ValueHeadModel, path, cfg.prm_init, cfg.model.dtype, "prm"),
+        make_trainer=make_trainer,
+        train_step=train_step,
+        evaluate=evaluate,
+        progress=progress,
+        config=lambda cfg, path: {"td": cfg.td, "gamma": cfg.gamma, "n": cfg.n, "lam": cfg.lam, "lr": cfg.lr},
     )
-    trainer = TDPRMTrainer(
-        model,
-        tokenizer,
-        lr=cfg.lr,
-        td=cfg.td,
-        gamma=cfg.gamma,
-        n=cfg.n,
-        lam=cfg.lam,
-        terminal_weight=cfg.terminal_weight,
-        ema=cfg.ema,
-        max_grad_norm=cfg.grad_clip,
-        step_delimiter=cfg.data.step_delimiter,
-        step_regex=cfg.data.step_regex,
-        micro_batch_size=cfg.batch_size,
-        engine=engine,
-        max_length=cfg.max_length,
-    )
-    metrics: dict[str, Any] = {
-        "config": {"td": cfg.td, "gamma": cfg.gamma, "n": cfg.n, "lam": cfg.lam, "lr": cfg.lr}
-    }
-    metrics["eval_before"] = evaluate(trainer, eval_set, fmt, cfg.td)
-    history = []
-    t0 = time.perf_counter()
-    rng = random.Random(cfg.seed)
-    order = list(range(len(train_set)))
-    with tqdm(total=total, desc=f"prm_train ({cfg.td})", unit="step", dynamic_ncols=True) as bar:
-        for epoch in range(cfg.epochs):
-            rng.shuffle(order)
-            for i in range(steps_per_epoch):
-                batch = [train_set[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-                if fmt == "transitions":
-                    m = trainer.transition_step(batch)
-                else:
-                    m = trainer.step(*_columns(batch), **_labels(batch, cfg.td))
-                m = {"epoch": epoch, "step": trainer.version, **m}
-                history.append(m)
-                loss = m.get("prm/loss", m.get("prm/bce"))
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{m['prm/lr']:.2e}")
-                bar.update(1)
-                if cfg.log_every and trainer.version % cfg.log_every == 0:
-                    logger.info(
-                        "step %d: %s", trainer.version, json.dumps({k: round(v, 5) for k, v in m.items()})
-                    )
-    metrics["train_seconds"] = time.perf_counter() - t0
-    metrics["train_last"] = history[-1]
-    metrics["train"] = evaluate(trainer, train_set, fmt, cfg.td)
-    metrics["eval"] = evaluate(trainer, eval_set, fmt, cfg.td)
-    metrics["history"] = history
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prm_dir = out / "prm"
-    _save(model, engine, cfg.zero_stage, str(prm_dir))
-    tokenizer.save_pretrained(str(prm_dir))
-    (out / "prm_metrics.json").write_text(json.dumps(metrics, indent=2))
-    destroy_distributed()
-    return metrics
-
-
-def _save(model, engine, zero_stage: int, path: str) -> None:
-    if zero_stage == 3:  # parameters are partitioned: gather them for the save
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            model.save_pretrained(path)
-    else:
-        model.save_pretrained(path)
+    return train_offline(cfg, out_dir, run)
 
 
 def _summary(metrics: dict) -> str:
@@ -281,34 +200,7 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _main(cfg: Any) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    try:
-        with logging_redirect_tqdm():
-            metrics = train(cfg, out_dir)
-    except (RlloopError, FileNotFoundError) as err:
-        logger.error("error: %s", err)
-        sys.exit(2)
-    print(_summary(metrics))
-    print(f"outputs: {out_dir}  (prm_metrics.json, prm/)")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def main() -> None:
-    import hydra
-
-    config_path = str(Path(__file__).resolve().parent.parent / "conf")
-    hydra.main(version_base=None, config_path=config_path, config_name="prm_train")(_main)()
-
+_main, main = entry_points("prm", train, _summary, logger)
 
 if __name__ == "__main__":
     main()

@@ -17,21 +17,16 @@ of the prompt groups (a prompt's pairs stay on one side).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import random
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from rlloop.config import ModelConfig
-from rlloop.errors import ConfigError, RlloopError
+from rlloop.errors import ConfigError
+from rlloop.rewards.training import entry_points
 
 logger = logging.getLogger("rlloop.qrm_train")
 
@@ -83,34 +78,24 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1)")
 
 
-def split_by_group(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out): `fraction` of the prompt groups held out, each group's pairs kept together."""
-    if fraction <= 0:
-        return pairs, []
-    groups = sorted({p["group"] for p in pairs})
-    if len(groups) < 2:
-        raise ConfigError(
-            f"data.eval_fraction={fraction} needs pairs of at least 2 prompts, got {len(groups)}"
-        )
-    random.Random(seed).shuffle(groups)
-    held = set(groups[: max(1, int(round(fraction * len(groups))))])
-    return [p for p in pairs if p["group"] not in held], [p for p in pairs if p["group"] in held]
+def _load_data(cfg: Any) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs): `data.eval_path`, else `data.eval_fraction` of the prompt groups."""
+    from rlloop.rewards.qrm.data import load_pairs
+    from rlloop.rewards.training import hold_out_groups
 
-
-def load_qrm(path: str, qrm_init: str, dtype: str):
-    """(TokenQModel, tokenizer) from `path` according to `qrm_init`."""
-    from transformers import AutoTokenizer
-
-    from rlloop.rewards.qrm.model import TokenQModel, has_qrm_head
-
-    if qrm_init == "qrm" or (qrm_init == "auto" and has_qrm_head(path)):
-        try:
-            model = TokenQModel.from_pretrained(path, dtype=dtype)
-        except FileNotFoundError as e:
-            raise ConfigError(f"qrm_init=qrm but model.path: {e}") from None
+    train_set = load_pairs(cfg.data.train_path)
+    if cfg.data.eval_path:
+        eval_set = load_pairs(cfg.data.eval_path)
     else:
-        model = TokenQModel.from_backbone(path, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(path)
+        fraction = cfg.data.eval_fraction
+        groups = {p["group"] for p in train_set}
+        if fraction > 0 and len(groups) < 2:
+            raise ConfigError(
+                f"data.eval_fraction={fraction} needs pairs of at least 2 prompts, got {len(groups)}"
+            )
+        train_set, eval_set = hold_out_groups(train_set, fraction, cfg.seed, lambda p: p["group"])
+    logger.info("Q-RM pairs: %d train, %d held out", len(train_set), len(eval_set))
+    return train_set, eval_set
 
 
 def _validate_tokens(trainer, pairs: list[dict], path: str) -> None:
@@ -129,98 +114,45 @@ def _validate_tokens(trainer, pairs: list[dict], path: str) -> None:
 def train(cfg: Any, out_dir: str) -> dict:
     """Load pairs and model, train with DeepSpeed (world size 1), evaluate, save; returns the metrics."""
     _check(cfg)  # before the heavy imports: a typo fails in a second
-    import torch
-    from tqdm import tqdm
-
-    from rlloop.models import resolve_model
-    from rlloop.models.ds_engine import build_ds_engine, destroy_distributed
-    from rlloop.rewards.qrm.data import load_pairs
+    from rlloop.rewards.qrm.model import TokenQModel
     from rlloop.rewards.qrm.trainer import QRMTrainer
+    from rlloop.rewards.training import OfflineRun, load_head_model, train_offline
 
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    train_set = load_pairs(cfg.data.train_path)
-    if cfg.data.eval_path:
-        eval_set = load_pairs(cfg.data.eval_path)
-    else:
-        train_set, eval_set = split_by_group(train_set, cfg.data.eval_fraction, cfg.seed)
-    if not train_set:
-        raise ConfigError(f"data.train_path={cfg.data.train_path}: no training pairs left")
-    logger.info("Q-RM pairs: %d train, %d held out", len(train_set), len(eval_set))
+    def make_trainer(model, tokenizer, engine):
+        same_name = ("lr", "beta", "gamma", "max_length", "append_eos")
+        return QRMTrainer(
+            model,
+            tokenizer,
+            engine=engine,
+            micro_batch_size=cfg.batch_size,
+            prompt_format=cfg.data.prompt_format,
+            **{key: cfg[key] for key in same_name},
+        )
 
-    path = resolve_model(cfg.model)
-    model, tokenizer = load_qrm(path, cfg.qrm_init, cfg.model.dtype)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    engine = build_ds_engine(
-        model,
-        lr=cfg.lr,
-        zero_stage=cfg.zero_stage,
-        micro_batch_size=cfg.batch_size,
-        grad_accum=1,
-        grad_clip=cfg.grad_clip,
-        bf16=cfg.bf16,
-        weight_decay=cfg.weight_decay,
-        total_steps=total,
-        warmup_steps=int(cfg.warmup_ratio * total),
+    def check_data(trainer, train_set: list[dict], eval_set: list[dict]) -> None:
+        _validate_tokens(trainer, train_set, cfg.data.train_path)
+        _validate_tokens(trainer, eval_set, cfg.data.eval_path or cfg.data.train_path)
+
+    run = OfflineRun(
+        name="qrm",
+        unit="pair",
+        desc="qrm_train",
+        load_data=_load_data,
+        load_model=lambda path: load_head_model(TokenQModel, path, cfg.qrm_init, cfg.model.dtype, "qrm"),
+        make_trainer=make_trainer,
+        train_step=lambda trainer, batch: trainer.step(batch),
+        evaluate=lambda trainer, pairs: trainer.evaluate(pairs),
+        progress=lambda m: {"loss": f"{m['qrm/loss']:.4f}", "acc": f"{m['qrm/pair_acc']:.2f}"},
+        config=lambda cfg, path: {
+            "beta": cfg.beta,
+            "gamma": cfg.gamma,
+            "lr": cfg.lr,
+            "epochs": cfg.epochs,
+            "model": path,
+        },
+        check_data=check_data,
     )
-    trainer = QRMTrainer(
-        model,
-        tokenizer,
-        lr=cfg.lr,
-        beta=cfg.beta,
-        gamma=cfg.gamma,
-        micro_batch_size=cfg.batch_size,
-        engine=engine,
-        max_length=cfg.max_length,
-        prompt_format=cfg.data.prompt_format,
-        append_eos=cfg.append_eos,
-    )
-    _validate_tokens(trainer, train_set, cfg.data.train_path)
-    _validate_tokens(trainer, eval_set, cfg.data.eval_path or cfg.data.train_path)
-    metrics: dict[str, Any] = {
-        "config": {"beta": cfg.beta, "gamma": cfg.gamma, "lr": cfg.lr, "epochs": cfg.epochs, "model": path},
-        "num_train_pairs": len(train_set),
-        "num_eval_pairs": len(eval_set),
-    }
-    metrics["eval_before"] = trainer.evaluate(eval_set)
-    history = []
-    t0 = time.perf_counter()
-    rng = random.Random(cfg.seed)
-    order = list(range(len(train_set)))
-    with tqdm(total=total, desc="qrm_train", unit="step", dynamic_ncols=True) as bar:
-        for epoch in range(cfg.epochs):
-            rng.shuffle(order)
-            for i in range(steps_per_epoch):
-                batch = [train_set[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-                m = {"epoch": epoch, **trainer.step(batch)}
-                history.append(m)
-                bar.set_postfix(loss=f"{m['qrm/loss']:.4f}", acc=f"{m['qrm/pair_acc']:.2f}")
-                bar.update(1)
-                if cfg.log_every and trainer.version % cfg.log_every == 0:
-                    logger.info(
-                        "step %d: %s", trainer.version, json.dumps({k: round(v, 5) for k, v in m.items()})
-                    )
-    metrics["train_seconds"] = time.perf_counter() - t0
-    metrics["train"] = trainer.evaluate(train_set)
-    metrics["eval"] = trainer.evaluate(eval_set)
-    metrics["history"] = history
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    qrm_dir = out / "qrm"
-    if cfg.zero_stage == 3:  # parameters are partitioned: gather them for the save
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            model.save_pretrained(str(qrm_dir))
-    else:
-        model.save_pretrained(str(qrm_dir))
-    tokenizer.save_pretrained(str(qrm_dir))
-    (out / "qrm_metrics.json").write_text(json.dumps(metrics, indent=2))
-    destroy_distributed()
-    return metrics
+    return train_offline(cfg, out_dir, run)
 
 
 def _summary(metrics: dict) -> str:
@@ -235,27 +167,7 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _main(cfg: Any) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
-    try:
-        with logging_redirect_tqdm():
-            metrics = train(cfg, out_dir)
-    except (RlloopError, FileNotFoundError) as err:
-        logger.error("error: %s", err)
-        sys.exit(2)
-    print(_summary(metrics))
-    print(f"outputs: {out_dir}  (qrm_metrics.json, qrm/)")
-
-
-def main() -> None:
-    import hydra
-
-    config_path = str(Path(__file__).resolve().parent.parent / "conf")
-    hydra.main(version_base=None, config_path=config_path, config_name="qrm_train")(_main)()
-
+_main, main = entry_points("qrm", train, _summary, logger)
 
 if __name__ == "__main__":
     main()

@@ -18,10 +18,12 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rlloop.algos.td import TD_KINDS, auroc, compute_td_targets, ema_state, prm_bce_loss, smoothness
+from rlloop.rewards.training import RewardModelTrainer
 from rlloop.rollout.steps import char_ends_to_token_ends
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class _Encoded:
     step_positions: list[int]
 
 
-class TDPRMTrainer:
+class TDPRMTrainer(RewardModelTrainer):
     """TD(0) / n-step / TD(λ) / ScalarPRM updates of a `ValueHeadModel` on trajectories with outcomes.
 
     model: the PRM (trained in place; a PRM service may pass its own model so scoring sees every update).
@@ -44,6 +46,8 @@ class TDPRMTrainer:
     owns optimizer, clipping and schedule, and `step()` calls `engine.backward/step` once per micro-batch.
     Without it, a plain AdamW with `lr`, `weight_decay` and `max_grad_norm` is used (one optimizer step per
     `step()` call, gradients accumulated over micro-batches and weighted by their number of real steps).
+    `optim`: engine, weight_decay, max_grad_norm, micro_batch_size, max_length — the keywords of
+    `rlloop.rewards.training.RewardModelTrainer`.
     ema: decay of an EMA target network supplying the bootstrapped values (None = the online net).
     """
 
@@ -59,43 +63,24 @@ class TDPRMTrainer:
         lam: float = 0.7,
         terminal_weight: float = 1.0,
         ema: float | None = None,
-        max_grad_norm: float = 1.0,
         step_delimiter: str = "\n\n",
         step_regex: str | None = None,
-        micro_batch_size: int = 16,
-        engine=None,
-        weight_decay: float = 0.0,
-        max_length: int | None = None,
+        **optim: Any,
     ):
         if td not in TRAINER_KINDS:
             raise ValueError(f"unknown td={td!r}; expected one of {list(TRAINER_KINDS)}")
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("TDPRMTrainer needs a fast tokenizer (character offsets map steps to tokens)")
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if ema is not None and not 0.0 <= ema < 1.0:
             raise ValueError(f"ema (target-network decay) must be in [0, 1), got {ema}")
-        self.model = model
-        self.tokenizer = tokenizer
+        super().__init__(model, tokenizer, lr=lr, **optim)
         self.td, self.gamma, self.n, self.lam = td, float(gamma), int(n), float(lam)
         self.terminal_weight = float(terminal_weight)
-        self.max_grad_norm = float(max_grad_norm)
         self.step_delimiter, self.step_regex = step_delimiter, step_regex
-        self.micro_batch_size = int(micro_batch_size)
-        self.max_length = max_length
-        self.engine = engine
-        self.pad_token_id = tokenizer.pad_token_id
-        if self.pad_token_id is None:
-            self.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.optimizer = None
-        if engine is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.ema = ema
         self.target_model = None
         if ema is not None:
             self.target_model = copy.deepcopy(model).requires_grad_(False).eval()
-        self.version = 0
 
     # ----- encoding (mirrors PRMScorer.encode / collate) ---------------------------------------------
 
@@ -128,7 +113,7 @@ class TDPRMTrainer:
         """(input_ids [B, T], attention_mask [B, T], step positions [B, K], step_mask [B, K])."""
         T = max(len(e.input_ids) for e in encoded)
         K = max(len(e.step_positions) for e in encoded)
-        input_ids = torch.full((len(encoded), T), int(self.pad_token_id), dtype=torch.long)
+        input_ids = torch.full((len(encoded), T), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)
         positions = torch.zeros((len(encoded), K), dtype=torch.long)
         step_mask = torch.zeros((len(encoded), K), dtype=torch.float32)
@@ -196,19 +181,16 @@ class TDPRMTrainer:
         encoded = self._encode_all(prompt_texts, response_texts, step_char_ends)
         outcome_all = torch.tensor([float(o) for o in outcomes], dtype=torch.float32)
         total_steps = sum(len(e.step_positions) for e in encoded)
-        net = self.engine if self.engine is not None else self.model
-        self.model.train()
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+        self._begin_update()
         loss_sum, target_sum = 0.0, 0.0
         values_rows: list[list[float]] = []
+        device = self.device
         for lo in range(0, len(encoded), self.micro_batch_size):
             chunk = encoded[lo : lo + self.micro_batch_size]
             input_ids, attention_mask, positions, mask = self._collate(chunk)
-            device = next(self.model.parameters()).device
             input_ids, attention_mask, mask = input_ids.to(device), attention_mask.to(device), mask.to(device)
             outcome = outcome_all[lo : lo + len(chunk)].to(device)
-            step_logits = self._forward(net, input_ids, attention_mask, positions)
+            step_logits = self._forward(self.train_net, input_ids, attention_mask, positions)
             values = torch.sigmoid(step_logits.detach())
             targets = self._targets(
                 values,
@@ -222,26 +204,12 @@ class TDPRMTrainer:
             )
             loss = prm_bce_loss(step_logits, targets, mask, terminal_weight=self.terminal_weight)
             n_steps = float(mask.sum())
-            if self.engine is not None:
-                self.engine.backward(loss)
-                self.engine.step()
-            else:
-                (loss * (n_steps / total_steps)).backward()
+            self._backward(loss, n_steps, total_steps)
             loss_sum += loss.item() * n_steps
             target_sum += float((targets * mask).sum())
             values_rows += [values[b, : int(mask[b].sum())].tolist() for b in range(len(chunk))]
-        grad_norm = float("nan")
-        if self.optimizer is not None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
-        if self.target_model is not None:
-            self.target_model.load_state_dict(
-                ema_state(self.target_model.state_dict(), self.model.state_dict(), decay=self.ema)
-            )
-        self.version += 1
+        grad_norm = self._end_update()
+        self._update_target()
         metrics = {
             "prm/loss": loss_sum / max(total_steps, 1),
             "prm/target_mean": target_sum / max(total_steps, 1),
@@ -274,6 +242,12 @@ class TDPRMTrainer:
         metrics["prm/skipped"] = float(len(rollouts) - len(keep))
         return metrics
 
+    def _update_target(self) -> None:
+        if self.target_model is not None:
+            self.target_model.load_state_dict(
+                ema_state(self.target_model.state_dict(), self.model.state_dict(), decay=self.ema)
+            )
+
     def _targets(self, values, mask, outcome, input_ids, attention_mask, positions, labels, rewards):
         if self.td == "labels":
             return self._pad_rows(labels, mask, "step_labels")
@@ -291,11 +265,6 @@ class TDPRMTrainer:
             rewards=self._pad_rows(rewards, mask, "rewards"),
         )
 
-    @property
-    def lr(self) -> float:
-        opt = self.optimizer if self.optimizer is not None else self.engine.optimizer
-        return float(opt.param_groups[0]["lr"])
-
     # ----- evaluation --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -310,7 +279,7 @@ class TDPRMTrainer:
         was_training = self.model.training
         self.model.eval()
         out: list[list[float]] = []
-        device = next(self.model.parameters()).device
+        device = self.device
         for lo in range(0, len(encoded), self.micro_batch_size):
             input_ids, attention_mask, positions, mask = self._collate(
                 encoded[lo : lo + self.micro_batch_size]
@@ -400,14 +369,12 @@ class TDPRMTrainer:
         return self.encode(prompt, state, [len(state.rstrip())])
 
     def _transitions(self, transitions: Sequence[dict], *, train: bool) -> dict[str, float]:
-        net = self.engine if (self.engine is not None and train) else self.model
+        net = self.train_net if train else self.model
         target_net = self.target_model if self.target_model is not None else self.model
         if train:
-            self.model.train()
-            if self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)
+            self._begin_update()
         loss_sum, v_states, labels_done, v_done = 0.0, [], [], []
-        device = next(self.model.parameters()).device
+        device = self.device
         for lo in range(0, len(transitions), self.micro_batch_size):
             chunk = transitions[lo : lo + self.micro_batch_size]
             cur = [self._state_encoding(t["question"], t["state"]) for t in chunk]
@@ -441,11 +408,7 @@ class TDPRMTrainer:
             bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
             loss = (bce * weights).mean()
             if train:
-                if self.engine is not None:
-                    self.engine.backward(loss)
-                    self.engine.step()
-                else:
-                    (loss * len(chunk) / len(transitions)).backward()
+                self._backward(loss, len(chunk), len(transitions))
             loss_sum += loss.item() * len(chunk)
             v = torch.sigmoid(logits.detach()).cpu()
             v_states += v.tolist()
@@ -454,17 +417,8 @@ class TDPRMTrainer:
                     labels_done.append(float(t["label"]))
                     v_done.append(float(v[b]))
         if train:
-            if self.optimizer is not None:
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self.model.eval()
-            if self.target_model is not None:
-                self.target_model.load_state_dict(
-                    ema_state(self.target_model.state_dict(), self.model.state_dict(), decay=self.ema)
-                )
-            self.version += 1
+            self._end_update()
+            self._update_target()
         metrics = {"prm/bce": loss_sum / len(transitions), "prm/v_mean": sum(v_states) / len(v_states)}
         if v_done:
             lab = torch.tensor(labels_done)

@@ -9,20 +9,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from rlloop.rewards.qrm.loss import QRM_BETA, QRM_GAMMA, pair_accuracy, qrm_pair_loss
+from rlloop.rewards.training import RewardModelTrainer, pad_id_of
 
 logger = logging.getLogger(__name__)
 
 PROMPT_FORMATS = ("raw", "chat")
 
-
-def pad_id_of(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+__all__ = ["PROMPT_FORMATS", "QRMTrainer", "collate", "pad_id_of"]
 
 
 def collate(
@@ -45,12 +43,14 @@ def collate(
     return input_ids, attention_mask, completion_mask
 
 
-class QRMTrainer:
+class QRMTrainer(RewardModelTrainer):
     """Pairwise updates of a `TokenQModel`: L = −log σ(β·(mean s^chosen − mean s^rejected) − γ).
 
     engine: an optional DeepSpeed engine around `model` (`rlloop.models.ds_engine.build_ds_engine`, built
-    with micro_batch_size = pairs per `step()` call); it owns optimizer, clipping and schedule. Without it,
-    a plain AdamW (`lr`, `weight_decay`, `max_grad_norm`) with gradients accumulated over micro-batches.
+    with micro_batch_size = this trainer's micro_batch_size); it owns optimizer, clipping and schedule.
+    Without it, a plain AdamW (`lr`, `weight_decay`, `max_grad_norm`) with gradients accumulated over
+    micro-batches. `optim`: engine, weight_decay, max_grad_norm, micro_batch_size, max_length — the
+    keywords of `rlloop.rewards.training.RewardModelTrainer`.
     prompt_format: "raw" = the prompt text is what the model sees (chat template already applied, as in
     `Rollout.prompt_text`); "chat" = render it with the tokenizer's chat template as a user turn.
     append_eos: completions end with the EOS token, as the policy's finished responses do.
@@ -64,31 +64,16 @@ class QRMTrainer:
         lr: float = 1e-5,
         beta: float = QRM_BETA,
         gamma: float = QRM_GAMMA,
-        micro_batch_size: int = 16,
-        engine=None,
-        weight_decay: float = 0.0,
-        max_grad_norm: float = 1.0,
-        max_length: int | None = None,
         prompt_format: str = "raw",
         append_eos: bool = True,
+        **optim: Any,
     ):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format={prompt_format!r}: use one of {list(PROMPT_FORMATS)}")
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        self.model, self.tokenizer, self.engine = model, tokenizer, engine
+        super().__init__(model, tokenizer, lr=lr, **optim)
         self.beta, self.gamma = float(beta), float(gamma)
-        self.micro_batch_size = int(micro_batch_size)
-        self.max_grad_norm = float(max_grad_norm)
-        self.max_length = max_length
         self.prompt_format = prompt_format
         self.append_eos = append_eos and tokenizer.eos_token_id is not None
-        self.pad_id = pad_id_of(tokenizer)
-        self.optimizer = None
-        if engine is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        self.version = 0
 
     # ----- encoding ----------------------------------------------------------------------------------
 
@@ -137,8 +122,7 @@ class QRMTrainer:
         prompts = [e[0] for e in encoded] + [e[2] for e in encoded]
         completions = [e[1] for e in encoded] + [e[3] for e in encoded]
         input_ids, attention_mask, cmask = collate(prompts, completions, self.pad_id)
-        device = next(self.model.parameters()).device
-        s = net(input_ids.to(device), attention_mask.to(device)).float()
+        s = net(input_ids.to(self.device), attention_mask.to(self.device)).float()
         cmask = cmask.to(s.device)
         return qrm_pair_loss(s[:B], cmask[:B], s[B:], cmask[B:], beta=self.beta, gamma=self.gamma)
 
@@ -146,35 +130,21 @@ class QRMTrainer:
         """One optimizer step on `pairs`; metrics (of the scores before the update): qrm/loss,
         qrm/pair_acc, qrm/margin, qrm/lr, qrm/version."""
         encoded = self.encode_pairs(pairs)
-        self.model.train()
+        self._begin_update()
         losses, margins = [], []
-        if self.engine is not None:
-            loss, margin = self._margins(self.engine, encoded)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.item() * len(encoded))
+        for b in range(0, len(encoded), self.micro_batch_size):
+            chunk = encoded[b : b + self.micro_batch_size]
+            loss, margin = self._margins(self.train_net, chunk)
+            self._backward(loss, len(chunk), len(encoded))
+            losses.append(loss.item() * len(chunk))
             margins.append(margin.detach())
-            lr = float(self.engine.get_lr()[0])
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            for b in range(0, len(encoded), self.micro_batch_size):
-                chunk = encoded[b : b + self.micro_batch_size]
-                loss, margin = self._margins(self.model, chunk)
-                (loss * len(chunk) / len(encoded)).backward()
-                losses.append(loss.item() * len(chunk))
-                margins.append(margin.detach())
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            self.optimizer.step()
-            lr = float(self.optimizer.param_groups[0]["lr"])
-        self.model.eval()
-        self.version += 1
+        self._end_update()
         margin = torch.cat(margins)
         return {
             "qrm/loss": sum(losses) / len(encoded),
             "qrm/pair_acc": pair_accuracy(margin),
             "qrm/margin": float(margin.mean()),
-            "qrm/lr": lr,
+            "qrm/lr": self.lr,
             "qrm/version": float(self.version),
         }
 
