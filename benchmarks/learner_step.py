@@ -13,7 +13,7 @@ Arms: a base, all-positions (logits everywhere) or response-only (the default), 
 gc (learner.gradient_checkpointing), bf16 (learner.bf16: DeepSpeed bf16 weights and activations, fp32
 master weights; on a CPU with avx512_bf16 the matmuls run in bf16), zero0 / zero1 / zero2 (learner.zero_stage;
 ZeRO-2 when none is named), plainlp (log_softmax + gather and a separate entropy pass, as before the chunked
-`rlloop.learner.logprobs`), mmap1m (learner.malloc_mmap_threshold_mb=1: glibc mmaps blocks of 1 MiB and
+`rlloop.algos.logprobs`), mmap1m (learner.malloc_mmap_threshold_mb=1: glibc mmaps blocks of 1 MiB and
 more; else glibc's dynamic threshold), e.g. response-only+gc+zero0+mmap1m.
 """
 
@@ -55,7 +55,7 @@ def worker(args) -> None:
     base, mods = parse_arm(args.worker)
     zero_stage = next((int(m[4:]) for m in mods if m.startswith("zero")), 2)
     if "plainlp" in mods:  # the learner before the chunked logprobs: log_softmax + gather, entropy apart
-        import rlloop.learner.logprobs as logprobs_mod
+        import rlloop.algos.logprobs as logprobs_mod
         from rlloop.algos.losses import entropy_from_logits
 
         def plain(logits, input_ids, temperature=1.0, start=0, *, with_entropy=True):
@@ -66,7 +66,8 @@ def worker(args) -> None:
             pad = (start + 1, 0)
             return torch.nn.functional.pad(picked, pad), torch.nn.functional.pad(ent, pad)
 
-        logprobs_mod.sampled_logprobs = plain
+        logprobs_mod.sampled_logprobs = plain  # token_logprobs' (compute_logprobs)
+        policy.sampled_logprobs = plain  # train_step's
     if base == "all-positions":
         policy._keeps_logits = lambda model: False  # the learner before logits_to_keep
     from hydra import compose, initialize_config_dir
