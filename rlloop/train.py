@@ -160,13 +160,13 @@ def _restart_cfg(cfg: DictConfig, out_dir: str) -> DictConfig:
     """The config of a restarted attempt: resume from the run's newest complete checkpoint, or from what
     the user resumed from, or from scratch (then the failed attempt's metrics are dropped)."""
     from rlloop import checkpoint
-    from rlloop.controller import _truncate_metrics
+    from rlloop.loop import truncate_metrics
 
     again = copy.deepcopy(cfg)
     if checkpoint.list_complete(Path(out_dir) / "checkpoints"):
         again.trainer.resume = "auto"
     elif not cfg.trainer.resume:
-        _truncate_metrics(Path(out_dir) / "metrics.jsonl", -1)
+        truncate_metrics(Path(out_dir) / "metrics.jsonl", -1)
     return again
 
 

@@ -64,7 +64,7 @@ def validate_config(cfg: Any) -> None:
 
     check_keys(cfg, Config)
     from rlloop.algos.advantages import ADVANTAGES, GROUP_RELATIVE
-    from rlloop.algos.fusion import FUSION_MODES, PRM_TRANSFORMS, STEP_NORMS, STEP_PROCESSES
+    from rlloop.algos.fusion import FUSIONS, PRM_TRANSFORMS, STEP_NORMS, STEP_PROCESSES
     from rlloop.algos.kl import KL_ESTIMATORS
     from rlloop.algos.losses import LOSS_AGG_MODES, POLICY_LOSSES
     from rlloop.algos.td import TD_KINDS
@@ -118,7 +118,7 @@ def validate_config(cfg: Any) -> None:
     _require(a.ppo_epochs >= 1, "algo.ppo_epochs", a.ppo_epochs, "must be >= 1")
     _choose("algo.old_logprobs", a.old_logprobs, OLD_LOGPROBS_MODES)
     _check_kl(a, rw)
-    _choose("reward.fusion", rw.fusion, FUSION_MODES)
+    _choose("reward.fusion", rw.fusion, FUSIONS)
     _choose("reward.step_process", rw.step_process, STEP_PROCESSES)
     _choose("reward.step_norm", rw.step_norm, STEP_NORMS)
     _require(rw.min_temperature > 0, "reward.min_temperature", rw.min_temperature, "must be > 0")
@@ -152,7 +152,7 @@ def validate_config(cfg: Any) -> None:
     _check_prm_service(rw.prm)
     _check_placement(cfg)
     _require(
-        rw.fusion not in ("step", "min", "first_error") or rw.prm.enabled,
+        FUSIONS[rw.fusion].needs != "steps" or rw.prm.enabled,
         "reward.fusion",
         rw.fusion,
         f"{rw.fusion} fusion needs reward.prm.enabled=true",
@@ -181,27 +181,33 @@ def _check_kl(a: Any, rw: Any) -> None:
         "adapts the coefficient of the KL penalty in the reward, starting from algo.kl_coef: it needs "
         f"algo.kl_in_reward=true and algo.kl_coef > 0 (got kl_in_reward={a.kl_in_reward}, kl_coef={a.kl_coef})",
     )
-    # the penalty joins the token rewards that an advantage estimator reads; these fusions compute their
-    # advantages from the outcome and step values themselves
-    own = ("step", "min", "prime", "first_error") if a.advantage != "gae" else ("min", "prime", "first_error")
+    # the penalty joins the token rewards that an advantage estimator reads; the fusions that compute
+    # their advantages themselves (FUSIONS[...].advantages) have none
+    from rlloop.algos.fusion import FUSIONS
+
+    own = {"own"} if a.advantage == "gae" else {"own", "own_unless_critic"}
+    estimators = " or ".join(n for n, f in FUSIONS.items() if f.advantages == "estimator")
     _require(
-        not (a.kl_in_reward and a.kl_coef > 0) or rw.fusion not in own,
+        not (a.kl_in_reward and a.kl_coef > 0) or FUSIONS[rw.fusion].advantages not in own,
         "algo.kl_in_reward",
         a.kl_in_reward,
         f"reward.fusion={rw.fusion} computes its advantages without token rewards, so a KL penalty in the "
-        "reward has nowhere to go; put the KL in the loss (algo.kl_in_reward=false) or use fusion outcome or token",
+        f"reward has nowhere to go; put the KL in the loss (algo.kl_in_reward=false) or use fusion {estimators}",
     )
 
 
 def _check_critic(a: Any, rw: Any) -> None:
     """algo.critic.* for algo.advantage=gae (PPO with a critic, rlloop.learner.critic)."""
+    from rlloop.algos.fusion import FUSIONS
+
     c = a.critic
+    with_critic = [n for n, f in FUSIONS.items() if f.advantages != "own"]
     _require(
-        rw.fusion not in ("prime", "min", "first_error"),
+        FUSIONS[rw.fusion].advantages != "own",
         "reward.fusion",
         rw.fusion,
         f"{rw.fusion} fusion computes leave-one-out advantages of its own, without a critic; with "
-        "algo.advantage=gae use fusion outcome, step or token",
+        f"algo.advantage=gae use fusion {', '.join(with_critic[:-1])} or {with_critic[-1]}",
     )
     _require(
         c.init not in ("prm", "qrm") or bool(rw[c.init].path),
@@ -339,7 +345,7 @@ def _check_token_sources(rw: Any) -> None:
 
     q, ip = rw.qrm, rw.implicit_prm
     _require(0 <= rw.w_token <= 1, "reward.w_token", rw.w_token, "must be in [0, 1]")
-    from rlloop.algos.fusion import TOKEN_NORMS
+    from rlloop.algos.fusion import FUSIONS, TOKEN_NORMS
 
     _choose("reward.token_norm", rw.token_norm, TOKEN_NORMS)
     if rw.fusion == "token":
@@ -362,11 +368,12 @@ def _check_token_sources(rw: Any) -> None:
         rw.fusion,
         "prime fusion needs reward.implicit_prm.enabled=true (reward=prime)",
     )
+    readers = [n for n, f in FUSIONS.items() if f.needs == "token_scores"]
     _require(
-        rw.w_token == 0 or rw.fusion in ("token", "prime"),
+        rw.w_token == 0 or rw.fusion in readers,
         "reward.w_token",
         rw.w_token,
-        f"is > 0 but reward.fusion={rw.fusion} has no token-reward term (use token or prime)",
+        f"is > 0 but reward.fusion={rw.fusion} has no token-reward term (use {' or '.join(readers)})",
     )
     _require(
         not q.enabled or rw.fusion == "token",

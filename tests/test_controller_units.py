@@ -7,16 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from rlloop.controller import (
-    PromptStream,
-    Trainer,
+from rlloop.batch import (
     answer_step,
     build_batch,
     format_step_values,
     group_index,
-    step_overhead,
+    step_tensors,
     verifier_metrics,
 )
+from rlloop.controller import PromptStream, step_overhead
 from rlloop.distributed.procmem import peak_rss_gb
 from rlloop.errors import RlloopError
 from rlloop.tracking import Tracker, read_metrics, redact
@@ -83,7 +82,7 @@ def test_answer_step_and_the_value_before_it():
         {"prompt_value": 0.4, "step_values": [0.7]},
         {"prompt_value": 0.5, "step_values": [0.3, 0.6]},
     ]
-    steps = Trainer._step_tensors([ro, first, none], prm_out)
+    steps = step_tensors([ro, first, none], prm_out)
     from rlloop.algos.fusion import value_before_answer_step
 
     v = value_before_answer_step(steps["values"], steps["mask"], steps["answer_step"], steps["prompt_value"])
@@ -93,7 +92,7 @@ def test_answer_step_and_the_value_before_it():
     assert group_index(["b", "a", "b"]).tolist() == [0, 1, 0]
     bad = [{"prompt_value": 0.5, "step_values": [0.1]}, *prm_out[1:]]
     with pytest.raises(RuntimeError, match="g/0"):
-        Trainer._step_tensors([ro, first, none], bad)
+        step_tensors([ro, first, none], bad)
 
 
 def test_tracker_writes_jsonl_and_redacts_secrets(tmp_path):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from rlloop.algos.fusion import place_response_rewards
+from rlloop.algos.fusion import place_response_rewards, prime_advantages
+from rlloop.batch import build_batch, group_index, implicit_prm_labels
 from rlloop.config import register_configs
-from rlloop.controller import Trainer, build_batch, group_index
+from rlloop.controller import Trainer
 from rlloop.errors import ConfigError, RlloopError
-from rlloop.rewards.implicit_prm import prime_advantages
 from rlloop.types import Rollout
 from rlloop.validate import validate_config
 from tests.conftest import ROOT
@@ -191,8 +191,8 @@ def test_outcome_fusion_ignores_the_new_argument():
 def test_implicit_prm_labels_must_be_probabilities():
     rollouts = [_rollout("g/0", [1], [2], 1.0), _rollout("g/1", [1], [3], 2.5)]
     with pytest.raises(RlloopError, match=r"rollout g/1: verifier score 2\.5 is outside \[0, 1\]"):
-        Trainer._implicit_prm_labels(rollouts)
-    assert Trainer._implicit_prm_labels(rollouts[:1]).tolist() == [1.0]
+        implicit_prm_labels(rollouts)
+    assert implicit_prm_labels(rollouts[:1]).tolist() == [1.0]
 
 
 def test_prime_prompt_filter_drops_solved_and_unsolved_groups():

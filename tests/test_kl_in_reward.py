@@ -10,7 +10,8 @@ import torch
 
 from rlloop.algos.advantages import compute_advantages
 from rlloop.algos.kl import AdaptiveKLController, FixedKLController, kl_penalty, make_kl_controller
-from rlloop.controller import Trainer, build_batch, group_index
+from rlloop.batch import build_batch, group_index
+from rlloop.controller import Trainer
 from tests.test_dense_rewards import _rollout, _trainer
 
 torch.set_num_threads(1)

@@ -10,6 +10,13 @@
   first_error  GRPO's outcome advantage with a wrong solution's blame starting at its first doubted step.
   min      PURE's min-form credit (arXiv 2504.15275): softmin-weighted step rewards, leave-one-out
            baselines, plus a verifiable-reward share -> advantages and returns directly.
+  prime    PRIME (arXiv 2502.01456): leave-one-out advantages per source (outcome, implicit-PRM token
+           rewards), weighted sum, whitened (`prime_advantages`).
+
+`FUSIONS` (the end of this file) is the registry that reward.fusion picks from: each entry a pure function
+of one batch's tensors (`FusionInputs`: token mask, step boundaries, outcome, step values, token rewards)
+returning token rewards, advantages, returns and metrics (`Fused`). Adding a fusion is one
+`@register_fusion` function and a test; rlloop.validate reads the names and needs from the registry.
 
 Every fusion function takes an optional `metrics` dict and fills it with each component's mean, std and
 correlation with the outcome (`fusion_stats`), so each source is logged on its own.
@@ -18,10 +25,14 @@ correlation with the outcome (`fusion_stats`), so each source is logged on its o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from rlloop.errors import ConfigError, RlloopError
 
 from .checks import (
     check_choice,
@@ -34,8 +45,8 @@ from .checks import (
 )
 from .masked import discounted_returns, group_mean_std, last_token_index, masked_mean_std, masked_whiten
 
-# The choices of the fusion keys, the one list of each (rlloop.validate reads them from here).
-FUSION_MODES = ("outcome", "step", "token", "prime", "min", "first_error")  # reward.fusion
+# The choices of the fusion keys, the one list of each (rlloop.validate reads them from here; reward.fusion's
+# are the names in FUSIONS, the registry at the end of this file).
 PRM_TRANSFORMS = ("logit", "sigmoid")  # reward.prm.g
 STEP_PROCESSES = ("value", "shaping")  # reward.step_process
 STEP_NORMS = ("group", "batch", "none")  # reward.step_norm
@@ -566,3 +577,321 @@ def first_error_fusion(
     if metrics is not None:
         metrics["fusion/spared_token_frac"] = float(spared_frac)
     return advantages, advantages
+
+
+# ----- PRIME (arXiv 2502.01456): the implicit PRM's token rewards with the outcome --------------------
+
+
+def _loo_mean_valid(x: Tensor, valid: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean of x over the OTHER valid rows of each row's group, group size) -> both [B]."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    G = int(inv.max()) + 1 if inv.numel() else 0
+    v = valid.to(x.dtype)
+    total = torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, inv, x * v)[inv]
+    count = torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, inv, v)[inv]
+    others = (count - v).clamp(min=1)
+    return (total - x * v) / others, count
+
+
+def prime_advantages(
+    outcome: Tensor,
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    w_rule: float = 1.0,
+    w_process: float = 1.0,
+    process_norm: str = "batch_max",
+    whiten: bool = True,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """PRIME's fusion of the outcome [B] and implicit-PRM token rewards [B, T] -> (advantages, returns) [B, T].
+
+    1. process_norm="batch_max" (PRIME's `prime_norm=batch_norm`): r_t /= max over the batch of
+       |Σ_{s>=t} r_s| (+eps), so the process returns lie in [-1, 1]; "none" keeps r_t.
+    2. Leave-one-out per source, over the rows of a prompt group (n rows):
+         process: r̃_t = r_t − mean_{j≠i} m_j, with m_j = row j's mean token reward;
+         outcome: õ_i = o_i − mean_{j≠i} o_j, placed on the row's last response token.
+       (PRIME's `masked_rloo` also scales each token's deviation from its own row mean by n/(n−1);
+       every row's sum is the same either way.) A group of one has no baseline: both parts are 0 there,
+       as in `rlloop.algos.advantages.rloo`.
+    3. returns G_t = Σ_{s>=t} (w_rule·õ + w_process·r̃)_s (γ = 1); advantages = whiten(G) over the batch's
+       response tokens (PRIME), or G with whiten=False.
+    """
+    outcome = check_tensor("outcome", torch.as_tensor(outcome), ndim=1, float_dtype=True)
+    B = outcome.shape[0]
+    token_rewards = check_tensor("token_rewards", torch.as_tensor(token_rewards), ndim=2, float_dtype=True)
+    if token_rewards.shape[0] != B:
+        raise ValueError(
+            f"token_rewards has shape {tuple(token_rewards.shape)}, expected ({B}, T) (rows of outcome)"
+        )
+    mask = check_mask(
+        "response_mask", torch.as_tensor(response_mask), token_rewards.shape, like="token_rewards"
+    )
+    group_ids = check_group_ids(torch.as_tensor(group_ids), B)
+    if process_norm not in ("batch_max", "none"):
+        raise ValueError(f"process_norm={process_norm!r}: use batch_max | none")
+    dtype = torch.float64 if token_rewards.dtype == torch.float64 else torch.float32
+    m = mask.to(dtype)
+    r = token_rewards.to(dtype) * m
+    if process_norm == "batch_max":
+        r = r / (discounted_returns(r, m, 1.0).abs().max() + eps)
+    valid = m.sum(-1) > 0
+    row_mean = r.sum(-1) / m.sum(-1).clamp(min=1)
+    base_r, n = _loo_mean_valid(row_mean, valid, group_ids)
+    base_o, _ = _loo_mean_valid(outcome.to(dtype), valid, group_ids)
+    has_baseline = (n >= 2) & valid
+    process = torch.where(has_baseline[:, None], r - base_r[:, None], torch.zeros_like(r)) * m
+    o_tilde = torch.where(has_baseline, outcome.to(dtype) - base_o, torch.zeros_like(base_o))
+    last = last_token_index(mask)
+    outcome_tokens = torch.zeros_like(r)
+    rows = valid.nonzero().squeeze(-1)
+    outcome_tokens[rows, last[rows]] = o_tilde[rows]
+    returns = discounted_returns(w_rule * outcome_tokens + w_process * process, m, 1.0)
+    advantages = masked_whiten(returns, m, eps) if whiten else returns
+    return advantages * m, returns * m
+
+
+def prime_prompt_filter(outcome: Tensor, group_ids: Tensor, low: float = 0.2, high: float = 0.8) -> Tensor:
+    """Keep mask [B] bool: rows whose prompt group has mean outcome (accuracy) in [low, high] (PRIME)."""
+    outcome = check_tensor("outcome", torch.as_tensor(outcome), ndim=1, float_dtype=True)
+    group_ids = check_group_ids(torch.as_tensor(group_ids), outcome.shape[0])
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"prime_prompt_filter: need 0 <= low <= high <= 1, got low={low}, high={high}")
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    G = int(inv.max()) + 1 if inv.numel() else 0
+    o = outcome.double()
+    acc = torch.zeros(G, dtype=o.dtype).index_add(0, inv, o) / torch.zeros(G, dtype=o.dtype).index_add(
+        0, inv, torch.ones_like(o)
+    )
+    # a small tolerance so 0.2 / 0.8 written as 1/5, 4/5 of a group of 5 are kept
+    return (acc[inv] >= low - 1e-9) & (acc[inv] <= high + 1e-9)
+
+
+# ----- the registry: reward.fusion=<name> ----------------------------------------------------------------
+
+
+@dataclass
+class FusionInputs:
+    """One batch's reward sources as explicit tensors (B rows, T token columns, K steps).
+
+    response_mask [B, T]; group_ids [B] (prompt groups); outcome [B] (the verifier's score plus any
+    overlong penalty and format bonus). From the PRM (None without one): step_values [B, K] (V_k after
+    step k), step_positions [B, K] long (column of step k's last token, 0 on padding), step_mask [B, K],
+    answer_step [B] long (the step holding the answer, -1 if none), prompt_value [B] (V of the empty
+    prefix). token_scores [B, T]: a per-token source (Q-RM, implicit PRM). values [B, T]: the critic's
+    (algo.advantage=gae). kl_rewards [B, T]: -kl_coef * kl_t (algo.kl_in_reward), added to the token
+    rewards before the advantage estimator. components: the outcome's sources [B] with their weight in
+    the fused reward (what algo.advantage=gdpo normalises apart), in order.
+    """
+
+    response_mask: Tensor
+    group_ids: Tensor
+    outcome: Tensor
+    components: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
+    step_values: Tensor | None = None
+    step_positions: Tensor | None = None
+    step_mask: Tensor | None = None
+    answer_step: Tensor | None = None
+    prompt_value: Tensor | None = None
+    token_scores: Tensor | None = None
+    values: Tensor | None = None
+    kl_rewards: Tensor | None = None
+    kl_coef: float = 0.0
+
+
+@dataclass
+class Fused:
+    """What a fusion gives the learner: token_rewards, advantages, returns [B, T] and its metrics."""
+
+    token_rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+    metrics: dict[str, float]
+
+
+FusionFn = Callable[[FusionInputs, Any, Any], Fused]
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A registered fusion: `fn(inputs, reward_cfg, algo_cfg) -> Fused`, pure (reads config scalars only).
+
+    needs: "steps" (the PRM's step values), "token_scores" (a per-token source) or None.
+    advantages: "estimator" (token rewards through algo.advantage, so a KL penalty in the reward and a
+    critic apply), "own" (the fusion computes them itself: no KL in the reward, no critic) or
+    "own_unless_critic" (its own, except under algo.advantage=gae).
+    """
+
+    name: str
+    fn: FusionFn
+    needs: str | None = None
+    advantages: str = "estimator"
+
+    def __call__(self, x: FusionInputs, reward: Any, algo: Any) -> Fused:
+        if self.needs == "steps" and x.step_values is None:
+            raise RlloopError(f"reward.fusion={self.name} needs the PRM: set reward.prm.enabled=true")
+        if self.needs == "token_scores" and x.token_scores is None:
+            raise RlloopError(
+                f"reward.fusion={self.name!r} needs a token-reward source, which is not configured"
+            )
+        out = self.fn(x, reward, algo)
+        if x.values is not None:
+            out.metrics.update(critic_metrics(x.values, out.returns, x.response_mask))
+        return out
+
+
+FUSIONS: dict[str, Fusion] = {}
+
+
+def register_fusion(name: str, *, needs: str | None = None, advantages: str = "estimator") -> Callable:
+    """Decorator: `FUSIONS[name]` = the function (see `Fusion` for needs / advantages)."""
+
+    def wrap(fn: FusionFn) -> FusionFn:
+        FUSIONS[name] = Fusion(name, fn, needs, advantages)
+        return fn
+
+    return wrap
+
+
+def estimate(x: FusionInputs, token_rewards: Tensor, algo: Any, components: dict) -> Fused:
+    """Token rewards [B, T] (plus the KL penalty, when given) through the advantage estimator
+    algo.advantage; gdpo gets each source in `components` (and the KL) as a column of its own."""
+    from .advantages import compute_advantages
+
+    if x.kl_rewards is not None:
+        token_rewards = token_rewards + x.kl_rewards
+        components = {**components, "kl": (-x.kl_rewards.sum(-1) / x.kl_coef, -x.kl_coef)}  # sum_t kl_t, -beta
+    extra = gdpo_components(components) if algo.advantage == "gdpo" else {}
+    adv, ret = compute_advantages(
+        algo.advantage, token_rewards, x.response_mask, x.group_ids, values=x.values, gamma=algo.gamma,
+        lam=algo.lam, eps=algo.adv_eps, **extra,
+    )  # fmt: skip
+    return Fused(token_rewards, adv, ret, {})
+
+
+def _own(x: FusionInputs, name: str) -> None:
+    if x.kl_rewards is not None:
+        raise RlloopError(f"algo.kl_in_reward: reward.fusion={name} takes no token rewards")
+
+
+def _step_args(x: FusionInputs) -> tuple:
+    return (x.outcome, x.step_values, x.step_positions, x.step_mask, x.response_mask, x.group_ids)
+
+
+def _done(out: Fused, total: Tensor, metrics: dict[str, float]) -> Fused:
+    out.metrics = {**metrics, "reward/total": float(total.mean())}  # the fused reward before any KL
+    return out
+
+
+@register_fusion("outcome")
+def fuse_outcome(x: FusionInputs, rw: Any, a: Any) -> Fused:
+    """TDRM's release: R = w_rule * outcome + w_prm * g(V before the answer step) on the last token."""
+    metrics: dict[str, float] = {}
+    components = dict(x.components)
+    prm_value = None
+    if x.step_values is not None:
+        prm_value = value_before_answer_step(x.step_values, x.step_mask, x.answer_step, x.prompt_value)
+        metrics["reward/prm_value"] = float(prm_value.mean())
+        components["prm"] = (prm_transform(prm_value, rw.prm.g), rw.w_prm)
+    total = outcome_fusion(x.outcome, prm_value, w_rule=rw.w_rule, w_prm=rw.w_prm, g=rw.prm.g, metrics=metrics)
+    out = estimate(x, place_on_last_token(total, x.response_mask), a, components)
+    return _done(out, total, metrics)
+
+
+@register_fusion("step", needs="steps", advantages="own_unless_critic")
+def fuse_step(x: FusionInputs, rw: Any, a: Any) -> Fused:
+    """Dense step rewards (`step_fusion`); under a critic the raw step rewards go through GAE."""
+    metrics: dict[str, float] = {}
+    kw = {"w_rule": rw.w_rule, "w_prm": rw.w_prm, "gamma": a.gamma, "process": rw.step_process,
+          "prompt_value": x.prompt_value, "metrics": metrics}  # fmt: skip
+    if x.values is not None:  # gae: raw step rewards as token rewards, credited through the critic
+        token_rewards = step_token_rewards(*_step_args(x), **kw)
+        return _done(estimate(x, token_rewards, a, dict(x.components)), token_rewards.sum(-1), metrics)
+    _own(x, "step")
+    adv, ret = step_fusion(*_step_args(x), norm=rw.step_norm, eps=a.adv_eps, **kw)
+    return _done(Fused(place_on_last_token(x.outcome, x.response_mask), adv, ret, {}), x.outcome, metrics)
+
+
+@register_fusion("token", needs="token_scores")
+def fuse_token(x: FusionInputs, rw: Any, a: Any) -> Fused:
+    """w_rule * outcome on the last token + w_token * r_t of the token source, then algo.advantage."""
+    metrics: dict[str, float] = {}
+    components = {**x.components, "token": ((x.token_scores * x.response_mask).sum(-1), rw.w_token)}
+    token_rewards = token_fusion(x.outcome, x.token_scores, x.response_mask, w_rule=rw.w_rule, w_token=rw.w_token,
+                                 token_norm=rw.token_norm, metrics=metrics)  # fmt: skip
+    return _done(estimate(x, token_rewards, a, components), token_rewards.sum(-1), metrics)
+
+
+@register_fusion("prime", needs="token_scores", advantages="own")
+def fuse_prime(x: FusionInputs, rw: Any, a: Any) -> Fused:
+    """PRIME: leave-one-out advantages per source (outcome, implicit-PRM r_t), weighted, whitened."""
+    _own(x, "prime")
+    mask, scores = x.response_mask, x.token_scores
+    adv, ret = prime_advantages(x.outcome, scores, mask, x.group_ids, w_rule=rw.w_rule, w_process=rw.w_token,
+                                eps=a.adv_eps)  # fmt: skip
+    token_sum = (scores * mask).sum(-1)
+    stats = fusion_stats({"outcome": x.outcome, "token_sum": token_sum}, x.outcome)
+    token_rewards = rw.w_rule * place_on_last_token(x.outcome, mask) + rw.w_token * scores * mask
+    total = rw.w_rule * x.outcome + rw.w_token * token_sum
+    return _done(Fused(token_rewards, adv, ret, {}), total, {f"fusion/{k}": v for k, v in stats.items()})
+
+
+@register_fusion("min", needs="steps", advantages="own")
+def fuse_min(x: FusionInputs, rw: Any, a: Any) -> Fused:
+    """PURE's min-form credit (`min_fusion`)."""
+    _own(x, "min")
+    metrics: dict[str, float] = {}
+    adv, ret = min_fusion(*_step_args(x), w_rule=rw.w_rule, w_prm=rw.w_prm, temperature=rw.min_temperature,
+                          metrics=metrics)  # fmt: skip
+    return _done(Fused(place_on_last_token(x.outcome, x.response_mask), adv, ret, {}), x.outcome, metrics)
+
+
+@register_fusion("first_error", needs="steps", advantages="own")
+def fuse_first_error(x: FusionInputs, rw: Any, a: Any) -> Fused:
+    """GRPO's outcome advantage, a wrong row's blame from its first doubted step (`first_error_fusion`)."""
+    _own(x, "first_error")
+    metrics: dict[str, float] = {}
+    adv, ret = first_error_fusion(*_step_args(x), w_prm=rw.w_prm, threshold=rw.first_error_threshold,
+                                  eps=a.adv_eps, metrics=metrics)  # fmt: skip
+    return _done(Fused(place_on_last_token(x.outcome, x.response_mask), adv, ret, {}), x.outcome, metrics)
+
+
+FUSION_MODES = tuple(FUSIONS)  # reward.fusion's choices, in registration order
+
+
+def gdpo_components(components: dict[str, tuple[Tensor, float]]) -> dict[str, Any]:
+    """algo.advantage=gdpo's inputs: the reward sources [B] as columns `reward_components` [B, S] and
+    their weights in the fused reward `reward_weights` [S]. A source of weight 0 is left out (it adds
+    nothing to the sum, and GDPO weights each source after normalising it)."""
+    kept = {name: (c, w) for name, (c, w) in components.items() if w != 0}
+    if not kept:
+        raise ConfigError("algo.advantage=gdpo: every reward source has weight 0 (reward.w_rule, w_prm, ...)")
+    return {
+        "reward_components": torch.stack([c.to(torch.float32) for c, _ in kept.values()], dim=1),
+        "reward_weights": [float(w) for _, w in kept.values()],
+    }
+
+
+def critic_metrics(values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, float]:
+    """How well the critic's values (before its update) predict the GAE returns on the response tokens:
+    critic/values, critic/returns (means) and critic/explained_var = 1 - Var(R - V) / Var(R) (1 = perfect,
+    0 = no better than a constant, as OpenAI baselines / verl log it; NaN when the returns are constant)."""
+    m = mask.bool()
+    v, r = values[m].double(), returns[m].double()
+    if v.numel() == 0:
+        return {}
+    var_r = float(r.var()) if r.numel() > 1 else 0.0
+    explained = 1.0 - float((r - v).var()) / var_r if var_r > 1e-12 else float("nan")
+    return {"critic/values": float(v.mean()), "critic/returns": float(r.mean()), "critic/explained_var": explained}
+
+
+def answer_step(step_char_ends: Sequence[int], answer_start: int | None) -> int:
+    """Index of the step whose characters hold `answer_start` (where the answer begins in the text: the
+    verifier's `\\boxed`, see rlloop.rewards.verifiers.math.boxed_starts), or -1 when there is none."""
+    if answer_start is None:
+        return -1
+    for k, end in enumerate(step_char_ends):
+        if answer_start < end:
+            return k
+    return -1

@@ -9,9 +9,8 @@ and the verified 0/1 outcome — so its token rewards learn where correct and wr
 (PRIME's code keeps r_t without β in the rm_scores it trains on and puts β inside the sigmoid; the
 token rewards handed to RL are β times the log-ratio. The same thing is computed here.)
 
-Fusion (`prime_advantages`): leave-one-out baselines computed separately for the process and the outcome
-rewards, returns by reverse cumulative sum (γ = 1), weighted sum, then whitened — PRIME's recipe.
-`prime_prompt_filter` keeps only prompts whose group accuracy lies in [0.2, 0.8].
+PRIME's fusion of these token rewards with the outcome (`prime_advantages`) and its prompt filter
+(`prime_prompt_filter`) are pure functions beside the other fusions, in rlloop.algos.fusion.
 
 `ImplicitPRM` is a plain class (tested without Ray); `ImplicitPRMService` is its Ray actor.
 """
@@ -27,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlloop.algos.checks import check_group_ids, check_mask, check_tensor
-from rlloop.algos.masked import discounted_returns, last_token_index, masked_whiten
 from rlloop.distributed.actor import ModelActorCore, lazy_actors
 from rlloop.types import Batch
 
@@ -189,95 +186,6 @@ class ImplicitPRM(ModelActorCore):
         """π_φ as a plain HF causal-LM folder (weights only; add the tokenizer yourself)."""
         self.model.save_pretrained(path)
 
-
-
-# ----- fusion (pure) ----------------------------------------------------------------------------------
-
-
-def _leave_one_out_mean(x: Tensor, valid: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean of x over the OTHER valid rows of each row's group, group size) -> both [B]."""
-    _, inv = torch.unique(group_ids, return_inverse=True)
-    G = int(inv.max()) + 1 if inv.numel() else 0
-    v = valid.to(x.dtype)
-    total = torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, inv, x * v)[inv]
-    count = torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, inv, v)[inv]
-    others = (count - v).clamp(min=1)
-    return (total - x * v) / others, count
-
-
-def prime_advantages(
-    outcome: Tensor,
-    token_rewards: Tensor,
-    response_mask: Tensor,
-    group_ids: Tensor,
-    *,
-    w_rule: float = 1.0,
-    w_process: float = 1.0,
-    process_norm: str = "batch_max",
-    whiten: bool = True,
-    eps: float = 1e-6,
-) -> tuple[Tensor, Tensor]:
-    """PRIME's fusion of the outcome [B] and implicit-PRM token rewards [B, T] -> (advantages, returns) [B, T].
-
-    1. process_norm="batch_max" (PRIME's `prime_norm=batch_norm`): r_t /= max over the batch of
-       |Σ_{s>=t} r_s| (+eps), so the process returns lie in [-1, 1]; "none" keeps r_t.
-    2. Leave-one-out per source, over the rows of a prompt group (n rows):
-         process: r̃_t = r_t − mean_{j≠i} m_j, with m_j = row j's mean token reward;
-         outcome: õ_i = o_i − mean_{j≠i} o_j, placed on the row's last response token.
-       (PRIME's `masked_rloo` also scales each token's deviation from its own row mean by n/(n−1);
-       every row's sum is the same either way.) A group of one has no baseline: both parts are 0 there,
-       as in `rlloop.algos.advantages.rloo`.
-    3. returns G_t = Σ_{s>=t} (w_rule·õ + w_process·r̃)_s (γ = 1); advantages = whiten(G) over the batch's
-       response tokens (PRIME), or G with whiten=False.
-    """
-    outcome = check_tensor("outcome", torch.as_tensor(outcome), ndim=1, float_dtype=True)
-    B = outcome.shape[0]
-    token_rewards = check_tensor("token_rewards", torch.as_tensor(token_rewards), ndim=2, float_dtype=True)
-    if token_rewards.shape[0] != B:
-        raise ValueError(
-            f"token_rewards has shape {tuple(token_rewards.shape)}, expected ({B}, T) (rows of outcome)"
-        )
-    mask = check_mask(
-        "response_mask", torch.as_tensor(response_mask), token_rewards.shape, like="token_rewards"
-    )
-    group_ids = check_group_ids(torch.as_tensor(group_ids), B)
-    if process_norm not in ("batch_max", "none"):
-        raise ValueError(f"process_norm={process_norm!r}: use batch_max | none")
-    dtype = torch.float64 if token_rewards.dtype == torch.float64 else torch.float32
-    m = mask.to(dtype)
-    r = token_rewards.to(dtype) * m
-    if process_norm == "batch_max":
-        r = r / (discounted_returns(r, m, 1.0).abs().max() + eps)
-    valid = m.sum(-1) > 0
-    row_mean = r.sum(-1) / m.sum(-1).clamp(min=1)
-    base_r, n = _leave_one_out_mean(row_mean, valid, group_ids)
-    base_o, _ = _leave_one_out_mean(outcome.to(dtype), valid, group_ids)
-    has_baseline = (n >= 2) & valid
-    process = torch.where(has_baseline[:, None], r - base_r[:, None], torch.zeros_like(r)) * m
-    o_tilde = torch.where(has_baseline, outcome.to(dtype) - base_o, torch.zeros_like(base_o))
-    last = last_token_index(mask)
-    outcome_tokens = torch.zeros_like(r)
-    rows = valid.nonzero().squeeze(-1)
-    outcome_tokens[rows, last[rows]] = o_tilde[rows]
-    returns = discounted_returns(w_rule * outcome_tokens + w_process * process, m, 1.0)
-    advantages = masked_whiten(returns, m, eps) if whiten else returns
-    return advantages * m, returns * m
-
-
-def prime_prompt_filter(outcome: Tensor, group_ids: Tensor, low: float = 0.2, high: float = 0.8) -> Tensor:
-    """Keep mask [B] bool: rows whose prompt group has mean outcome (accuracy) in [low, high] (PRIME)."""
-    outcome = check_tensor("outcome", torch.as_tensor(outcome), ndim=1, float_dtype=True)
-    group_ids = check_group_ids(torch.as_tensor(group_ids), outcome.shape[0])
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"prime_prompt_filter: need 0 <= low <= high <= 1, got low={low}, high={high}")
-    _, inv = torch.unique(group_ids, return_inverse=True)
-    G = int(inv.max()) + 1 if inv.numel() else 0
-    o = outcome.double()
-    acc = torch.zeros(G, dtype=o.dtype).index_add(0, inv, o) / torch.zeros(G, dtype=o.dtype).index_add(
-        0, inv, torch.ones_like(o)
-    )
-    # a small tolerance so 0.2 / 0.8 written as 1/5, 4/5 of a group of 5 are kept
-    return (acc[inv] >= low - 1e-9) & (acc[inv] <= high + 1e-9)
 
 
 __getattr__ = lazy_actors(__name__, ImplicitPRMService=ImplicitPRM)

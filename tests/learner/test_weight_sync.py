@@ -125,7 +125,7 @@ def _sync_check(ray, model_path: str, zero_stage: int) -> dict:
         out["bucketed"] = ray.get(workers[0].generate.remote(prompts, **gen), timeout=120)
         out["full"] = ray.get(workers[1].generate.remote(prompts, **gen), timeout=120)
         # learner logprobs of the sampled sequences (the sync probe)
-        from rlloop.controller import build_batch
+        from rlloop.batch import build_batch
 
         probe = build_batch(out["bucketed"], pad_id=0)
         out["learner_lp"] = group.compute_logprobs(probe)

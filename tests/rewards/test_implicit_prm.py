@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlloop.rewards.implicit_prm import ImplicitPRM, prime_advantages, prime_prompt_filter
+from rlloop.algos.fusion import prime_advantages, prime_prompt_filter
+from rlloop.rewards.implicit_prm import ImplicitPRM
 from rlloop.types import Batch
 
 

@@ -7,7 +7,9 @@ near-equal token count (`split_balanced`); gathering puts the results back in su
 
 Online TD mode keeps ONE trainer replica (index 0, the only one with an optimizer); after each of its
 updates `broadcast` loads its weights into the others under the same version number, so every replica
-scores with the same PRM.
+scores with the same PRM. The pool keeps what a restarted replica needs (the trainer's settings, the
+latest weights and version) and restores it itself when a `Supervisor` (rlloop.distributed.lifecycle)
+awaits its calls; nothing calls back into the controller.
 """
 
 from __future__ import annotations
@@ -17,10 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlloop.rewards.prm.batching import split_balanced
-
-# call(replica index, ref, reissue(actor) -> ref, what) -> result: how a result is awaited. The default
-# is a plain ray.get with a timeout; the controller passes one that restarts a dead replica and re-issues.
-Call = Callable[[int, Any, Callable[[Any], Any], str], Any]
 
 
 @dataclass
@@ -34,12 +32,17 @@ class PendingScores:
 class PRMPool:
     """`actors`: PRMService handles (replica 0 is the trainer in online mode)."""
 
-    def __init__(self, actors: Sequence[Any], call: Call | None = None, timeout_s: float = 600.0) -> None:
+    def __init__(self, actors: Sequence[Any], supervisor: Any = None, timeout_s: float = 600.0) -> None:
+        """supervisor: a rlloop.distributed.lifecycle.Supervisor that restarts a dead replica, which the
+        pool then restores and re-issues its work to; None: a plain ray.get with `timeout_s`."""
         if not actors:
             raise ValueError("PRMPool needs at least one PRMService actor")
         self.actors = list(actors)
         self.timeout_s = timeout_s
-        self.call: Call = call or self._plain_get
+        self.supervisor = supervisor
+        self.online_kwargs: dict[str, Any] | None = None  # the trainer replica's TDPRMTrainer settings
+        self.weights_ref: Any = None  # the online PRM's latest weights (object-store ref)
+        self.version = 0
 
     @classmethod
     def start(
@@ -50,7 +53,7 @@ class PRMPool:
         num_cpus: float = 0.1,
         num_gpus: float = 0.0,
         max_restarts: int = 0,
-        call: Call | None = None,
+        supervisor: Any = None,
         timeout_s: float = 600.0,
         actor_options: Sequence[dict[str, Any]] | None = None,
         **scorer_kwargs: Any,
@@ -72,16 +75,37 @@ class PRMPool:
             for i in range(num_replicas)
         ]
         actors = [PRMService.options(**o).remote(model_path, **scorer_kwargs) for o in per_replica]
-        return cls(actors, call, timeout_s)
+        return cls(actors, supervisor, timeout_s)
 
     def name(self, i: int) -> str:
         """The replica's name in logs and restart counts ("PRM service" when there is one)."""
         return "PRM service" if len(self.actors) == 1 else f"PRM service {i}"
 
-    def _plain_get(self, i: int, ref: Any, reissue: Callable[[Any], Any], what: str) -> Any:
+    def call(self, i: int, ref: Any, reissue: Callable[[Any], Any], what: str) -> Any:
+        """Replica i's result of `ref`; under a supervisor a dead replica is restarted, restored
+        (`restore`) and `reissue(actor)` runs the same work again."""
+        if self.supervisor is None:
+            from rlloop.distributed.ray_setup import get
+
+            return get(ref, timeout=self.timeout_s, what=f"{self.name(i)}: {what}")
+        return self.supervisor.call(
+            self.name(i), lambda: self.actors[i], ref, reissue, what=what, restore=lambda: self.restore(i)
+        )
+
+    def restore(self, i: int) -> None:
+        """A restarted replica reloads its initial weights; in online mode it gets the latest weights
+        back, and the trainer replica (0) its TD trainer (whose optimizer state starts afresh)."""
+        actor = self.actors[i]
+        if self.online_kwargs is not None and i == 0:
+            self._get(actor.enable_online.remote(**self.online_kwargs), "PRM enable_online after restart")
+        if self.weights_ref is not None:
+            self._get(actor.load_state_numpy.remote(self.weights_ref, self.version), "PRM reload")
+
+    def _get(self, refs: Any, what: str) -> Any:
         from rlloop.distributed.ray_setup import get
 
-        return get(ref, timeout=self.timeout_s, what=f"{self.name(i)}: {what}")
+        timeout = self.supervisor.timeout_s if self.supervisor is not None else self.timeout_s
+        return get(refs, timeout=timeout, what=what)
 
     # ----- scoring -------------------------------------------------------------------------------------
 
@@ -160,6 +184,33 @@ class PRMPool:
         wrong = {self.name(i): v for i, v in versions.items() if v != version}
         if wrong:
             raise RuntimeError(f"PRM weight broadcast: replicas report versions {wrong}, expected {version}")
+
+    def enable_online(self, **trainer_kwargs: Any) -> None:
+        """Make replica 0 the online TD trainer (kwargs of TDPRMTrainer: lr, td, gamma, n, lam, ema, ...)."""
+        self.online_kwargs = dict(trainer_kwargs)
+        self._get(self.actors[0].enable_online.remote(**self.online_kwargs), "PRM enable_online")
+
+    def td_update(self, prompt_texts: list[str], texts: list[str], step_char_ends: list, outcomes: list[float]) -> Any:
+        """Queue one TD step of the trainer replica on verified trajectories; returns its ref (see `updated`)."""
+        return self.actors[0].td_update.remote(prompt_texts, texts, step_char_ends, outcomes)
+
+    def updated(self, update: Any) -> dict[str, float]:
+        """Metrics of a queued `td_update`; the other replicas then score with the new weights."""
+        metrics = self._get(update, "PRM service td_update")
+        self.version = int(metrics.get("prm/version", self.version))
+        self.weights_ref = self.actors[0].state_dict_numpy.remote()
+        if len(self.actors) > 1:
+            self.broadcast(self.weights_ref, self.version)
+        return metrics
+
+    def set_version(self, version: int) -> None:
+        """Resume: every replica loaded the checkpoint's PRM; they continue its version."""
+        self.version = version
+        self._get([a.load_state_numpy.remote({}, version) for a in self.actors], "PRM version (resume)")
+
+    def save(self, path: str) -> None:
+        """The trainer replica's PRM folder (backbone, value head, tokenizer)."""
+        self._get(self.actors[0].save.remote(path), "PRM save")
 
     def kill(self) -> None:
         import ray

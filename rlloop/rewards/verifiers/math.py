@@ -24,6 +24,11 @@ _GSM8K = re.compile(r"####\s*([^\n]+)")
 _INT = re.compile(r"^\s*[-+]?\d{1,50}\s*$")
 
 
+def boxed_starts(text: str) -> list[int]:
+    """Where each `\\boxed` / `\\fbox` answer marker of `text` starts (character offsets, in order)."""
+    return [m.start() for m in _BOXED.finditer(text)]
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` in `text` (braces balanced), or None if there is none."""
     matches = list(_BOXED.finditer(text))
