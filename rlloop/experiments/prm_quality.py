@@ -133,6 +133,74 @@ def sample_rollouts(
     return out
 
 
+def teacher_rollouts(model_path: str, samples, *, n: int, seed: int, task_cfg: Any) -> list[dict]:
+    """`n` solutions per prompt written by the chain task's misconception teacher (the distribution its
+    built-in model was pretrained to imitate), as rollout rows (`prompt_text`, `text`, `step_char_ends`,
+    `correct`, `first_error`, `written`: the teacher's written results). No model is sampled: a cheap,
+    exactly labelled stand-in for policy rollouts."""
+    from transformers import AutoTokenizer
+
+    from rlloop.data import render_prompt
+    from rlloop.rollout.steps import split_steps
+    from rlloop.tasks import chain
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    wrong = chain.task_misconceptions(task_cfg)
+    error_p = chain.knobs(task_cfg)["teacher_error_p"]
+    rng = random.Random(f"prm-quality-teacher-{seed}")
+    out = []
+    for s in samples:
+        p = chain.parse_question(s.extra["question"])
+        prompt_text = tok.decode(render_prompt(s, tok, task_cfg), skip_special_tokens=False)
+        for i in range(n):
+            text = chain.teacher_solution(p, wrong, error_p, rng)
+            written = [int(step.split("=")[1]) for step in chain.split_steps(text)[:-1]]
+            out.append(
+                {
+                    "uid": f"{s.uid}/{i}",
+                    "group": s.uid,
+                    "prompt_text": prompt_text,
+                    "text": text,
+                    "step_char_ends": [e for _, e in split_steps(text)],
+                    "ground_truth": s.ground_truth,
+                    "data_source": s.data_source,
+                    "correct": verified(text, s.ground_truth),
+                    "first_error": chain.first_error(p, text),
+                    "question": s.extra["question"],
+                    "written": written,
+                }
+            )
+    return out
+
+
+def teacher_mc_outcomes(rows: list[dict], *, m: int, seed: int, task_cfg: Any) -> list[list[list[float]]]:
+    """`mc_step_outcomes` for teacher rows: `m` teacher continuations from the value written at each
+    non-terminal step (the teacher carries on from what it wrote, as it does in its corpus)."""
+    from rlloop.tasks import chain
+
+    wrong = chain.task_misconceptions(task_cfg)
+    error_p = chain.knobs(task_cfg)["teacher_error_p"]
+    rng = random.Random(f"prm-quality-teacher-mc-{seed}")
+    out = []
+    for r in rows:
+        p = chain.parse_question(r["question"])
+        per_step = []
+        for k in range(len(r["step_char_ends"])):
+            if k >= len(r["written"]):  # the boxed step: its label is the outcome
+                per_step.append([])
+                continue
+            results = []
+            for _ in range(m):
+                a = r["written"][k]
+                for op, b in p.ops[k + 1 :]:
+                    c = chain.apply(a, op, b)
+                    a = wrong[(a, op, b)] if (a, op, b) in wrong and rng.random() < error_p else c
+                results.append(float(a == p.answer))
+            per_step.append(results)
+        out.append(per_step)
+    return out
+
+
 # ----- Monte-Carlo step labels (Math-Shepherd) ------------------------------------------------------------
 
 
@@ -428,6 +496,142 @@ def train_and_eval(
     return result
 
 
+@torch.no_grad()
+def step_features(model_path: str, rows: list[dict], *, batch_size: int = 32) -> list[torch.Tensor]:
+    """The policy backbone's last hidden state at each step-end token ([K, H] per row), encoded as the PRM
+    trainer encodes (`TDPRMTrainer.encode`): what a value head on a frozen backbone reads."""
+    from transformers import AutoTokenizer
+
+    from rlloop.rewards.prm.model import ValueHeadModel
+    from rlloop.rewards.prm.td_trainer import TDPRMTrainer
+
+    model = ValueHeadModel.from_backbone(model_path).eval()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    enc = TDPRMTrainer(model, tok, lr=0.0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    out: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    for lo in range(0, len(rows), batch_size):
+        chunk = [
+            enc.encode(r["prompt_text"], r["text"], r["step_char_ends"]) for r in rows[lo : lo + batch_size]
+        ]
+        T = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        att = torch.zeros((len(chunk), T), dtype=torch.long)
+        for b, e in enumerate(chunk):
+            ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            att[b, : len(e.input_ids)] = 1
+        hidden = model.hidden_states(ids, att).float()
+        out += [hidden[b, e.step_positions].clone() for b, e in enumerate(chunk)]
+        if (lo // batch_size) % 10 == 0:
+            logger.info(
+                "features %d/%d, %.0fs", min(lo + batch_size, len(rows)), len(rows), time.perf_counter() - t0
+            )
+    return out
+
+
+def _pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K, H] features and [N, K] step mask (right-padded)."""
+    K = max(f.shape[0] for f in feats)
+    x = torch.zeros(len(feats), K, feats[0].shape[1])
+    mask = torch.zeros(len(feats), K)
+    for i, f in enumerate(feats):
+        x[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = 1
+    return x, mask
+
+
+def train_head_and_eval(
+    feats: dict[str, list[torch.Tensor]],
+    rows: dict[str, list[dict]],
+    *,
+    td: str,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    gamma: float,
+    seed: int,
+    step_labels: list[list[float]] | None = None,
+    nstep: int = 2,
+    lam: float = 0.7,
+) -> dict:
+    """A value head (TDRM's TD(λ) head shape: Linear(H, 2H), Tanh, Linear(2H, 1)) trained on the frozen
+    policy's step features (`step_features`) with `td`'s targets (semi-gradient: the bootstrapped values
+    come from the same head, detached, recomputed every mini-batch, as `TDPRMTrainer` does) or toward
+    `step_labels`; the same metrics as `train_and_eval`. feats/rows: "train", "eval", "val"."""
+    from rlloop.algos.td import auroc, compute_td_targets, prm_bce_loss, smoothness
+
+    torch.manual_seed(seed)
+    x, mask = _pad_features(feats["train"])
+    outcome = torch.tensor([float(r["correct"]) for r in rows["train"]])
+    labels = None
+    if step_labels is not None:
+        labels = torch.zeros_like(mask)
+        for i, y in enumerate(step_labels):
+            labels[i, : len(y)] = torch.tensor(y)
+    H = x.shape[-1]
+    head = torch.nn.Sequential(torch.nn.Linear(H, 2 * H), torch.nn.Tanh(), torch.nn.Linear(2 * H, 1))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.001)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            m = mask[idx]
+            logits = head(x[idx]).squeeze(-1)
+            if labels is not None:
+                targets = labels[idx]
+            else:
+                values = torch.sigmoid(logits.detach()) * m
+                targets = compute_td_targets(td, values, m, outcome[idx], gamma=gamma, n=nstep, lam=lam)
+            loss = prm_bce_loss(logits, targets, m)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    train_s = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def values_of(split: str) -> list[list[float]]:
+        if not feats.get(split):
+            return []
+        xs, ms = _pad_features(feats[split])
+        v = torch.sigmoid(head(xs).squeeze(-1))
+        return [v[i, : int(ms[i].sum())].tolist() for i in range(len(v))]
+
+    def metrics(split: str, values: list[list[float]]) -> dict[str, float]:
+        K = max(len(v) for v in values)
+        vt, mt = torch.zeros(len(values), K), torch.zeros(len(values), K)
+        for i, v in enumerate(values):
+            vt[i, : len(v)] = torch.tensor(v)
+            mt[i, : len(v)] = 1
+        last = torch.tensor([v[-1] for v in values])
+        correct = torch.tensor([float(r["correct"]) for r in rows[split]])
+        out = {
+            "prm/smoothness": smoothness(vt, mt).item(),
+            "prm/v_last_acc": float(((last > 0.5) == (correct > 0.5)).float().mean()),
+            "prm/v_last_mean": float(last.mean()),
+        }
+        if 0 < float(correct.sum()) < len(correct):
+            out["prm/auroc"] = auroc(last, correct)
+        return out
+
+    ev, va = values_of("eval"), values_of("val")
+    result = {
+        "td": td,
+        "backbone": "frozen",
+        "train_seconds": round(train_s, 1),
+        "train": metrics("train", values_of("train")),
+        "heldout": metrics("eval", ev),
+        "best_of_n": best_of_n(rows["eval"], [v[-1] for v in ev]),
+        "path": None,
+    }
+    if step_labels is not None:
+        result["labels"] = "given"
+    if rows["eval"] and "first_error" in rows["eval"][0]:
+        result["localisation"] = localisation_report(rows["eval"], ev, rows.get("val") or [], va)
+        result["_values"] = ev
+    return result
+
+
 def best_of_n(rows: list[dict], scores: list[float], ns: tuple[int, ...] = BON_N) -> dict[str, float]:
     """Accuracy of picking, per prompt, the highest-scored of its first N samples (ties: the first).
 
@@ -527,6 +731,8 @@ def run(
     nstep: int = 2,
     lam: float = 0.7,
     reuse_rollouts: bool = False,
+    backbone: str = "full",
+    rollouts: str = "policy",
 ) -> dict:
     """Sample, label, train every arm (kind × label) with every PRM seed, evaluate; see the module
     docstring. `seed` seeds the sampling; `prm_seeds` (default [seed]) the PRM trainings. Writes
@@ -544,6 +750,13 @@ def run(
     train_samples, test_samples = BUILTIN[str(task_cfg.name)].make_splits(task_cfg)
     t0 = time.perf_counter()
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, task_cfg=task_cfg)
+    if rollouts == "teacher":
+
+        def sample_rollouts(model_path, samples, *, n, seed, **_):  # noqa: F811 (the teacher writes them)
+            return teacher_rollouts(model_path, samples, n=n, seed=seed, task_cfg=task_cfg)
+
+    else:
+        sample_rollouts = globals()["sample_rollouts"]
     train_rows = _load_or_sample(
         out_dir / "train_rollouts.jsonl",
         reuse_rollouts,
@@ -611,13 +824,39 @@ def run(
         if reuse_rollouts and path.exists():
             mc_outcomes = json.loads(path.read_text())
         else:
-            mc_outcomes = mc_step_outcomes(
-                model_path, train_rows, m=mc_samples, max_new_tokens=max_new_tokens,
-                temperature=temperature, seed=seed + 30_000,
-            )  # fmt: skip
+            if rollouts == "teacher":
+                mc_outcomes = teacher_mc_outcomes(train_rows, m=mc_samples, seed=seed, task_cfg=task_cfg)
+            else:
+                mc_outcomes = mc_step_outcomes(
+                    model_path, train_rows, m=mc_samples, max_new_tokens=max_new_tokens,
+                    temperature=temperature, seed=seed + 30_000,
+                )  # fmt: skip
             path.write_text(json.dumps(mc_outcomes))
         result["rollouts"]["mc_label_seconds"] = round(time.perf_counter() - t1, 1)
+        if "first_error" in train_rows[0]:  # how well the labels themselves localise (label noise)
+            fe = [r["first_error"] for r in train_rows]
+            result["label_quality"] = {
+                f"mc_{kind}": localisation([mc_labels(r, o, hard=kind == "hard") for r, o in zip(train_rows, mc_outcomes)], fe)
+                for kind in ("soft", "hard")
+            }  # fmt: skip
     heldout_values: dict[str, list[list[float]]] = {}
+    feats = None
+    if backbone == "frozen" and kinds:
+        path = out_dir / "features.pt"
+        if reuse_rollouts and path.exists():
+            feats = torch.load(path)
+        else:
+            t1 = time.perf_counter()
+            feats = {
+                "train": step_features(model_path, train_rows),
+                "eval": step_features(model_path, eval_rows),
+            }
+            feats["val"] = step_features(model_path, val_rows) if val_rows else []
+            torch.save(feats, path)
+            result["rollouts"]["feature_seconds"] = round(time.perf_counter() - t1, 1)
+        settings["backbone"] = "frozen"
+    if rollouts != "policy":
+        settings["rollouts"] = rollouts
     for label in labels:
         for td in kinds:
             key = arm_key(td, label)
@@ -636,11 +875,18 @@ def run(
                 ]
             by_seed = {}
             for s in prm_seeds or [seed]:
-                res = train_and_eval(
-                    model_path, train_rows, eval_rows, td=td, lr=lr, epochs=epochs, batch_size=batch_size,
-                    gamma=gamma, seed=s, save_dir=out_dir / "prms" / key if not by_seed else None,
-                    step_labels=step_labels, val_rows=val_rows, nstep=nstep, lam=lam,
-                )  # fmt: skip
+                if feats is not None:
+                    res = train_head_and_eval(
+                        feats, {"train": train_rows, "eval": eval_rows, "val": val_rows}, td=td, lr=lr,
+                        epochs=epochs, batch_size=batch_size, gamma=gamma, seed=s, step_labels=step_labels,
+                        nstep=nstep, lam=lam,
+                    )  # fmt: skip
+                else:
+                    res = train_and_eval(
+                        model_path, train_rows, eval_rows, td=td, lr=lr, epochs=epochs, batch_size=batch_size,
+                        gamma=gamma, seed=s, save_dir=out_dir / "prms" / key if not by_seed else None,
+                        step_labels=step_labels, val_rows=val_rows, nstep=nstep, lam=lam,
+                    )  # fmt: skip
                 values = res.pop("_values", None)
                 if values is not None and not by_seed:
                     heldout_values[key] = values
@@ -691,6 +937,8 @@ def markdown(result: dict) -> str:
     """The held-out table: one row per PRM kind (the `arith` table), or for tasks with a step checker the
     localisation table: one row per arm, mean ± sd over PRM seeds."""
     arms = [k for k in result if k.split("@")[0] in KINDS and isinstance(result[k], dict)]
+    if not arms:  # kinds=(): rollouts and labels only
+        return ""
     if any("localisation" in result[k] for k in arms):
         return localisation_markdown(result, arms)
     ns = [n for n in BON_N if f"bon@{n}" in next(iter(result[k] for k in KINDS if k in result))["best_of_n"]]
@@ -833,6 +1081,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--reuse-rollouts", action="store_true", help="reuse <out>/*_rollouts.jsonl and MC labels"
     )
+    ap.add_argument(
+        "--backbone",
+        default="full",
+        choices=("full", "frozen"),
+        help="full: fine-tune the policy backbone with the head (TDPRMTrainer); frozen: an MLP head on the "
+        "policy's step features, computed once (much cheaper on CPU)",
+    )
+    ap.add_argument(
+        "--rollouts",
+        default="policy",
+        choices=("policy", "teacher"),
+        help="policy: sampled from the model; teacher: written by the chain task's misconception teacher",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     res = run(
@@ -859,6 +1120,8 @@ def main(argv: list[str] | None = None) -> None:
         nstep=args.nstep,
         lam=args.lam,
         reuse_rollouts=args.reuse_rollouts,
+        backbone=args.backbone,
+        rollouts=args.rollouts,
     )
     print(json.dumps({k: res[k] for k in ("rollouts",)}, indent=2))
     print(markdown(res))

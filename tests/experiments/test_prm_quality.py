@@ -134,3 +134,44 @@ def test_pipeline_runs_on_a_small_chain(tmp_path):
     assert "| TD(0) | bootstrap on V |" in (tmp_path / "prm_quality.md").read_text()
     assert (tmp_path / "localisation.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "heldout_values.json").read_text())["td0"]) == 8
+
+
+def test_teacher_rollouts_and_frozen_heads(tmp_path):
+    """The cheap path (docs/results.md §0c): teacher-written rollouts with exact labels, teacher MC step
+    labels, and value heads on the frozen policy's step features; seeds give a spread."""
+    from rlloop.experiments import prm_quality
+
+    res = prm_quality.run(
+        out=str(tmp_path),
+        train_prompts=6,
+        eval_prompts=3,
+        val_prompts=2,
+        n=2,
+        eval_n=4,
+        max_new_tokens=None,
+        temperature=1.0,
+        epochs=2,
+        lr=1e-3,
+        batch_size=8,
+        gamma=1.0,
+        seed=0,
+        model_name="tiny",
+        kinds=("td0", "mc"),
+        task="chain",
+        task_overrides=["task.min_ops=3", "task.max_ops=4"],
+        labels=("outcome", "mc_hard"),
+        mc_samples=2,
+        prm_seeds=[0, 1],
+        backbone="frozen",
+        rollouts="teacher",
+    )
+    rows = [json.loads(x) for x in (tmp_path / "train_rollouts.jsonl").read_text().splitlines()]
+    p = chain.parse_question(rows[0]["question"])
+    assert all(
+        chain.first_error(chain.parse_question(r["question"]), r["text"]) == r["first_error"] for r in rows
+    )
+    assert all(len(r["step_char_ends"]) == p.num_steps or r["question"] != rows[0]["question"] for r in rows)
+    assert set(res["td0@mc_hard"]["seeds"]) == {"0", "1"}
+    assert res["settings"]["backbone"] == "frozen" and res["settings"]["rollouts"] == "teacher"
+    assert 0.0 <= res["label_quality"]["mc_hard"]["f1"] <= 1.0
+    assert "| ScalarPRM | MC hard |" in (tmp_path / "prm_quality.md").read_text()
