@@ -1,19 +1,22 @@
 """rlloop's algorithm core: pure torch functions (tensors in, tensors out; no Ray, DeepSpeed or I/O).
 
 Registries pick the method by config name: `ADVANTAGES` (algo.advantage), `POLICY_LOSSES`
-(algo.policy_loss), `KL_ESTIMATORS` (algo.kl_estimator); fusion modes live in `fusion`
-(reward.fusion), dynamic sampling in `sampling`.
+(algo.policy_loss), `KL_ESTIMATORS` (algo.kl_estimator), `FUSIONS` (reward.fusion, in `fusion`);
+dynamic sampling lives in `sampling`.
 """
 
 from .advantages import ADVANTAGES, compute_advantages, register_advantage
 from .checks import make_group_ids
 from .fusion import (
+    FUSIONS,
     first_error_fusion,
     fusion_stats,
     min_fusion,
     outcome_fusion,
     place_on_last_token,
     place_response_rewards,
+    prime_advantages,
+    register_fusion,
     step_fusion,
     token_fusion,
     value_before_answer_step,
@@ -54,6 +57,7 @@ __all__ = [
     "compute_value_loss",
     "entropy_from_logits",
     "filter_tied_groups",
+    "FUSIONS",
     "first_error_fusion",
     "fusion_stats",
     "kl_loss",
@@ -62,6 +66,8 @@ __all__ = [
     "make_group_ids",
     "make_kl_controller",
     "outcome_fusion",
+    "prime_advantages",
+    "register_fusion",
     "overlong_penalty",
     "place_on_last_token",
     "place_response_rewards",

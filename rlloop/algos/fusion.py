@@ -857,9 +857,6 @@ def fuse_first_error(x: FusionInputs, rw: Any, a: Any) -> Fused:
     return _done(Fused(place_on_last_token(x.outcome, x.response_mask), adv, ret, {}), x.outcome, metrics)
 
 
-FUSION_MODES = tuple(FUSIONS)  # reward.fusion's choices, in registration order
-
-
 def gdpo_components(components: dict[str, tuple[Tensor, float]]) -> dict[str, Any]:
     """algo.advantage=gdpo's inputs: the reward sources [B] as columns `reward_components` [B, S] and
     their weights in the fused reward `reward_weights` [S]. A source of weight 0 is left out (it adds
