@@ -364,7 +364,7 @@ def best_threshold(
 
 
 def bootstrap_se(
-    groups: Sequence[str], stat: Callable[[list[int]], float], *, reps: int = 200, seed: int = 0
+    groups: Sequence[str], stat: Callable[[list[int]], float], *, reps: int = 100, seed: int = 0
 ) -> float:
     """Standard error of `stat(row indices)` by resampling whole prompts (their rollouts are correlated)."""
     by_group: dict[str, list[int]] = {}
