@@ -115,5 +115,8 @@ def used_length(attention_mask) -> int:
 
     attention_mask: [B, T], a tensor or a numpy array.
     """
-    cols = torch.as_tensor(attention_mask).any(dim=0).nonzero()
+    # any() over rows first: on a read-only numpy array (Ray's zero-copy objects) torch.as_tensor warns
+    # on every call; the row-reduced copy is writable and tiny
+    mask = attention_mask if isinstance(attention_mask, torch.Tensor) else attention_mask.any(axis=0)
+    cols = torch.as_tensor(mask).reshape(-1, mask.shape[-1]).any(dim=0).nonzero()
     return int(cols[-1]) + 1 if cols.numel() else 1
