@@ -844,7 +844,7 @@ def run(
     if backbone == "frozen" and kinds:
         path = out_dir / "features.pt"
         if reuse_rollouts and path.exists():
-            feats = torch.load(path)
+            feats = torch.load(path, weights_only=True)  # a dict of tensor lists, saved above
         else:
             t1 = time.perf_counter()
             feats = {
