@@ -383,7 +383,7 @@ def _truncate(sample: Sample, tokenizer: Any, task_cfg: Any, budget: int) -> Sam
 def _apply_template(sample: Sample, task_cfg: Any) -> Sample:
     template = getattr(task_cfg, "prompt_template", None) or "{question}"
     if isinstance(sample.prompt, str) and template != "{question}":
-        from rlloop.tasks.arith import fill_prompt
+        from rlloop.tasks.common import fill_prompt
 
         sample.prompt = fill_prompt(sample.prompt, task_cfg)
     return sample

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlloop.errors import ConfigError
+from rlloop.tasks.common import cfg_get, to_samples
 from rlloop.types import Sample
 
 SUPPORTED_OPS = ("+", "-", "*", "/")
@@ -160,26 +161,14 @@ def generate_problems(
     return out
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    return getattr(cfg, key, default) if not isinstance(cfg, dict) else cfg.get(key, default)
-
-
-def fill_prompt(question: str, task_cfg: Any) -> str:
-    """The question put into `task_cfg.prompt_template` (which must contain `{question}`)."""
-    template = _get(task_cfg, "prompt_template") or "{question}"
-    if "{question}" not in template:
-        raise ConfigError(f"task.prompt_template must contain '{{question}}', got {template!r}")
-    return template.replace("{question}", question)
-
-
 def knobs(task_cfg: Any) -> dict[str, Any]:
     """The difficulty knobs of a task config as generate_problems keyword arguments."""
     return {
-        "min_ops": int(_get(task_cfg, "min_ops", 1)),
-        "max_ops": int(_get(task_cfg, "max_ops", 2)),
-        "min_digits": int(_get(task_cfg, "min_digits", 1)),
-        "max_digits": int(_get(task_cfg, "max_digits", 2)),
-        "ops": list(_get(task_cfg, "ops", ("+", "-"))),
+        "min_ops": int(cfg_get(task_cfg, "min_ops", 1)),
+        "max_ops": int(cfg_get(task_cfg, "max_ops", 2)),
+        "min_digits": int(cfg_get(task_cfg, "min_digits", 1)),
+        "max_digits": int(cfg_get(task_cfg, "max_digits", 2)),
+        "ops": list(cfg_get(task_cfg, "ops", ("+", "-"))),
     }
 
 
@@ -188,31 +177,21 @@ def split_problems(task_cfg: Any) -> tuple[list[ArithProblem], list[ArithProblem
 
     The test set is drawn first from its own stream, so it does not change when num_train does.
     """
-    seed = int(_get(task_cfg, "seed", 0))
+    seed = int(cfg_get(task_cfg, "seed", 0))
     kw = knobs(task_cfg)
-    test = generate_problems(int(_get(task_cfg, "num_test", 200)), seed=2 * seed + 1, **kw)
+    test = generate_problems(int(cfg_get(task_cfg, "num_test", 200)), seed=2 * seed + 1, **kw)
     train = generate_problems(
-        int(_get(task_cfg, "num_train", 20000)), seed=2 * seed, exclude={p.question for p in test}, **kw
+        int(cfg_get(task_cfg, "num_train", 20000)), seed=2 * seed, exclude={p.question for p in test}, **kw
     )
     return train, test
-
-
-def to_sample(p: ArithProblem, uid: str, task_cfg: Any) -> Sample:
-    return Sample(
-        uid=uid,
-        prompt=fill_prompt(p.question, task_cfg),
-        data_source=_get(task_cfg, "data_source") or "arith",
-        ground_truth=str(p.answer),
-        extra={"solution": solution_text(p), "question": p.question},
-    )
 
 
 def make_splits(task_cfg: Any) -> tuple[list[Sample], list[Sample]]:
     """(train, test) Samples of the arith task; uids `arith-train-{i}` / `arith-test-{i}`."""
     train, test = split_problems(task_cfg)
     return (
-        [to_sample(p, f"arith-train-{i}", task_cfg) for i, p in enumerate(train)],
-        [to_sample(p, f"arith-test-{i}", task_cfg) for i, p in enumerate(test)],
+        to_samples(train, "train", task_cfg, task="arith", solution_text=solution_text),
+        to_samples(test, "test", task_cfg, task="arith", solution_text=solution_text),
     )
 
 

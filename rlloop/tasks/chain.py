@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlloop.errors import ConfigError
+from rlloop.tasks.common import cfg_get, to_sample, to_samples
 from rlloop.types import Sample
 
 MAX_VALUE = 19  # running values (and fact operands and results) stay in 0..MAX_VALUE
@@ -246,36 +247,32 @@ def generate_problems(
     return out
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
-
-
 def knobs(task_cfg: Any) -> dict[str, Any]:
     """What in a chain task config changes its pretraining corpus or its held-out problems (the cache
     key of the model pretrained on it; `heldout_fact_frac` only filters the RL training prompts)."""
     return {
-        "min_ops": int(_get(task_cfg, "min_ops", 3)),
-        "max_ops": int(_get(task_cfg, "max_ops", 6)),
-        "misconception_frac": float(_get(task_cfg, "misconception_frac", 0.25)),
-        "max_offset": int(_get(task_cfg, "max_offset", 6)),
-        "teacher_error_p": float(_get(task_cfg, "teacher_error_p", 0.6)),
-        "corpus_size": int(_get(task_cfg, "corpus_size", 60000)),
+        "min_ops": int(cfg_get(task_cfg, "min_ops", 3)),
+        "max_ops": int(cfg_get(task_cfg, "max_ops", 6)),
+        "misconception_frac": float(cfg_get(task_cfg, "misconception_frac", 0.25)),
+        "max_offset": int(cfg_get(task_cfg, "max_offset", 6)),
+        "teacher_error_p": float(cfg_get(task_cfg, "teacher_error_p", 0.6)),
+        "corpus_size": int(cfg_get(task_cfg, "corpus_size", 60000)),
     }
 
 
 def task_misconceptions(task_cfg: Any) -> dict[Fact, int]:
     k = knobs(task_cfg)
-    return misconceptions(int(_get(task_cfg, "seed", 0)), k["misconception_frac"], k["max_offset"])
+    return misconceptions(int(cfg_get(task_cfg, "seed", 0)), k["misconception_frac"], k["max_offset"])
 
 
 def heldout_facts(task_cfg: Any) -> set[Fact]:
     """Misconception facts that no RL training prompt uses (`task.heldout_fact_frac` of them): RL can
     only fix them by a change that is not specific to the facts it practises."""
-    frac = float(_get(task_cfg, "heldout_fact_frac", 0.0))
+    frac = float(cfg_get(task_cfg, "heldout_fact_frac", 0.0))
     if not 0.0 <= frac < 1.0:
         raise ConfigError(f"task.heldout_fact_frac must be in [0, 1), got {frac}")
     wrong = sorted(task_misconceptions(task_cfg))
-    rng = random.Random(f"chain-heldout-{_get(task_cfg, 'seed', 0)}")
+    rng = random.Random(f"chain-heldout-{cfg_get(task_cfg, 'seed', 0)}")
     return set(rng.sample(wrong, round(frac * len(wrong))))
 
 
@@ -284,13 +281,16 @@ def split_problems(task_cfg: Any) -> tuple[list[ChainProblem], list[ChainProblem
 
     The test set is drawn first from its own stream, so it does not change when num_train does.
     """
-    seed = int(_get(task_cfg, "seed", 0))
+    seed = int(cfg_get(task_cfg, "seed", 0))
     k = knobs(task_cfg)
     test = generate_problems(
-        int(_get(task_cfg, "num_test", 200)), seed=f"{seed}-test", min_ops=k["min_ops"], max_ops=k["max_ops"]
+        int(cfg_get(task_cfg, "num_test", 200)),
+        seed=f"{seed}-test",
+        min_ops=k["min_ops"],
+        max_ops=k["max_ops"],
     )
     train = generate_problems(
-        int(_get(task_cfg, "num_train", 20000)),
+        int(cfg_get(task_cfg, "num_train", 20000)),
         seed=f"{seed}-train",
         min_ops=k["min_ops"],
         max_ops=k["max_ops"],
@@ -303,7 +303,7 @@ def split_problems(task_cfg: Any) -> tuple[list[ChainProblem], list[ChainProblem
 def pretraining_corpus(task_cfg: Any, n: int, exclude: Collection[str]) -> list[tuple[ChainProblem, str]]:
     """`n` (problem, teacher solution) pairs for pretraining, from their own stream (held-out facts
     included: the model must hold every misconception), never a question in `exclude`."""
-    seed = int(_get(task_cfg, "seed", 0))
+    seed = int(cfg_get(task_cfg, "seed", 0))
     k = knobs(task_cfg)
     probs = generate_problems(
         n, seed=f"{seed}-corpus", min_ops=k["min_ops"], max_ops=k["max_ops"], exclude=exclude
@@ -313,24 +313,12 @@ def pretraining_corpus(task_cfg: Any, n: int, exclude: Collection[str]) -> list[
     return [(p, teacher_solution(p, wrong, k["teacher_error_p"], rng)) for p in probs]
 
 
-def to_sample(p: ChainProblem, uid: str, task_cfg: Any) -> Sample:
-    from rlloop.tasks.arith import fill_prompt
-
-    return Sample(
-        uid=uid,
-        prompt=fill_prompt(p.question, task_cfg),
-        data_source=_get(task_cfg, "data_source") or "chain",
-        ground_truth=str(p.answer),
-        extra={"solution": solution_text(p), "question": p.question},
-    )
-
-
 def make_splits(task_cfg: Any) -> tuple[list[Sample], list[Sample]]:
     """(train, test) Samples; uids `chain-train-{i}` / `chain-test-{i}`."""
     train, test = split_problems(task_cfg)
     return (
-        [to_sample(p, f"chain-train-{i}", task_cfg) for i, p in enumerate(train)],
-        [to_sample(p, f"chain-test-{i}", task_cfg) for i, p in enumerate(test)],
+        to_samples(train, "train", task_cfg, task="chain", solution_text=solution_text),
+        to_samples(test, "test", task_cfg, task="chain", solution_text=solution_text),
     )
 
 
@@ -347,12 +335,10 @@ def sft_corpus(task_cfg: Any, exclude: Collection[str] = ()) -> list[Sample]:
     """Pretraining examples (`task.corpus_size` of them): chains with the misconception teacher's
     solutions in `extra["solution"]`; no question in `exclude` (the held-out problems)."""
     corpus = pretraining_corpus(task_cfg, knobs(task_cfg)["corpus_size"], exclude)
-    out = []
-    for i, (p, text) in enumerate(corpus):
-        s = to_sample(p, f"chain-corpus-{i}", task_cfg)
-        s.extra["solution"] = text
-        out.append(s)
-    return out
+    return [
+        to_sample(p, f"chain-corpus-{i}", task_cfg, task="chain", solution=text)
+        for i, (p, text) in enumerate(corpus)
+    ]
 
 
 def oracle_step_values(sample: Sample, text: str) -> list[float]:
