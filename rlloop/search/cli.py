@@ -149,7 +149,30 @@ def check_config(cfg: Any) -> None:
 # ----- backends: where generation and scoring run ------------------------------------------------
 
 
-class LocalBackend:
+class _Backend:
+    """`sample` and `steps` with the search config's sampling settings; a backend says where a worker
+    method runs on a list of items (`_call`)."""
+
+    cfg: Any
+
+    def _call(self, method: str, items: list, *args, **kwargs) -> list:
+        raise NotImplementedError
+
+    def _sampling(self, seed: int) -> dict:
+        return {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "seed": seed}
+
+    def sample(self, prompts: list[dict], n: int, seed: int):
+        return self._call(
+            "sample", prompts, n, max_new_tokens=self.cfg.max_new_tokens, **self._sampling(seed)
+        )
+
+    def steps(self, requests: list, n: int, seed: int):
+        return self._call(
+            "generate_steps", requests, n, max_step_tokens=self.cfg.max_step_tokens, **self._sampling(seed)
+        )
+
+
+class LocalBackend(_Backend):
     """The search worker and the PRM scorer in this process."""
 
     def __init__(self, cfg: Any, model_path: str):
@@ -161,22 +184,8 @@ class LocalBackend:
         self._scorer = None
         self._make_scorer = lambda: PRMScorer(_prm_path(cfg, model_path), **_prm_kwargs(cfg))
 
-    def sample(self, prompts: list[dict], n: int, seed: int):
-        c = self.cfg
-        return self.worker.sample(
-            prompts, n, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed
-        )
-
-    def steps(self, requests: list, n: int, seed: int):
-        c = self.cfg
-        return self.worker.generate_steps(
-            requests,
-            n,
-            max_step_tokens=c.max_step_tokens,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            seed=seed,
-        )
+    def _call(self, method: str, items: list, *args, **kwargs) -> list:
+        return getattr(self.worker, method)(items, *args, **kwargs)
 
     def score(self, prompt_texts, response_texts, step_char_ends) -> list[list[float]]:
         if self._scorer is None:  # loaded on first use: sampling-only runs (dump_rollouts) need no PRM
@@ -187,7 +196,7 @@ class LocalBackend:
         return None
 
 
-class RayBackend:
+class RayBackend(_Backend):
     """`num_workers` search workers (rollout workers with step generation) and one PRM service, as Ray actors.
 
     Work is split into contiguous shards, one per worker; every call has a timeout naming the actor.
@@ -215,7 +224,8 @@ class RayBackend:
         )
         get(self.prm.ping.remote(), timeout=cfg.call_timeout_s, what="PRM service (start)")
 
-    def _sharded(self, method: str, items: list, *args, **kwargs) -> list:
+    def _call(self, method: str, items: list, *args, **kwargs) -> list:
+        """`method` on contiguous shards of `items`, one per worker, results in item order."""
         k = len(self.workers)
         size = math.ceil(len(items) / k) if items else 0
         shards = [items[i * size : (i + 1) * size] for i in range(k)]
@@ -228,30 +238,6 @@ class RayBackend:
         for i, ref in refs:
             out.extend(self._get(ref, timeout=self.cfg.call_timeout_s, what=f"search worker {i}.{method}"))
         return out
-
-    def sample(self, prompts: list[dict], n: int, seed: int):
-        c = self.cfg
-        return self._sharded(
-            "sample",
-            prompts,
-            n,
-            max_new_tokens=c.max_new_tokens,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            seed=seed,
-        )
-
-    def steps(self, requests: list, n: int, seed: int):
-        c = self.cfg
-        return self._sharded(
-            "generate_steps",
-            requests,
-            n,
-            max_step_tokens=c.max_step_tokens,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            seed=seed,
-        )
 
     def score(self, prompt_texts, response_texts, step_char_ends) -> list[list[float]]:
         ref = self.prm.score.remote(
