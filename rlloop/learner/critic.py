@@ -32,11 +32,9 @@ import torch
 
 from rlloop.learner.policy import (
     PolicyLearner,
-    micro_batch_weight,
     micro_slices,
     optimizer_step,
     replace_dir,
-    used_length,
 )
 from rlloop.rewards.prm.model import META_FILE
 
@@ -185,13 +183,7 @@ class CriticLearner(PolicyLearner):
         ppo_epochs = int(algo["ppo_epochs"])
         loss_agg = algo["loss_agg"]
         clip = float(algo["critic"]["value_clip"])
-        mask = torch.tensor(batch.response_mask, dtype=torch.float32)
-        total = float(mask.sum())
-        slices = micro_slices(len(batch), self.micro_batch_size)
-        lengths = [used_length(batch.attention_mask[rows]) for rows in slices]
-        weights = [
-            micro_batch_weight(mask, rows, n, loss_agg) for rows, n in zip(slices, lengths, strict=True)
-        ]
+        mask, plan = self._micro_batch_plan(batch, loss_agg)
         sums: dict[str, float] = {}
 
         def add(key: str, value: float) -> None:
@@ -201,23 +193,19 @@ class CriticLearner(PolicyLearner):
             return torch.tensor(x[rows, :n], dtype=torch.float32, device=self.device)
 
         for _ in range(ppo_epochs):
-            for i, (rows, weight) in enumerate(zip(slices, weights, strict=True)):
-                self.engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
-                ids, att, n = self._inputs(batch, rows)
-                micro_mask = mask[rows, :n].to(self.device)
-                share = float(micro_mask.sum()) / total if total > 0 else 0.0
-                values = self._values(self.engine, ids, att)
+            for mb in self._micro_batches(batch, mask, plan):
+                values = self._values(self.engine, mb.ids, mb.att)
                 loss, m = compute_value_loss(
                     values,
-                    arr(batch.values, rows, n),
-                    arr(batch.returns, rows, n),
-                    micro_mask,
+                    arr(batch.values, mb.rows, mb.n),
+                    arr(batch.returns, mb.rows, mb.n),
+                    mb.mask,
                     clip=clip,
                     loss_agg=loss_agg,
                 )
-                self.engine.backward(loss * (weight * loss_scale), scale_wrt_gas=False)
-                add("critic/vf_loss", m["vf_loss"] * weight)
-                add("critic/vf_clipfrac", m["vf_clipfrac"] * share)
+                self.engine.backward(loss * (mb.weight * loss_scale), scale_wrt_gas=False)
+                add("critic/vf_loss", m["vf_loss"] * mb.weight)
+                add("critic/vf_clipfrac", m["vf_clipfrac"] * mb.token_share)
             grad_norm = optimizer_step(self.engine)
             self._version += 1
             add("critic/grad_norm", grad_norm)

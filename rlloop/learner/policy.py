@@ -14,6 +14,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,20 @@ def micro_batch_weight(mask: torch.Tensor, rows: slice, num_cols: int, loss_agg:
     if own == 0.0 or not math.isfinite(own) or not math.isfinite(whole):
         return 0.0
     return whole / own
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a train step: its rows, loss weight (`micro_batch_weight`), model inputs
+    ids/att [b, n], response mask [b, n] on the learner's device, and share of the batch's response tokens."""
+
+    rows: slice
+    weight: float
+    ids: torch.Tensor
+    att: torch.Tensor
+    n: int
+    mask: torch.Tensor
+    token_share: float
 
 
 def build_ds_config(
@@ -245,6 +261,31 @@ class PolicyLearner:
         att = torch.tensor(batch.attention_mask[rows, :num_cols], dtype=torch.long, device=self.device)
         return ids, att, num_cols
 
+    def _micro_batch_plan(self, batch: Any, loss_agg: str) -> tuple[torch.Tensor, list[tuple[slice, float]]]:
+        """The batch's response mask [B, T] (CPU) and its micro-batches as (rows, weight): weighted so that
+        the micro-batch losses add up to the loss of the whole batch under `loss_agg`."""
+        mask = torch.tensor(batch.response_mask, dtype=torch.float32)
+        slices = micro_slices(len(batch), self.micro_batch_size)
+        lengths = [used_length(batch.attention_mask[rows]) for rows in slices]
+        weights = [
+            micro_batch_weight(mask, rows, n, loss_agg) for rows, n in zip(slices, lengths, strict=True)
+        ]
+        return mask, list(zip(slices, weights, strict=True))
+
+    def _micro_batches(
+        self, batch: Any, mask: torch.Tensor, plan: list[tuple[slice, float]]
+    ) -> Iterator[MicroBatch]:
+        """One epoch over `plan` (`_micro_batch_plan`), each micro-batch's inputs ready for a forward."""
+        total_tokens = float(mask.sum())
+        for i, (rows, weight) in enumerate(plan):
+            # One optimizer step per epoch whatever the number of micro-batches (the configured
+            # gradient_accumulation_steps is only a hint): the boundary is the last micro-batch.
+            self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+            ids, att, n = self._inputs(batch, rows)
+            micro_mask = mask[rows, :n].to(self.device)
+            token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
+            yield MicroBatch(rows, weight, ids, att, n, micro_mask, token_share)
+
     def _forward(
         self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, start: int = 0
     ) -> tuple[torch.Tensor, int]:
@@ -309,13 +350,7 @@ class PolicyLearner:
         entropy_coef = float(algo["entropy_coef"])
         tis_cap = algo["tis_cap"]
 
-        mask = torch.tensor(batch.response_mask, dtype=torch.float32)
-        total_tokens = float(mask.sum())
-        slices = micro_slices(len(batch), self.micro_batch_size)
-        lengths = [used_length(batch.attention_mask[rows]) for rows in slices]
-        weights = [
-            micro_batch_weight(mask, rows, n, loss_agg) for rows, n in zip(slices, lengths, strict=True)
-        ]
+        mask, plan = self._micro_batch_plan(batch, loss_agg)
 
         def arr(x: np.ndarray | None, rows: slice, n: int) -> torch.Tensor | None:
             return None if x is None else torch.tensor(x[rows, :n], dtype=torch.float32, device=self.device)
@@ -326,13 +361,9 @@ class PolicyLearner:
             sums[key] = sums.get(key, 0.0) + value / ppo_epochs
 
         for _ in range(ppo_epochs):
-            for i, (rows, weight) in enumerate(zip(slices, weights, strict=True)):
-                # One optimizer step per epoch whatever the number of micro-batches (the configured
-                # gradient_accumulation_steps is only a hint): the boundary is the last micro-batch.
-                self.engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
-                ids, att, n = self._inputs(batch, rows)
-                micro_mask = mask[rows, :n].to(self.device)
-                token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
+            for mb in self._micro_batches(batch, mask, plan):
+                rows, weight, ids, att, n = mb.rows, mb.weight, mb.ids, mb.att, mb.n
+                micro_mask, token_share = mb.mask, mb.token_share
                 start = first_logit_position(batch.response_mask[rows, :n])
                 logits, start = self._forward(self.engine, ids, att, start)
                 logprobs, ent_mat = sampled_logprobs(
