@@ -162,6 +162,9 @@ def pretrain_builtin(
     n_params = sum(p.numel() for p in model.parameters())
     steps, batch_size = int(model_cfg.sft_steps), int(model_cfg.sft_batch_size)
     examples = [encode_example(s, tokenizer, task_cfg) for s in train]
+    # evaluation's room: the longest worked solution trained on, + slack for a longer wrong one (a fixed
+    # 96 tokens cut 16-step chains short and counted them as wrong)
+    budget = max(len(ids) - n_prompt for ids, n_prompt in examples) + 16
     too_long = [
         s.uid
         for s, (ids, _) in zip(train, examples, strict=True)
@@ -211,7 +214,7 @@ def pretrain_builtin(
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            acc = evaluate(engine.module, tokenizer, test[:100], task_cfg)
+            acc = evaluate(engine.module, tokenizer, test[:100], task_cfg, max_new_tokens=budget)
             engine.train()
             logger.info("step %d: loss %.3f, held-out greedy %s", step + 1, losses[-1], acc)
     train_s = time.time() - t0
@@ -220,8 +223,10 @@ def pretrain_builtin(
     model = engine.module
     model.eval()
     window = max(1, min(20, steps // 4))  # non-overlapping loss averages at the start and the end
-    greedy = evaluate(model, tokenizer, test, task_cfg, temperature=0.0)
-    sampled = evaluate(model, tokenizer, test, task_cfg, temperature=1.0, seed=seed, k=PASS_K)
+    greedy = evaluate(model, tokenizer, test, task_cfg, temperature=0.0, max_new_tokens=budget)
+    sampled = evaluate(
+        model, tokenizer, test, task_cfg, temperature=1.0, seed=seed, k=PASS_K, max_new_tokens=budget
+    )
     metrics = {
         "params_m": n_params / 1e6,
         "sft_steps": steps,
