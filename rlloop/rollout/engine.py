@@ -175,22 +175,47 @@ class HFEngine(RolloutEngine):
                 out[i][j] = result
         return out  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p) -> list[GenerationOutput]:
+    def generate_padded(
+        self, prompts: list[list[int]], *, max_new_tokens: int, sampling: dict | None, **generate_kwargs
+    ):
+        """`model.generate` on `prompts` as one left-padded batch (every prompt ends at column `width`, the
+        longest prompt's length) under a neutral GenerationConfig: the model's generation_config defaults
+        (top_k=50, repetition penalties) never apply. sampling: None = greedy, else GenerationConfig's
+        sampling fields; generate_kwargs go to `model.generate` (logits processors, stopping criteria).
+        Returns (sequences [N, width + new tokens], width)."""
         import torch
-        from transformers import (
-            GenerationConfig,
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopPLogitsWarper,
-        )
+        from transformers import GenerationConfig
 
-        greedy = temperature <= 0.0
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+        for r, p in enumerate(prompts):
             input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention_mask[r, width - len(p) :] = 1
+        gen_config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling is not None,
+            num_beams=1,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+            **(sampling or {}),
+        )
+        with torch.no_grad():
+            result = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                generation_config=gen_config,
+                **generate_kwargs,
+            )
+        return (result.sequences if hasattr(result, "sequences") else result), width
+
+    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p) -> list[GenerationOutput]:
+        import torch
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        greedy = temperature <= 0.0
         capture = _capture_processor_class()(1.0 if greedy else temperature)
         processors = LogitsProcessorList([capture])
         if not greedy:
@@ -201,25 +226,10 @@ class HFEngine(RolloutEngine):
                 processors.append(TemperatureLogitsWarper(temperature))
             if top_p < 1.0:
                 processors.append(TopPLogitsWarper(top_p))
-        sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-        gen_config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            num_beams=1,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-            return_dict_in_generate=True,
-            **sampling,
+        sampling = None if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        sequences, width = self.generate_padded(
+            prompts, max_new_tokens=max_new_tokens, sampling=sampling, logits_processor=processors
         )
-        with torch.no_grad():
-            result = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                generation_config=gen_config,
-                logits_processor=processors,
-            )
-        sequences = result.sequences if hasattr(result, "sequences") else result
         new_tokens = sequences[:, width:].cpu()
         capture.take(sequences[:, -1])
         logprobs = (

@@ -144,40 +144,19 @@ class SearchWorkerCore(RolloutWorkerCore):
 
     def _step_batch(self, inputs: list[list[int]], max_step_tokens: int, temperature: float, top_p: float):
         """[(step text, kept new ids, tokens generated, finish reason)] per input row."""
-        import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
-        engine = self.engine
-        width = max(len(p) for p in inputs)
-        input_ids = torch.full((len(inputs), width), engine.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        for r, p in enumerate(inputs):  # left padding
-            input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention_mask[r, width - len(p) :] = 1
+        width = max(len(p) for p in inputs)  # generate_padded's: every input ends at this column
         stop = _step_stopping_criterion(self.tokenizer, width, self.step_delimiter, self.step_regex)
-        greedy = temperature <= 0
-        # a neutral config: the model's generation_config defaults (top_k=50, penalties) must not apply
-        sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": top_p}
-        gen_config = GenerationConfig(
+        sampling = None if temperature <= 0 else {"temperature": temperature, "top_k": 0, "top_p": top_p}
+        sequences, _ = self.engine.generate_padded(
+            inputs,
             max_new_tokens=max_step_tokens,
-            do_sample=not greedy,
-            num_beams=1,
-            eos_token_id=engine.eos_token_ids,
-            pad_token_id=engine.pad_token_id,
-            use_cache=True,
-            return_dict_in_generate=True,
-            **sampling,
+            sampling=sampling,
+            stopping_criteria=StoppingCriteriaList([stop]),
         )
-        with torch.no_grad():
-            result = engine.model.generate(
-                input_ids=input_ids.to(engine.device),
-                attention_mask=attention_mask.to(engine.device),
-                generation_config=gen_config,
-                stopping_criteria=StoppingCriteriaList([stop]),
-            )
-        sequences = result.sequences if hasattr(result, "sequences") else result
         new_tokens = sequences[:, width:].cpu().tolist()
-        eos = set(engine.eos_token_ids)
+        eos = set(self.engine.eos_token_ids)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         outputs = []
         for r, tokens in enumerate(new_tokens):
