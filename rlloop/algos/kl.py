@@ -16,22 +16,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rlloop.registry import registrar
+
 from .checks import check_finite, check_mask, check_range, check_shape, check_tensor
 from .losses import aggregate_loss
 from .masked import masked_mean
 
 KLFn = Callable[[Tensor, Tensor], Tensor]
 KL_ESTIMATORS: dict[str, KLFn] = {}
-
-
-def register_kl(name: str) -> Callable[[KLFn], KLFn]:
-    def decorator(fn: KLFn) -> KLFn:
-        if name in KL_ESTIMATORS:
-            raise ValueError(f"KL estimator {name!r} is already registered")
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+register_kl = registrar(KL_ESTIMATORS, "KL estimator")
 
 
 @register_kl("k1")

@@ -14,26 +14,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rlloop.registry import registrar
+
 from .checks import check_choice, check_finite, check_mask, check_range, check_shape, check_tensor
 from .masked import masked_mean
 
+# (logprobs, old_logprobs, advantages, mask, **clip args) -> a per-token loss [B, T] and a dict of per-token
+# 0/1 indicators to report as fractions
 PolicyLossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+register_policy_loss = registrar(POLICY_LOSSES, "policy loss")
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: the function maps (logprobs, old_logprobs, advantages, mask, **clip args) to a
-    per-token loss [B, T] and a dict of per-token 0/1 indicators to report as fractions."""
-
-    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return decorator
 
 
 def aggregate_loss(loss_mat: Tensor, mask: Tensor, mode: str, *, norm_len: int | None = None) -> Tensor:

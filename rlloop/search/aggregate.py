@@ -20,20 +20,13 @@ import math
 import re
 from typing import Callable, Optional, Sequence
 
+from rlloop.registry import registrar
+
 Aggregation = Callable[[Sequence[float]], float]
 AGGREGATIONS: dict[str, Aggregation] = {}
+register_aggregation = registrar(AGGREGATIONS, "aggregation")
 
 NO_STEPS = -math.inf
-
-
-def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
-    def decorator(fn: Aggregation) -> Aggregation:
-        if name in AGGREGATIONS:
-            raise ValueError(f"aggregation {name!r} is already registered")
-        AGGREGATIONS[name] = fn
-        return fn
-
-    return decorator
 
 
 @register_aggregation("last")

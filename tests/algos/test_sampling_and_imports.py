@@ -97,9 +97,10 @@ ALLOWED = {
     "typing",
     "torch",
 }
-# rlloop.errors (the exception classes the CLI turns into one clear line) is the one rlloop module algos may
-# import, and only because it imports nothing itself (checked below)
-ALLOWED_MODULES = {"rlloop.errors"}
+# rlloop.errors (the exception classes the CLI turns into one clear line) and rlloop.registry (the registries'
+# `@register(name)` decorator) are the rlloop modules algos may import, only because they import nothing
+# themselves (checked below)
+ALLOWED_MODULES = {"rlloop.errors", "rlloop.registry"}
 FORBIDDEN_CALLS = {"open", "print", "FileHandler", "save", "load", "exec", "eval", "__import__"}
 
 
