@@ -40,12 +40,19 @@ ARMS = {
 DEFAULT_ARMS = "rule,oracle"
 
 
-def prompts_to_reach(summary: dict, arm: str, target: float) -> float:
-    """Prompts seen at the first eval point where `arm`'s mean accuracy >= target (inf if never)."""
+def prompts_to_reach(summary: dict, arm: str, target: float, *, interpolate: bool = False) -> float:
+    """Prompts seen at the first eval point where `arm`'s mean accuracy >= target (inf if never).
+
+    With `interpolate`, the crossing is placed by linear interpolation between that eval point and the
+    one before it (the evaluation grid is coarse: 160 prompts at the default settings)."""
     s = summary[arm]
+    prev = None
     for x, m in zip(s["prompts_seen"], s["mean"], strict=True):
         if m >= target - 1e-9:
-            return float(x)
+            if not interpolate or prev is None or m == prev[1]:
+                return float(x)
+            return prev[0] + (x - prev[0]) * (target - prev[1]) / (m - prev[1])
+        prev = (float(x), float(m))
     return math.inf
 
 
@@ -85,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     if "rule" in summary:
         target = summary["rule"]["final_mean"]
         reach = {arm: prompts_to_reach(summary, arm, target) for arm in summary}
-        extra = {"target_accuracy": target, "prompts_to_reach": reach}
+        interp = {arm: prompts_to_reach(summary, arm, target, interpolate=True) for arm in summary}
+        extra = {"target_accuracy": target, "prompts_to_reach": reach, "prompts_to_reach_interpolated": interp}
         for arm, x in reach.items():
-            print(f"{arm}: reaches rule's final accuracy {target:.3f} after {x:g} prompts")
+            print(f"{arm}: reaches rule's final accuracy {target:.3f} after {x:g} prompts "
+                  f"(interpolated {interp[arm]:.0f})")  # fmt: skip
         for arm in [a for a in reach if a.startswith("oracle")]:
             ratio = reach[arm] / reach["rule"] if reach["rule"] else math.nan
-            print(f"credit: rule_prompts={reach['rule']:g} {arm}_prompts={reach[arm]:g} ratio={ratio:.2f}")
+            ratio_i = interp[arm] / interp["rule"] if interp["rule"] else math.nan
+            print(f"credit: rule_prompts={reach['rule']:g} {arm}_prompts={reach[arm]:g} ratio={ratio:.2f} "
+                  f"interpolated_ratio={ratio_i:.2f}")  # fmt: skip
     common.write_report(out, "credit", results, summary, extra)
     common.plot_curves(summary, out / "credit.png", title=f"{args.task}: outcome only vs step credit")
     return common.finish(out, results, summary)

@@ -154,6 +154,11 @@ def test_prompts_to_reach_reads_the_mean_curve():
     assert prompts_to_reach(summary, "a", 0.4) == 160
     assert prompts_to_reach(summary, "a", 0.05) == 0
     assert prompts_to_reach(summary, "a", 0.7) == math.inf
+    # interpolated: 0.5 lies half-way between 0.4 (160 prompts) and 0.6 (320)
+    assert prompts_to_reach(summary, "a", 0.5, interpolate=True) == pytest.approx(240)
+    assert prompts_to_reach(summary, "a", 0.25, interpolate=True) == pytest.approx(80)
+    assert prompts_to_reach(summary, "a", 0.05, interpolate=True) == 0  # already there at the start
+    assert prompts_to_reach(summary, "a", 0.7, interpolate=True) == math.inf
 
 
 @pytest.mark.slow
