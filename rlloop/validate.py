@@ -12,6 +12,11 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"config {key}={value!r}: {why}")
 
 
+def _at_least_one_or_null(key: str, value: Any, null_means: str) -> None:
+    """An optional count: null (what it means is said in the error) or >= 1."""
+    _require(value is None or value >= 1, key, value, f"must be >= 1 (or null: {null_means})")
+
+
 def _choose(key: str, value: Any, choices: Any) -> None:
     """`value` must be one of `choices`: a registry (its names) or the tuple its consumer defines."""
     names = [str(n) for n in choices]
@@ -221,12 +226,7 @@ def _check_critic(a: Any, rw: Any) -> None:
     _require(c.lr > 0, "algo.critic.lr", c.lr, "must be > 0")
     _require(c.value_clip > 0, "algo.critic.value_clip", c.value_clip, "must be > 0")
     _require(c.world_size >= 1, "algo.critic.world_size", c.world_size, "must be >= 1")
-    _require(
-        c.micro_batch_size is None or c.micro_batch_size >= 1,
-        "algo.critic.micro_batch_size",
-        c.micro_batch_size,
-        "must be >= 1 (or null = learner.micro_batch_size)",
-    )
+    _at_least_one_or_null("algo.critic.micro_batch_size", c.micro_batch_size, "learner.micro_batch_size")
     _require(c.num_threads >= 1, "algo.critic.num_threads", c.num_threads, "must be >= 1")
 
 
@@ -309,12 +309,7 @@ def _check_prm_service(p: Any) -> None:
     """reward.prm's replicas, batching and device: caught here rather than in an actor's start-up."""
     _require(p.num_replicas >= 1, "reward.prm.num_replicas", p.num_replicas, "must be >= 1")
     _require(p.batch_size >= 1, "reward.prm.batch_size", p.batch_size, "must be >= 1")
-    _require(
-        p.max_batch_tokens is None or p.max_batch_tokens >= 1,
-        "reward.prm.max_batch_tokens",
-        p.max_batch_tokens,
-        "must be >= 1 (or null: batch_size rows per pass)",
-    )
+    _at_least_one_or_null("reward.prm.max_batch_tokens", p.max_batch_tokens, "batch_size rows per pass")
     _require(
         p.device in ("cpu", "cuda", "auto") or str(p.device).startswith("cuda:"),
         "reward.prm.device",
