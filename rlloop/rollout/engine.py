@@ -29,7 +29,6 @@ class GenerationOutput:
 class RolloutEngine(ABC):
     """Generates `n` samples per prompt and takes new weights between steps."""
 
-    @abstractmethod
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -39,8 +38,38 @@ class RolloutEngine(ABC):
         temperature: float,
         top_p: float = 1.0,
         seed: int | None = None,
+        **engine_options,
     ) -> list[list[GenerationOutput]]:
-        """Outputs indexed `[prompt][sample]`. temperature 0 means greedy."""
+        """Outputs indexed `[prompt][sample]`. temperature 0 means greedy. engine_options are the engine's
+        own (`VLLMEngine`: `stop`); the request is checked here once, for every engine."""
+        name = type(self).__name__
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"{name}.generate: need n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}")
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"{name}.generate: prompt {i} has no tokens")
+        return self._generate(
+            prompt_ids,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            **engine_options,
+        )
+
+    @abstractmethod
+    def _generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[list[GenerationOutput]]:
+        """`generate` on a request already checked: n >= 1, max_new_tokens >= 1, no empty prompt."""
 
     @abstractmethod
     def update_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
@@ -140,25 +169,18 @@ class HFEngine(RolloutEngine):
             return []
         return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
 
-    def generate(
+    def _generate(
         self,
         prompt_ids: list[list[int]],
         *,
         n: int,
         max_new_tokens: int,
         temperature: float,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        top_p: float,
+        seed: int | None,
     ) -> list[list[GenerationOutput]]:
         import torch
 
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"HFEngine.generate: need n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}"
-            )
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"HFEngine.generate: prompt {i} has no tokens")
         if seed is not None:
             torch.manual_seed(seed)
         # One row per (prompt, sample); rows sorted by prompt length so a batch pads little.

@@ -228,28 +228,22 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"VLLMEngine: no eos_token_id in {self.model_path} (config/generation_config)")
         return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
-    def generate(
+    def _generate(
         self,
         prompt_ids: list[list[int]],
         *,
         n: int,
         max_new_tokens: int,
         temperature: float,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        top_p: float,
+        seed: int | None,
         stop: list[str] | None = None,
     ) -> list[list[GenerationOutput]]:
         """Outputs `[prompt][sample]`; `stop` strings (default: the engine's) end a sample, kept in it."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(
-                f"VLLMEngine.generate: need n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}"
-            )
         for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"VLLMEngine.generate: prompt {i} has no tokens")
             if len(p) + max_new_tokens > self.max_model_len:
                 raise ValueError(
                     f"VLLMEngine.generate: prompt {i} has {len(p)} tokens + max_new_tokens {max_new_tokens} > "
