@@ -132,7 +132,7 @@ class Actors:
         # cluster.*: every role's placement group, after checking the cluster has the CPUs/GPUs asked for
         # (ResourceError naming the role and key otherwise), before any actor starts.
         self.placement = place(cfg)
-        self.verifier = VerifierPool(cfg.reward.verifier)
+        self.verifier = VerifierPool(cfg.reward.verifier, start_timeout_s=cfg.trainer.call_timeout_s)
         self.verifier.check_sources(data_sources)
         self.workers = [
             # Ray restarts a dead worker (fresh process, initial weights); `call_worker` then re-syncs it

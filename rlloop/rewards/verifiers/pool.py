@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 _DEPTH = 2  # calls queued per worker: one running, one ready behind it
 _MAX_CHUNK = 16  # samples per call: amortises the ~1 ms actor round trip without hurting streaming
 _GRACE_S = 2.0  # on top of the per-sample limits before a call counts as hung
-_START_TIMEOUT_S = 120.0  # a fresh worker must answer its first ping within this
+_START_TIMEOUT_S = 120.0  # default: a fresh worker must answer its first ping within this
 
 
 def _as_dict(cfg: Any) -> Dict[str, Any]:
@@ -131,11 +131,16 @@ class VerifierPool:
     cfg: `rlloop.config.VerifierConfig`, or a DictConfig/dict with its keys (num_workers, timeout_s,
     sources, custom_fn, custom_style, options, plugins, worker_num_cpus). Sources, verifier names, options
     and the custom function are all checked here, in the caller's process, before any worker starts.
+    `start_timeout_s`: how long a fresh worker (at start-up or replacing a dead one) may take to answer its
+    first ping; the trainer passes `trainer.call_timeout_s`, since a loaded machine can take minutes.
     """
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, *, start_timeout_s: float = _START_TIMEOUT_S) -> None:
         import ray
 
+        if not start_timeout_s > 0:
+            raise ValueError(f"VerifierPool: start_timeout_s must be > 0, got {start_timeout_s!r}")
+        self.start_timeout_s = float(start_timeout_s)
         c = _as_dict(cfg)
         self.num_workers = int(c.get("num_workers", 2))
         self.timeout_s = float(c.get("timeout_s", 10.0))
@@ -178,7 +183,7 @@ class VerifierPool:
         self._workers = [self._start_worker(i) for i in range(self.num_workers)]
         ready = [w.ready_ref for w in self._workers]
         try:
-            ray.get(ready, timeout=_START_TIMEOUT_S)
+            ray.get(ready, timeout=self.start_timeout_s)
         except Exception as err:
             self._kill_all()
             raise RuntimeError(f"VerifierPool: workers failed to start: {err}") from err
@@ -281,13 +286,13 @@ class VerifierPool:
         """Process ids of the current workers (for tests and debugging)."""
         import ray
 
-        return ray.get([w.actor.ping.remote() for w in self._workers], timeout=_START_TIMEOUT_S)
+        return ray.get([w.actor.ping.remote() for w in self._workers], timeout=self.start_timeout_s)
 
     def peak_rss_gb(self) -> List[float]:
         """Each current worker's peak RSS in GiB (the controller's `mem/verifier_rss_gb`)."""
         import ray
 
-        return ray.get([w.actor.peak_rss_gb.remote() for w in self._workers], timeout=_START_TIMEOUT_S)
+        return ray.get([w.actor.peak_rss_gb.remote() for w in self._workers], timeout=self.start_timeout_s)
 
     # ---- the dispatch thread -----------------------------------------------------------------------
     def _start_worker(self, index: int) -> _Worker:
@@ -380,7 +385,7 @@ class VerifierPool:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for w in list(self._workers):
-            if not w.ready and now - w.started > _START_TIMEOUT_S:
+            if not w.ready and now - w.started > self.start_timeout_s:
                 self._replace(w, "worker did not start")
             elif w.calls and w.calls[0].started_at is not None and now > w.calls[0].deadline(self.timeout_s):
                 n = len(w.calls[0].items)

@@ -149,6 +149,14 @@ def test_bad_config_fails_at_construction(ray_cluster, cfg, match):
         VerifierPool(cfg)
 
 
+def test_start_timeout_is_the_callers(ray_cluster):
+    # the trainer passes trainer.call_timeout_s: a loaded machine may need minutes to start a worker
+    with pytest.raises(ValueError, match="start_timeout_s"):
+        VerifierPool({"sources": {"a": "math"}}, start_timeout_s=0)
+    with pytest.raises(RuntimeError, match="failed to start"):  # no fresh process answers in 0.1 ms
+        VerifierPool({"num_workers": 1, "sources": {"a": "math"}}, start_timeout_s=1e-4)
+
+
 def test_unmapped_source_is_a_clear_error(ray_cluster):
     with VerifierPool({"num_workers": 1, "sources": {"arith": "math"}}) as p:
         with pytest.raises(ValueError, match="'gsm8k'"):
