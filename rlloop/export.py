@@ -11,11 +11,10 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from rlloop import checkpoint
-from rlloop.errors import RlloopError
+from rlloop.errors import RlloopError, exit_on_user_error
 
 logger = logging.getLogger("rlloop.export")
 
@@ -67,11 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="where to write the HF folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with exit_on_user_error(logger):
         print(export(args.checkpoint, args.out_dir))
-    except (RlloopError, FileNotFoundError) as err:
-        logger.error("error: %s", err)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

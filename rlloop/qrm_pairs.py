@@ -30,7 +30,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from rlloop.config import ModelConfig, TaskConfig
-from rlloop.errors import ConfigError, RlloopError
+from rlloop.errors import ConfigError, exit_on_user_error
 
 logger = logging.getLogger("rlloop.qrm_pairs")
 
@@ -190,11 +190,8 @@ def _main(cfg: Any) -> None:
 
     out_path = cfg.out_path or os.path.join(HydraConfig.get().runtime.output_dir, "qrm_pairs.jsonl")
     t0 = time.perf_counter()
-    try:
+    with exit_on_user_error(logger):
         pairs, summary = build(cfg)
-    except (RlloopError, FileNotFoundError) as err:
-        logger.error("error: %s", err)
-        sys.exit(2)
     if not pairs:
         logger.error("error: no pairs: no prompt had both a correct and a wrong completion (%s)", summary)
         sys.exit(2)

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from rlloop.config import register_configs
-from rlloop.errors import ConfigError, RlloopError
+from rlloop.errors import ConfigError, RlloopError, exit_on_user_error
 
 logger = logging.getLogger("rlloop.train")
 
@@ -225,14 +225,10 @@ def _main(cfg: DictConfig) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     out_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
-    try:
-        with logging_redirect_tqdm():
-            OmegaConf.save(cfg, f"{out_dir}/config_resolved.yaml", resolve=True)
-            summary = run(cfg, out_dir)
-    except (RlloopError, FileNotFoundError) as err:
-        # The user's input is wrong: one clear line naming the culprit, no traceback.
-        logger.error("error: %s", err)
-        sys.exit(2)
+    # The user's input is wrong: one clear line naming the culprit, no traceback.
+    with exit_on_user_error(logger), logging_redirect_tqdm():
+        OmegaConf.save(cfg, f"{out_dir}/config_resolved.yaml", resolve=True)
+        summary = run(cfg, out_dir)
     logger.debug("summary: %s", json.dumps(summary))  # also <out_dir>/summary.json
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before is not None and after is not None:

@@ -16,14 +16,13 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlloop.errors import ConfigError, RlloopError
+from rlloop.errors import ConfigError, exit_on_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -277,12 +276,8 @@ def entry_points(
 
         out_dir = cfg.out_dir or HydraConfig.get().runtime.output_dir
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            with logging_redirect_tqdm():
-                metrics = train(cfg, out_dir)
-        except (RlloopError, FileNotFoundError) as err:
-            log.error("error: %s", err)
-            sys.exit(2)
+        with exit_on_user_error(log), logging_redirect_tqdm():
+            metrics = train(cfg, out_dir)
         print(summary(metrics))
         print(f"outputs: {out_dir}  ({name}_metrics.json, {name}/)")
 

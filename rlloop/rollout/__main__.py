@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import hydra
@@ -22,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from rlloop.config import ModelConfig, RolloutConfig, TaskConfig, VerifierConfig
-from rlloop.errors import RlloopError
+from rlloop.errors import RlloopError, exit_on_user_error
 
 logger = logging.getLogger("rlloop.rollout")
 
@@ -169,11 +168,8 @@ def run(cfg: DictConfig) -> str:
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="rollout_cli")
 def _main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(logger):
         print(run(cfg))
-    except (RlloopError, FileNotFoundError) as err:
-        logger.error("error: %s", err)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from rlloop.config import ClusterConfig, ModelConfig, TaskConfig
-from rlloop.errors import ConfigError, RlloopError
+from rlloop.errors import ConfigError, exit_on_user_error
 
 logger = logging.getLogger("rlloop.search")
 
@@ -468,14 +467,11 @@ def _main(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     out_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
-    try:
+    with exit_on_user_error(logger):
         check_config(cfg)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, f"{out_dir}/config_resolved.yaml", resolve=True)
         results = run_search(cfg, out_dir)
-    except (RlloopError, FileNotFoundError) as err:
-        logger.error("error: %s", err)
-        sys.exit(2)
     print(format_table(results))
     print(f"outputs: {out_dir}  (search_results.json)")
 
