@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlloop.errors import ConfigError
-from rlloop.tasks.common import cfg_get, to_samples
+from rlloop.tasks.common import cfg_get, draw_distinct, to_samples
 from rlloop.types import Sample
 
 SUPPORTED_OPS = ("+", "-", "*", "/")
@@ -40,7 +40,6 @@ _PHRASES = {
     "*": "ends up with {x} times as many",
     "/": "shares them equally among {x} friends and keeps one share",
 }
-_MAX_CONSECUTIVE_MISSES = 20_000
 
 
 @dataclass
@@ -139,26 +138,15 @@ def generate_problems(
     ops = list(ops)
     _check_knobs(min_ops, max_ops, min_digits, max_digits, ops)
     rng = random.Random(seed)
-    seen = set(exclude)
-    out: list[ArithProblem] = []
-    misses = 0
-    while len(out) < n:
-        p = _one_problem(
+    return draw_distinct(
+        n,
+        lambda: _one_problem(
             rng, min_ops=min_ops, max_ops=max_ops, min_digits=min_digits, max_digits=max_digits, ops=ops
-        )
-        if p is None or p.question in seen:
-            misses += 1  # consecutive: a knob setting that has run out of problems fails fast
-            if misses > _MAX_CONSECUTIVE_MISSES:
-                raise ConfigError(
-                    f"could only generate {len(out)} of {n} distinct arith problems with ops={ops}, "
-                    f"ops {min_ops}-{max_ops}, digits {min_digits}-{max_digits}; lower task.num_train/num_test "
-                    "or widen the knobs"
-                )
-            continue
-        seen.add(p.question)
-        out.append(p)
-        misses = 0
-    return out
+        ),
+        exclude=exclude,
+        what=f"arith problems with ops={ops}, ops {min_ops}-{max_ops}, digits {min_digits}-{max_digits}",
+        widen="the knobs",
+    )
 
 
 def knobs(task_cfg: Any) -> dict[str, Any]:

@@ -35,13 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlloop.errors import ConfigError
-from rlloop.tasks.common import cfg_get, to_sample, to_samples
+from rlloop.tasks.common import cfg_get, draw_distinct, to_sample, to_samples
 from rlloop.types import Sample
 
 MAX_VALUE = 19  # running values (and fact operands and results) stay in 0..MAX_VALUE
 MAX_OPERAND = 9  # the second operand of a fact: 1..MAX_OPERAND
 STEP_DELIMITER = "\n\n"
-_MAX_CONSECUTIVE_MISSES = 20_000
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 _BOXED = re.compile(r"^\s*\\boxed\{\s*(-?\d+)\s*\}\s*$")
 
@@ -227,24 +226,19 @@ def generate_problems(
     if not 1 <= min_ops <= max_ops:
         raise ConfigError(f"task.min_ops/max_ops must satisfy 1 <= min_ops <= max_ops, got {min_ops}/{max_ops}")
     rng = random.Random(f"chain-problems-{seed}")
-    seen = set(exclude)
     banned = set(banned_facts)
-    out: list[ChainProblem] = []
-    misses = 0
-    while len(out) < n:
+
+    def draw() -> ChainProblem | None:
         p = _one_problem(rng, min_ops, max_ops, banned)
-        if len(p.ops) < min_ops or p.question in seen:
-            misses += 1
-            if misses > _MAX_CONSECUTIVE_MISSES:
-                raise ConfigError(
-                    f"could only generate {len(out)} of {n} distinct chain problems with {min_ops}-{max_ops} "
-                    "operations; lower task.num_train/num_test or widen min_ops/max_ops"
-                )
-            continue
-        seen.add(p.question)
-        out.append(p)
-        misses = 0
-    return out
+        return p if len(p.ops) >= min_ops else None  # cut short by the banned facts
+
+    return draw_distinct(
+        n,
+        draw,
+        exclude=exclude,
+        what=f"chain problems with {min_ops}-{max_ops} operations",
+        widen="min_ops/max_ops",
+    )
 
 
 def knobs(task_cfg: Any) -> dict[str, Any]:

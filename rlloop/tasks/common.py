@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol, TypeVar
 
 from rlloop.errors import ConfigError
 from rlloop.types import Sample
+
+
+class _Problem(Protocol):
+    question: str
+
+
+P = TypeVar("P", bound=_Problem)  # a task's problem type
+
+MAX_CONSECUTIVE_MISSES = 20_000
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -42,3 +51,31 @@ def to_samples(
         to_sample(p, f"{task}-{split}-{i}", task_cfg, task=task, solution=solution_text(p))
         for i, p in enumerate(problems)
     ]
+
+
+def draw_distinct(
+    n: int, draw: Callable[[], P | None], *, exclude: Collection[str], what: str, widen: str
+) -> list[P]:
+    """`n` problems from repeated `draw()` calls with distinct `.question`s, none in `exclude`; `draw`
+    returns None for a draw the task rejects. Deterministic when `draw` is.
+
+    More than MAX_CONSECUTIVE_MISSES rejected or repeated draws in a row (knobs that have run out of
+    problems) raise ConfigError: "could only generate k of n distinct {what}; ... or widen {widen}".
+    """
+    seen = set(exclude)
+    out: list[P] = []
+    misses = 0
+    while len(out) < n:
+        p = draw()
+        if p is None or p.question in seen:
+            misses += 1  # consecutive: a knob setting that has run out of problems fails fast
+            if misses > MAX_CONSECUTIVE_MISSES:
+                raise ConfigError(
+                    f"could only generate {len(out)} of {n} distinct {what}; lower task.num_train/num_test "
+                    f"or widen {widen}"
+                )
+            continue
+        seen.add(p.question)
+        out.append(p)
+        misses = 0
+    return out
