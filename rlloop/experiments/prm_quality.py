@@ -1096,33 +1096,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    res = run(
-        out=args.out,
-        train_prompts=args.train_prompts,
-        eval_prompts=args.eval_prompts,
-        n=args.n,
+    # every flag is a run() keyword of the same name; these few are renamed or parsed further
+    options = dict(vars(args))
+    options.update(
+        model_name=options.pop("model"),
+        task_overrides=options.pop("task_override"),
         max_new_tokens=args.max_new_tokens if args.max_new_tokens or args.task != "arith" else 96,
-        temperature=args.temperature,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        gamma=args.gamma,
-        seed=args.seed,
-        model_name=args.model,
-        eval_n=args.eval_n,
         kinds=tuple(k for k in args.kinds.split(",") if k),
-        task=args.task,
-        task_overrides=args.task_override,
         labels=tuple(x for x in args.labels.split(",") if x),
         prm_seeds=[int(s) for s in args.prm_seeds.split(",")] if args.prm_seeds else None,
-        val_prompts=args.val_prompts,
-        mc_samples=args.mc_samples,
-        nstep=args.nstep,
-        lam=args.lam,
-        reuse_rollouts=args.reuse_rollouts,
-        backbone=args.backbone,
-        rollouts=args.rollouts,
     )
+    res = run(**options)
     print(json.dumps({k: res[k] for k in ("rollouts",)}, indent=2))
     print(markdown(res))
 
