@@ -26,6 +26,17 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS sampled) | "length" (max_new_tokens reached)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """A checked `generate` request: `n` >= 1 samples per prompt of at most `max_new_tokens` >= 1 tokens."""
+
+    n: int
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    seed: int | None
+
+
 class RolloutEngine(ABC):
     """Generates `n` samples per prompt and takes new weights between steps."""
 
@@ -44,32 +55,18 @@ class RolloutEngine(ABC):
         own (`VLLMEngine`: `stop`); the request is checked here once, for every engine."""
         name = type(self).__name__
         if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"{name}.generate: need n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}")
+            raise ValueError(
+                f"{name}.generate: need n >= 1 and max_new_tokens >= 1, got {n}, {max_new_tokens}"
+            )
         for i, p in enumerate(prompt_ids):
             if len(p) == 0:
                 raise ValueError(f"{name}.generate: prompt {i} has no tokens")
-        return self._generate(
-            prompt_ids,
-            n=n,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            **engine_options,
-        )
+        sampling = Sampling(n, max_new_tokens, temperature, top_p, seed)
+        return self._generate(prompt_ids, sampling, **engine_options)
 
     @abstractmethod
-    def _generate(
-        self,
-        prompt_ids: list[list[int]],
-        *,
-        n: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-    ) -> list[list[GenerationOutput]]:
-        """`generate` on a request already checked: n >= 1, max_new_tokens >= 1, no empty prompt."""
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[GenerationOutput]]:
+        """`generate` on a checked request: no empty prompt, `sampling` as `Sampling` says."""
 
     @abstractmethod
     def update_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
@@ -169,20 +166,12 @@ class HFEngine(RolloutEngine):
             return []
         return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
 
-    def _generate(
-        self,
-        prompt_ids: list[list[int]],
-        *,
-        n: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-    ) -> list[list[GenerationOutput]]:
+    def _generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> list[list[GenerationOutput]]:
         import torch
 
-        if seed is not None:
-            torch.manual_seed(seed)
+        n = sampling.n
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
         # One row per (prompt, sample); rows sorted by prompt length so a batch pads little.
         rows = sorted(
             ((i, j) for i in range(len(prompt_ids)) for j in range(n)), key=lambda r: len(prompt_ids[r[0]])
@@ -191,7 +180,10 @@ class HFEngine(RolloutEngine):
         for b in range(0, len(rows), self.max_batch_size):
             chunk = rows[b : b + self.max_batch_size]
             results = self._generate_batch(
-                [prompt_ids[i] for i, _ in chunk], max_new_tokens, temperature, top_p
+                [prompt_ids[i] for i, _ in chunk],
+                sampling.max_new_tokens,
+                sampling.temperature,
+                sampling.top_p,
             )
             for (i, j), result in zip(chunk, results, strict=True):
                 out[i][j] = result

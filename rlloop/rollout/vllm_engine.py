@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from rlloop.errors import ConfigError
-from rlloop.rollout.engine import GenerationOutput, RolloutEngine
+from rlloop.rollout.engine import GenerationOutput, RolloutEngine, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -229,20 +229,13 @@ class VLLMEngine(RolloutEngine):
         return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
     def _generate(
-        self,
-        prompt_ids: list[list[int]],
-        *,
-        n: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        seed: int | None,
-        stop: list[str] | None = None,
+        self, prompt_ids: list[list[int]], sampling: Sampling, stop: list[str] | None = None
     ) -> list[list[GenerationOutput]]:
         """Outputs `[prompt][sample]`; `stop` strings (default: the engine's) end a sample, kept in it."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        n, max_new_tokens, seed = sampling.n, sampling.max_new_tokens, sampling.seed
         for i, p in enumerate(prompt_ids):
             if len(p) + max_new_tokens > self.max_model_len:
                 raise ValueError(
@@ -251,12 +244,12 @@ class VLLMEngine(RolloutEngine):
                 )
         if self.sleeping:
             raise RuntimeError("VLLMEngine.generate: the engine is asleep; call wake() first")
-        greedy = temperature <= 0.0
+        greedy = sampling.temperature <= 0.0
         params = [
             SamplingParams(
                 n=1 if greedy else n,  # vLLM refuses n > 1 when greedy: the n samples are one, copied
-                temperature=0.0 if greedy else temperature,
-                top_p=1.0 if greedy else top_p,
+                temperature=0.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
                 top_k=0,
                 max_tokens=max_new_tokens,
                 logprobs=0,  # the sampled token's log-prob only
