@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from rlloop.distributed.actor import lazy_actors
 from rlloop.rollout.worker import RolloutWorkerCore
@@ -73,20 +73,11 @@ def _step_stopping_criterion(tokenizer, width: int, delimiter: str, regex: Optio
 class SearchWorkerCore(RolloutWorkerCore):
     """A rollout worker that also returns search candidates and samples one reasoning step at a time."""
 
-    def sample(
-        self,
-        prompts: list[dict],
-        n: int,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float = 1.0,
-        seed: Optional[int] = None,
-    ) -> list[list[Candidate]]:
-        """`n` whole solutions per prompt (`generate`), as `Candidate`s indexed `[prompt][sample]`."""
-        rollouts = self.generate(
-            prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
-        )
+    def sample(self, prompts: list[dict], n: int, **sampling: Any) -> list[list[Candidate]]:
+        """`n` whole solutions per prompt, as `Candidate`s indexed `[prompt][sample]`. `sampling`:
+        `generate`'s keywords (max_new_tokens, temperature, top_p, seed), passed through unchanged so the
+        two cannot drift apart."""
+        rollouts = self.generate(prompts, n=n, **sampling)
         out = []
         for k in range(len(prompts)):
             out.append(
