@@ -181,17 +181,9 @@ class VerifierPool:
         self._counter = itertools.count()
         self.restarts = 0
         self._workers = [self._start_worker(i) for i in range(self.num_workers)]
-        ready = [w.ready_ref for w in self._workers]
-        try:
-            ray.get(ready, timeout=self.start_timeout_s)
-        except Exception as err:
-            self._kill_all()
-            raise RuntimeError(f"VerifierPool: workers failed to start: {err}") from err
-        for w in self._workers:
-            w.ready = True
         # The isolation each sandboxed verifier runs under, e.g. {"code": "bwrap"}: logged here, and the
         # code verifier's `isolated` score records it per sample in the run's metrics (reward/isolated).
-        self.isolation: Dict[str, str] = ray.get(self._workers[0].actor.isolations.remote())
+        self.isolation: Dict[str, str] = self._await_start()
         self._stop = False
         self._thread = threading.Thread(target=self._pump, name="verifier-pool", daemon=True)
         self._thread.start()
@@ -297,7 +289,35 @@ class VerifierPool:
     # ---- the dispatch thread -----------------------------------------------------------------------
     def _start_worker(self, index: int) -> _Worker:
         actor = self._actor_cls.options(name=None).remote(**self._worker_args)
-        return _Worker(index=index, actor=actor, ready_ref=actor.ping.remote())
+        # the first call answered = started; it returns the worker's isolations (what __init__ logs)
+        return _Worker(index=index, actor=actor, ready_ref=actor.isolations.remote())
+
+    def _await_start(self) -> Dict[str, str]:
+        """Wait, within start_timeout_s, until every worker has answered its first call -> worker 0's
+        isolations. A worker that dies meanwhile (a crash, a kill) is replaced, num_workers times at most
+        in all; a timeout or more deaths raise RuntimeError after the workers are killed."""
+        import ray
+
+        deadline = time.monotonic() + self.start_timeout_s
+        deaths = 0
+        answers: List[Dict[str, str]] = []
+        try:
+            for i in range(self.num_workers):
+                while True:
+                    w = self._workers[i]
+                    try:
+                        answers.append(ray.get(w.ready_ref, timeout=max(1e-3, deadline - time.monotonic())))
+                        w.ready = True
+                        break
+                    except ray.exceptions.RayActorError as err:
+                        deaths += 1
+                        if deaths > self.num_workers:
+                            raise
+                        self._replace(w, f"died while starting: {err}")
+        except Exception as err:
+            self._kill_all()
+            raise RuntimeError(f"VerifierPool: workers failed to start: {err}") from err
+        return answers[0]
 
     def _kill_all(self) -> None:
         import ray

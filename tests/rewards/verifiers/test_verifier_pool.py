@@ -157,6 +157,27 @@ def test_start_timeout_is_the_callers(ray_cluster):
         VerifierPool({"num_workers": 1, "sources": {"a": "math"}}, start_timeout_s=1e-4)
 
 
+def test_a_worker_killed_while_starting_is_replaced(ray_cluster, monkeypatch):
+    # what the chaos soak hit: a learner restart builds a new pool, and a verifier worker dies before it
+    # has answered its first call; the pool replaces it instead of failing the run's restart
+    import ray
+
+    start, killed = VerifierPool._start_worker, []
+
+    def start_then_kill_the_first(self, index):
+        w = start(self, index)
+        if not killed:
+            killed.append(w.actor)
+            ray.kill(w.actor, no_restart=True)
+        return w
+
+    monkeypatch.setattr(VerifierPool, "_start_worker", start_then_kill_the_first)
+    with VerifierPool({"num_workers": 2, "sources": {"arith": "math"}}) as p:
+        assert p.restarts == 1 and len(killed) == 1
+        assert isinstance(p.isolation, dict)
+        assert [r.score for r in p.score([req("a", "\\boxed{3}", "3"), req("b", "\\boxed{4}", "3")])] == [1.0, 0.0]
+
+
 def test_unmapped_source_is_a_clear_error(ray_cluster):
     with VerifierPool({"num_workers": 1, "sources": {"arith": "math"}}) as p:
         with pytest.raises(ValueError, match="'gsm8k'"):
