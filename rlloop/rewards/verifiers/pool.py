@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 _DEPTH = 2  # calls queued per worker: one running, one ready behind it
 _MAX_CHUNK = 16  # samples per call: amortises the ~1 ms actor round trip without hurting streaming
 _GRACE_S = 2.0  # on top of the per-sample limits before a call counts as hung
-_START_TIMEOUT_S = 120.0  # default: a fresh worker must answer its first ping within this
+_START_TIMEOUT_S = 120.0  # default: a fresh worker must answer its first call within this
 
 
 def _as_dict(cfg: Any) -> Dict[str, Any]:
@@ -132,7 +132,7 @@ class VerifierPool:
     sources, custom_fn, custom_style, options, plugins, worker_num_cpus). Sources, verifier names, options
     and the custom function are all checked here, in the caller's process, before any worker starts.
     `start_timeout_s`: how long a fresh worker (at start-up or replacing a dead one) may take to answer its
-    first ping; the trainer passes `trainer.call_timeout_s`, since a loaded machine can take minutes.
+    first call; the trainer passes `trainer.call_timeout_s`, since a loaded machine can take minutes.
     """
 
     def __init__(self, cfg: Any, *, start_timeout_s: float = _START_TIMEOUT_S) -> None:
