@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from rlloop.distributed.actor import ModelActorCore, lazy_actors
+from rlloop.rewards.prm.adapters import EncodedTrajectory, detect_adapter, load_adapter
 from rlloop.rewards.prm.batching import pack_by_token_budget
 from rlloop.rewards.prm.model import ValueHeadModel, has_value_head, one_pass_step_logits
 from rlloop.rollout.steps import char_ends_to_token_ends, split_steps
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedTrajectory:
-    """A trajectory in the PRM's tokens: where the prompt ends and where each step ends."""
-
-    input_ids: list[int]  # prompt tokens then response tokens
-    prompt_position: int  # index of the last prompt token
-    step_positions: list[int]  # index of each step's end token (non-decreasing)
 
 
 class PRMScorer(ModelActorCore):
@@ -46,6 +37,9 @@ class PRMScorer(ModelActorCore):
     packs `batch_size` rows per batch whatever their length.
     device: "cpu", "cuda", "cuda:N" or "auto" (cuda when torch sees a GPU, else cpu); "cpu" never
     touches CUDA.
+    adapter: how the folder reads steps (rlloop.rewards.prm.adapters): "rlloop" (value head),
+    "qwen_prm", "math_shepherd", "trl_token_cls", or "auto" (detected from the folder); `adapter_options`
+    are that adapter's settings and `trust_remote_code` lets a published PRM load its own modelling code.
     """
 
     def __init__(
@@ -62,20 +56,37 @@ class PRMScorer(ModelActorCore):
         step_delimiter: str = "\n\n",
         step_regex: str | None = None,
         max_length: int | None = None,
+        adapter: str = "auto",
+        adapter_options: dict | None = None,
+        trust_remote_code: bool = False,
     ):
         from transformers import AutoTokenizer
+
+        from rlloop.rewards.heads import torch_dtype
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)
         t0 = time.perf_counter()
-        if has_value_head(model_path) or require_value_head:
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+        self.adapter_name = detect_adapter(model_path) if adapter == "auto" else adapter
+        self.adapter = None  # rlloop's own value head: encoded and read here
+        if self.adapter_name != "rlloop":
+            self.adapter = load_adapter(
+                self.adapter_name,
+                model_path,
+                self.tokenizer,
+                dtype=torch_dtype(dtype),
+                trust_remote_code=trust_remote_code,
+                options=adapter_options,
+            )
+            self.model = self.adapter.model
+        elif has_value_head(model_path) or require_value_head:
             self.model = ValueHeadModel.from_pretrained(model_path, dtype=dtype)
         else:
             logger.warning("PRM: %s has no value head; starting a fresh one (V = 0.5 everywhere)", model_path)
             self.model = ValueHeadModel.from_backbone(model_path, dtype=dtype)
         self.device = resolve_device(device)
         self.model.to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
                 f"PRM tokenizer at {tokenizer_path or model_path} is not a fast tokenizer (no offsets)"
@@ -93,7 +104,9 @@ class PRMScorer(ModelActorCore):
         self.step_regex = step_regex
         self.max_length = max_length
         self.version = 0
-        logger.info("PRM loaded from %s in %.1fs", model_path, time.perf_counter() - t0)
+        logger.info(
+            "PRM (%s) loaded from %s in %.1fs", self.adapter_name, model_path, time.perf_counter() - t0
+        )
 
     # ----- encoding --------------------------------------------------------------------------------
 
@@ -103,14 +116,16 @@ class PRMScorer(ModelActorCore):
         """The trajectory in the PRM's tokens; step ends default to the steps found in `response_text`."""
         if step_char_ends is None:
             step_char_ends = [e for _, e in split_steps(response_text, self.step_delimiter, self.step_regex)]
+        if any(not 0 < c <= len(response_text) for c in step_char_ends):
+            raise ValueError(
+                f"PRM: step ends {list(step_char_ends)} outside the response text (length {len(response_text)})"
+            )
+        if self.adapter is not None:  # a published PRM's own step convention
+            return self.adapter.encode(prompt_text, response_text, list(step_char_ends), self.max_length)
         prompt_ids = list(self.tokenizer(prompt_text)["input_ids"])
         if not prompt_ids:
             raise ValueError(
                 f"PRM: prompt {prompt_text[:40]!r} has no tokens (the prompt value is read at its end)"
-            )
-        if any(not 0 < c <= len(response_text) for c in step_char_ends):
-            raise ValueError(
-                f"PRM: step ends {list(step_char_ends)} outside the response text (length {len(response_text)})"
             )
         enc = self.tokenizer(response_text, add_special_tokens=False, return_offsets_mapping=True)
         response_ids = list(enc["input_ids"])
@@ -188,6 +203,8 @@ class PRMScorer(ModelActorCore):
             )
             for i, row in zip(rows, logits, strict=True):
                 values = torch.sigmoid(torch.tensor(row, dtype=torch.float64)).tolist()
+                if self.adapter is not None:
+                    values[0] = 0.5  # a published PRM has no value for the empty prefix: neutral
                 results[i] = {"prompt_value": values[0], "step_values": values[1:], "step_logits": row[1:]}
         seconds = time.perf_counter() - t0
         logger.debug("PRM scored %d trajectories in %d batches in %.2fs", len(encoded), len(batches), seconds)
@@ -211,6 +228,7 @@ class PRMScorer(ModelActorCore):
 
     def save(self, path: str) -> None:
         """Write a PRM folder (backbone, value head, tokenizer) loadable by `PRMScorer(path)`."""
+        self._require_value_head("saving")
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
@@ -219,6 +237,7 @@ class PRMScorer(ModelActorCore):
     def enable_online(self, **trainer_kwargs: Any) -> None:
         """Attach a TD trainer (its own optimizer; kwargs of TDPRMTrainer: lr, td, gamma, n, lam, ema,
         micro_batch_size) to this scorer's model, so `td_update` changes what `score` returns."""
+        self._require_value_head("reward.prm.online=true")
         from rlloop.rewards.prm.td_trainer import TDPRMTrainer
 
         self.trainer = TDPRMTrainer(
@@ -229,6 +248,13 @@ class PRMScorer(ModelActorCore):
             max_length=self.max_length,
             **trainer_kwargs,
         )
+
+    def _require_value_head(self, what: str) -> None:
+        if self.adapter is not None:
+            raise ValueError(
+                f"PRM: {what} needs rlloop's value-head PRM; the {self.adapter_name} adapter's model is "
+                "scored frozen (use reward.prm.adapter=rlloop, or reward.prm.online=false)"
+            )
 
     def td_update(
         self,
