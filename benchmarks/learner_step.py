@@ -3,18 +3,25 @@ rlloop does) vs logits at every position (what it did before), in one run, arms 
 
     python benchmarks/learner_step.py --model smollm2 --rows 32 --prompt-len 70 --response-len 128
     python benchmarks/learner_step.py --model tiny --rows 8 --prompt-len 20 --response-len 16 --rounds 1
+    python benchmarks/learner_step.py --model smollm2 --rows 32 --spread rollout --rounds 3 \
+        --arms response-only+zero0,response-only+zero0+sorted,response-only+zero0+packed
 
 Each arm runs in a fresh subprocess (so its peak RSS is its own): a PolicyLearner at world size 1 (the arm's ZeRO
 stage, the thread count of --threads), one warm-up step, then --steps timed `train_step`s over the same batch
 (rows of prompt-len +- 10 % prompt tokens then response-len response tokens, random token ids,
-advantages +-1, micro-batches of --micro-batch rows, fused old logprobs as in the default run).
+advantages +-1, micro-batches of --micro-batch rows, fused old logprobs as in the default run). With
+--spread rollout the response lengths vary as RL rollouts' do under a length cap: log-normal with median
+0.4 x response-len and sigma 0.7, at least 8 tokens, clipped at response-len (about 10 % of the rows run
+to the cap); the same lengths for every arm (seed 0).
 Prints per arm the median step time, the peak RSS of the process and the ratios to the first arm.
 Arms: a base, all-positions (logits everywhere) or response-only (the default), then '+'-joined modifiers:
 gc (learner.gradient_checkpointing), bf16 (learner.bf16: DeepSpeed bf16 weights and activations, fp32
 master weights; on a CPU with avx512_bf16 the matmuls run in bf16), zero0 / zero1 / zero2 (learner.zero_stage;
 ZeRO-2 when none is named), plainlp (log_softmax + gather and a separate entropy pass, as before the chunked
 `rlloop.algos.logprobs`), mmap1m (learner.malloc_mmap_threshold_mb=1: glibc mmaps blocks of 1 MiB and
-more; else glibc's dynamic threshold), e.g. response-only+gc+zero0+mmap1m.
+more; else glibc's dynamic threshold), sorted / packed (learner.batching: micro-batches of rows sorted by
+length cut at micro-batch x the longest row tokens, padded or packed into one row; else padded), e.g.
+response-only+gc+zero0+mmap1m.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from _subprocess import run_arm
 
 ARMS = ("all-positions", "response-only", "response-only+gc", "response-only+bf16")
 BASES = ("all-positions", "response-only")
-MODIFIERS = ("gc", "bf16", "zero0", "zero1", "zero2", "plainlp", "mmap1m")
+MODIFIERS = ("gc", "bf16", "zero0", "zero1", "zero2", "plainlp", "mmap1m", "sorted", "packed")
 
 
 def parse_arm(arm: str) -> tuple[str, set[str]]:
@@ -41,7 +48,20 @@ def parse_arm(arm: str) -> tuple[str, set[str]]:
         sys.exit(f"--arms: bad arm {arm!r}: a base of {list(BASES)} then '+'-joined modifiers of {list(MODIFIERS)}")
     if sum(m.startswith("zero") for m in mods) > 1:
         sys.exit(f"--arms: arm {arm!r} names more than one ZeRO stage")
+    if {"sorted", "packed"} <= set(mods):
+        sys.exit(f"--arms: arm {arm!r} names both sorted and packed")
     return base, set(mods)
+
+
+def response_lengths(args) -> list[int]:
+    """Each row's response tokens: --response-len for every row, or with --spread rollout a log-normal
+    spread under the cap (see the module docstring)."""
+    import numpy as np
+
+    if args.spread == "none":
+        return [args.response_len] * args.rows
+    draw = np.random.default_rng(0).lognormal(np.log(0.4 * args.response_len), 0.7, size=args.rows)
+    return [int(n) for n in np.clip(np.round(draw), 8, args.response_len)]
 
 
 def worker(args) -> None:
@@ -85,11 +105,11 @@ def worker(args) -> None:
     ids = np.zeros((args.rows, T), dtype=np.int64)
     att = np.zeros_like(ids)
     resp = np.zeros((args.rows, T), dtype=np.float32)
-    for b in range(args.rows):
+    for b, n in enumerate(response_lengths(args)):
         p = int(rng.integers(int(args.prompt_len * 0.9), int(args.prompt_len * 1.1) + 1))
-        ids[b, : p + args.response_len] = rng.integers(1, vocab, size=p + args.response_len)
-        att[b, : p + args.response_len] = 1
-        resp[b, p : p + args.response_len] = 1.0
+        ids[b, : p + n] = rng.integers(1, vocab, size=p + n)
+        att[b, : p + n] = 1
+        resp[b, p : p + n] = 1.0
     adv = np.where(np.arange(args.rows)[:, None] % 2 == 0, 1.0, -1.0).astype(np.float32) * resp
     batch = Batch(input_ids=ids, attention_mask=att, response_mask=resp, advantages=adv, returns=adv.copy(), rollout_logprobs=None)
     learner = policy.PolicyLearner(
@@ -99,6 +119,7 @@ def worker(args) -> None:
             "micro_batch_size": args.micro_batch, "grad_clip": 1.0, "bf16": "bf16" in mods, "num_threads": args.threads,
             "master_port": 0, "gradient_checkpointing": "gc" in mods,
             "malloc_mmap_threshold_mb": 1.0 if "mmap1m" in mods else 0.0,
+            "batching": next((m for m in ("sorted", "packed") if m in mods), "padded"),
         },
         {
             "advantage": "grpo", "policy_loss": "ppo", "clip_low": 0.2, "clip_high": 0.2,
@@ -125,6 +146,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=70)
     ap.add_argument("--response-len", type=int, default=128)
+    ap.add_argument("--spread", choices=("none", "rollout"), default="none",
+                    help="response lengths: all --response-len, or spread as RL rollouts' (module docstring)")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
@@ -154,8 +177,12 @@ def main() -> None:
             print(f"round {r} {arm}: steps {[round(t, 2) for t in res['times']]} s, peak RSS {res['peak_rss_gb']:.2f} GB")
     med = {arm: statistics.median(t for res in results[arm] for t in res["times"]) for arm in arms}
     rss = {arm: statistics.median(res["peak_rss_gb"] for res in results[arm]) for arm in arms}
-    print(f"\n{args.model}: {args.rows} rows x (~{args.prompt_len} prompt + {args.response_len} response), "
-          f"micro-batch {args.micro_batch}, {args.threads} threads")  # fmt: skip
+    lengths = response_lengths(args)
+    spread = (f"{args.response_len} response" if args.spread == "none" else
+              f"{min(lengths)}-{max(lengths)} response, mean {sum(lengths) / len(lengths):.0f}, "
+              f"{sum(n == args.response_len for n in lengths)} at the cap")  # fmt: skip
+    print(f"\n{args.model}: {args.rows} rows x (~{args.prompt_len} prompt + {spread}), "
+          f"micro-batch {args.micro_batch}, {args.threads} threads, load {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     base = arms[0]
     print(f"| arm | step s (median) | peak RSS GB | step vs {base} | RSS vs {base} |\n|---|---|---|---|---|")
     for arm in arms:

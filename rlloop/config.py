@@ -255,6 +255,12 @@ class LearnerConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     micro_batch_size: int = 16  # sequences per rank per forward/backward
+    # how a rank's rows become micro-batches (rlloop.learner.policy): padded (micro_batch_size rows in
+    # order, each padded to its longest) | sorted (rows sorted by length, cut at micro_batch_tokens padded
+    # tokens: verl's dynamic batch size) | packed (sorted, cut at micro_batch_tokens real tokens, each
+    # micro-batch one row with position_ids restarting per sequence: no padding at all)
+    batching: str = "padded"
+    micro_batch_tokens: Optional[int] = None  # sorted/packed budget; None = micro_batch_size x longest row
     grad_clip: float = 1.0
     bf16: bool = False
     # recompute each decoder layer's activations in the backward pass instead of keeping them: much less

@@ -74,6 +74,7 @@ def validate_config(cfg: Any) -> None:
     from rlloop.algos.losses import LOSS_AGG_MODES, POLICY_LOSSES
     from rlloop.algos.td import TD_KINDS
     from rlloop.config import OLD_LOGPROBS_MODES
+    from rlloop.learner.policy import BATCHING
     from rlloop.rollout.worker import ENGINES
     from rlloop.tracking import BACKENDS, WANDB_MODES
 
@@ -107,6 +108,8 @@ def validate_config(cfg: Any) -> None:
     _require(lr.world_size >= 1, "learner.world_size", lr.world_size, "must be >= 1")
     _require(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "must be 0, 1, 2 or 3")
     _require(lr.micro_batch_size >= 1, "learner.micro_batch_size", lr.micro_batch_size, "must be >= 1")
+    _choose("learner.batching", lr.batching, BATCHING)
+    _at_least_one_or_null("learner.micro_batch_tokens", lr.micro_batch_tokens, "micro_batch_size x the longest row")
     _require(
         lr.malloc_mmap_threshold_mb >= 0,
         "learner.malloc_mmap_threshold_mb",

@@ -24,21 +24,22 @@ def _rows_per_chunk(logits: torch.Tensor) -> int:
 
 
 class _SampledLogprobs(torch.autograd.Function):
-    """logits [B, L, V] (any float dtype), targets [B, L - 1] long -> (logprobs, entropy) [B, L - 1],
-    float32 (float64 for float64 logits): position t of the logits scores targets[:, t] (the last
-    position scores nothing). Only the logprobs carry a gradient; the entropy is a metric (zeros
-    unless with_entropy)."""
+    """logits [B, L, V] (any float dtype), targets [B, L'] long (L' = L - 1: the last position scores
+    nothing; L' = L: every position scores one) -> (logprobs, entropy) [B, L'], float32 (float64 for
+    float64 logits): position t of the logits scores targets[:, t]. Only the logprobs carry a gradient;
+    the entropy is a metric (zeros unless with_entropy)."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, with_entropy):
-        rows, length, _ = logits.shape
+        rows = logits.shape[0]
+        length = targets.shape[1] + 1
         work = torch.promote_types(logits.dtype, torch.float32)  # bf16 is upcast, float64 kept
         logprobs = logits.new_empty((rows, length - 1), dtype=work)
         entropy = torch.zeros_like(logprobs)
         lse = torch.empty_like(logprobs)
         step = _rows_per_chunk(logits)
         for r in range(0, rows, step):
-            z = logits[r : r + step, :-1].to(work) / temperature
+            z = logits[r : r + step, : length - 1].to(work) / temperature
             lse[r : r + step] = torch.logsumexp(z, dim=-1)
             logprobs[r : r + step] = z.gather(-1, targets[r : r + step, :, None]).squeeze(-1) - lse[r : r + step]
             if with_entropy:
@@ -53,14 +54,15 @@ class _SampledLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, _grad_entropy):
         logits, targets, lse = ctx.saved_tensors
         temperature = ctx.temperature
+        scored = targets.shape[1]
         grad = torch.zeros_like(logits)
         step = _rows_per_chunk(logits)
         for r in range(0, logits.shape[0], step):
             g = grad_logprobs[r : r + step, :, None].to(lse.dtype)
-            z = logits[r : r + step, :-1].to(lse.dtype) / temperature
+            z = logits[r : r + step, :scored].to(lse.dtype) / temperature
             chunk = torch.exp(z - lse[r : r + step, :, None]).mul_(-g)
             chunk.scatter_add_(-1, targets[r : r + step, :, None], g)
-            grad[r : r + step, :-1] = chunk.div_(temperature)
+            grad[r : r + step, :scored] = chunk.div_(temperature)
         return grad, None, None, None
 
 
@@ -96,6 +98,24 @@ def sampled_logprobs(
     logprobs, entropy = _SampledLogprobs.apply(logits, targets, float(temperature), bool(with_entropy))
     pad = (start + 1, 0)
     return torch.nn.functional.pad(logprobs, pad), torch.nn.functional.pad(entropy, pad)
+
+
+def position_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(targets[i] | the context of logits[i]), entropy), each [N]: `sampled_logprobs` for logits
+    [N, V] gathered at the N positions that predict a trained token (a packed micro-batch's), each
+    scoring its own target [N]. Same chunked forward and backward; only the logprobs carry a gradient."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"position_logprobs: logits [N, V] and targets [N], got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")  # fmt: skip
+    if not temperature > 0:
+        raise ValueError(f"position_logprobs: temperature must be > 0, got {temperature}")
+    # [N, 1, V]: each position a row of its own, so the chunks stay within CHUNK_BYTES
+    logprobs, entropy = _SampledLogprobs.apply(
+        logits[:, None], targets[:, None].contiguous(), float(temperature), bool(with_entropy)
+    )
+    return logprobs[:, 0], entropy[:, 0]
 
 
 def token_logprobs(

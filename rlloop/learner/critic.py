@@ -140,6 +140,8 @@ class CriticLearner(PolicyLearner):
     algo_cfg: `rlloop.config.AlgoConfig` as a dict, whose `critic` entry holds `init_path`, `init_kind`,
     `output` (resolved by the controller) and `value_clip`."""
 
+    PACKS = False  # the value model's forward takes padded rows: learner.batching=packed sorts them
+
     def _load_model(self, model_path: str) -> torch.nn.Module:
         critic = self.algo_cfg["critic"]
         self.output = critic["output"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlloop.algos.logprobs import sampled_logprobs, token_logprobs, used_length
+from rlloop.algos.logprobs import position_logprobs, sampled_logprobs, used_length
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +43,67 @@ def micro_slices(num_rows: int, micro_batch_size: int) -> list[slice]:
     return [slice(s, min(s + micro_batch_size, num_rows)) for s in range(0, num_rows, micro_batch_size)]
 
 
-def micro_batch_weight(mask: torch.Tensor, rows: slice, num_cols: int, loss_agg: str) -> float:
+# learner.batching: how a rank's rows become micro-batches (see `PolicyLearner._row_plan`)
+BATCHING = ("padded", "sorted", "packed")
+
+
+def row_lengths(attention_mask: np.ndarray) -> np.ndarray:
+    """[B] tokens of each right-padded row: up to and including its last attended token (>= 1)."""
+    att = np.asarray(attention_mask) > 0
+    last = att.shape[1] - np.argmax(att[:, ::-1], axis=1)
+    return np.where(att.any(axis=1), last, 1).astype(np.int64)
+
+
+def token_budget_micro_batches(lengths: np.ndarray, budget: int, *, packed: bool) -> list[np.ndarray]:
+    """verl's dynamic batch size: rows sorted longest first, cut greedily into micro-batches that cost at
+    most `budget` tokens each — padded tokens (rows x the micro-batch's longest row) or, `packed`, the
+    sum of the rows' lengths. A row longer than the budget is a micro-batch of its own. Returns row
+    indices, ascending within each micro-batch; every row appears once."""
+    if budget < 1:
+        raise ValueError(f"learner.micro_batch_tokens must be >= 1, got {budget}")
+    plan: list[np.ndarray] = []
+    current: list[int] = []
+    longest = total = 0
+    for row in np.argsort(-np.asarray(lengths), kind="stable"):
+        length = int(lengths[row])
+        cost = total + length if packed else max(longest, length) * (len(current) + 1)
+        if current and cost > budget:
+            plan.append(np.sort(np.array(current)))
+            current, longest, total = [], 0, 0
+        current.append(int(row))
+        longest, total = max(longest, length), total + length
+    if current:
+        plan.append(np.sort(np.array(current)))
+    return plan
+
+
+def split_micro_batches(plan: list[np.ndarray], count: int, lengths: np.ndarray) -> list[np.ndarray]:
+    """`plan` with its costliest micro-batches halved until there are `count` of them (every rank must run
+    as many forwards and backwards: ZeRO-3 gathers and ZeRO-2 reduces per micro-batch). count must not
+    exceed the number of rows."""
+    plan = list(plan)
+    if count > sum(len(rows) for rows in plan):
+        raise ValueError(f"split_micro_batches: {count} micro-batches of {sum(len(r) for r in plan)} rows")
+    while len(plan) < count:
+        i = max(
+            (i for i, rows in enumerate(plan) if len(rows) > 1),
+            key=lambda i: len(plan[i]) * int(lengths[plan[i]].max()),
+        )
+        rows = plan.pop(i)
+        by_length = rows[np.argsort(-lengths[rows], kind="stable")]
+        half = len(rows) // 2
+        plan[i:i] = [np.sort(by_length[:half]), np.sort(by_length[half:])]
+    return plan
+
+
+def micro_batch_weight(mask: torch.Tensor, rows: Any, num_cols: int, loss_agg: str) -> float:
     """Weight w such that sum_i w_i * agg(micro-batch i) == agg(whole batch).
 
     Every loss aggregation mode is linear in the loss matrix, with per-token coefficients that inside one
     micro-batch are proportional to the whole batch's (token-mean: 1/N, seq-mean-*: 1/B, ...). So w is
     the whole-batch coefficient mass of the micro-batch's rows, agg(1[rows], mask), over the micro-batch's
     own coefficient mass, agg(1, mask[rows, :num_cols]). Zero when the micro-batch has no trained token.
-    mask: [B, T] response mask of the whole batch.
+    mask: [B, T] response mask of the whole batch; rows: a slice or row indices.
     """
     from rlloop.algos.losses import aggregate_loss
 
@@ -65,17 +118,62 @@ def micro_batch_weight(mask: torch.Tensor, rows: slice, num_cols: int, loss_agg:
 
 
 @dataclass
-class MicroBatch:
-    """One micro-batch of a train step: its rows, loss weight (`micro_batch_weight`), model inputs
-    ids/att [b, n], response mask [b, n] on the learner's device, and share of the batch's response tokens."""
+class PackedRows:
+    """A micro-batch's rows concatenated into one row without padding (learner.batching=packed).
 
-    rows: slice
+    ids, position_ids [1, S]: the rows' tokens back to back, positions restarting at 0 on each row (HF
+    builds a block-diagonal causal mask from them when no attention mask is given); keep [K]: the
+    packed positions whose logits predict a trained token, targets [K] those tokens, at (row, col) [K]
+    of the micro-batch's padded [b, n] layout."""
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    keep: torch.Tensor
+    targets: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+
+    @classmethod
+    def build(cls, ids: np.ndarray, att: np.ndarray, response_mask: np.ndarray, device: torch.device) -> PackedRows:
+        """From a micro-batch's right-padded ids, attention mask and response mask [b, n] (numpy)."""
+        lengths = row_lengths(att)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        packed = np.concatenate([ids[r, :length] for r, length in enumerate(lengths)])
+        positions = np.concatenate([np.arange(length) for length in lengths])
+        row, col = np.nonzero(np.asarray(response_mask)[:, 1:] > 0)  # column 0 has no logits to predict it
+        col = col + 1
+        if np.any(col >= lengths[row]):
+            raise ValueError("PackedRows: a trained token lies in a row's padding (attention mask 0)")
+
+        def tensor(x: np.ndarray) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        return cls(
+            ids=tensor(packed)[None],
+            position_ids=tensor(positions)[None],
+            keep=tensor(offsets[row] + col - 1),
+            targets=tensor(ids[row, col]),
+            row=tensor(row),
+            col=tensor(col),
+        )
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a train step: its rows (indices into the rank's batch), loss weight
+    (`micro_batch_weight`), model inputs ids/att [b, n], response mask [b, n] on the learner's device,
+    its share of the batch's response tokens, the first position whose logits it needs
+    (`first_logit_position`) and, under learner.batching=packed, its rows packed into one."""
+
+    rows: Any
     weight: float
     ids: torch.Tensor
     att: torch.Tensor
     n: int
     mask: torch.Tensor
     token_share: float
+    start: int = 0
+    packed: PackedRows | None = None
 
 
 def build_ds_config(
@@ -114,6 +212,10 @@ class PolicyLearner:
     optional learner_cfg keys: `zero3_param_persistence_threshold` (int).
     """
 
+    # learner.batching=packed needs a forward that takes packed rows; a subclass without one (the
+    # critic's value model) gets the sorted micro-batches instead
+    PACKS = True
+
     def __init__(
         self,
         model_path: str,
@@ -138,6 +240,11 @@ class PolicyLearner:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for logprobs, got {temperature}")
         self.micro_batch_size = int(self.learner_cfg["micro_batch_size"])
+        self.batching = str(self.learner_cfg["batching"])
+        if self.batching not in BATCHING:
+            raise ValueError(f"learner.batching must be one of {list(BATCHING)}, got {self.batching!r}")
+        tokens = self.learner_cfg["micro_batch_tokens"]
+        self.micro_batch_tokens = None if tokens is None else int(tokens)
         self.zero_stage = int(self.learner_cfg["zero_stage"])
         self._version = 0
         if world_size == 1 and self.zero_stage > 0:
@@ -261,30 +368,64 @@ class PolicyLearner:
         att = torch.tensor(batch.attention_mask[rows, :num_cols], dtype=torch.long, device=self.device)
         return ids, att, num_cols
 
-    def _micro_batch_plan(self, batch: Any, loss_agg: str) -> tuple[torch.Tensor, list[tuple[slice, float]]]:
+    def _row_plan(self, batch: Any) -> list[np.ndarray]:
+        """The rank's rows cut into micro-batches (row indices), by learner.batching: `padded`, consecutive
+        rows, micro_batch_size at a time, each padded to its longest row; `sorted` / `packed`, rows sorted
+        by length and cut by a token budget (learner.micro_batch_tokens; default micro_batch_size x the
+        longest row: never more tokens than a padded micro-batch). Above world size 1 every rank ends up
+        with as many micro-batches (the most any rank planned)."""
+        if self.batching == "padded":
+            return [np.arange(s.start, s.stop) for s in micro_slices(len(batch), self.micro_batch_size)]
+        lengths = row_lengths(batch.attention_mask)
+        budget = self.micro_batch_tokens or self.micro_batch_size * int(lengths.max())
+        plan = token_budget_micro_batches(lengths, budget, packed=self._packs())
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            count = torch.tensor([len(plan)], dtype=torch.long)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            plan = split_micro_batches(plan, int(count), lengths)
+        return plan
+
+    def _packs(self) -> bool:
+        return self.batching == "packed" and self.PACKS
+
+    def _micro_batch_plan(self, batch: Any, loss_agg: str) -> tuple[torch.Tensor, list[tuple[np.ndarray, float]]]:
         """The batch's response mask [B, T] (CPU) and its micro-batches as (rows, weight): weighted so that
         the micro-batch losses add up to the loss of the whole batch under `loss_agg`."""
         mask = torch.tensor(batch.response_mask, dtype=torch.float32)
-        slices = micro_slices(len(batch), self.micro_batch_size)
-        lengths = [used_length(batch.attention_mask[rows]) for rows in slices]
+        plan = self._row_plan(batch)
+        lengths = [used_length(batch.attention_mask[rows]) for rows in plan]
         weights = [
-            micro_batch_weight(mask, rows, n, loss_agg) for rows, n in zip(slices, lengths, strict=True)
+            micro_batch_weight(mask, torch.as_tensor(rows), n, loss_agg) for rows, n in zip(plan, lengths, strict=True)
         ]
-        return mask, list(zip(slices, weights, strict=True))
+        return mask, list(zip(plan, weights, strict=True))
+
+    def _micro_batch(self, batch: Any, rows: np.ndarray, mask: torch.Tensor, weight: float = 0.0) -> MicroBatch:
+        """Micro-batch `rows` of `batch`, its inputs on the learner's device, ready for a forward."""
+        ids, att, n = self._inputs(batch, rows)
+        response = batch.response_mask[rows, :n]
+        micro_mask = mask[torch.as_tensor(rows), :n].to(self.device)
+        total_tokens = float(mask.sum())
+        token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
+        packed = None
+        if self._packs():
+            packed = PackedRows.build(
+                batch.input_ids[rows, :n], batch.attention_mask[rows, :n], response, self.device
+            )
+        return MicroBatch(
+            rows, weight, ids, att, n, micro_mask, token_share, first_logit_position(response), packed
+        )
 
     def _micro_batches(
-        self, batch: Any, mask: torch.Tensor, plan: list[tuple[slice, float]]
+        self, batch: Any, mask: torch.Tensor, plan: list[tuple[np.ndarray, float]]
     ) -> Iterator[MicroBatch]:
         """One epoch over `plan` (`_micro_batch_plan`), each micro-batch's inputs ready for a forward."""
-        total_tokens = float(mask.sum())
         for i, (rows, weight) in enumerate(plan):
             # One optimizer step per epoch whatever the number of micro-batches (the configured
             # gradient_accumulation_steps is only a hint): the boundary is the last micro-batch.
             self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
-            ids, att, n = self._inputs(batch, rows)
-            micro_mask = mask[rows, :n].to(self.device)
-            token_share = float(micro_mask.sum()) / total_tokens if total_tokens > 0 else 0.0
-            yield MicroBatch(rows, weight, ids, att, n, micro_mask, token_share)
+            yield self._micro_batch(batch, rows, mask, weight)
 
     def _forward(
         self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, start: int = 0
@@ -297,6 +438,44 @@ class PolicyLearner:
             return out.logits, start
         return model(input_ids=ids, attention_mask=att, use_cache=False).logits, 0
 
+    def _token_logprobs(
+        self, model: torch.nn.Module, mb: MicroBatch, *, with_entropy: bool, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy) [b, n] of micro-batch `mb` under `model`, aligned with mb.ids (column t:
+        the distribution that predicts token t). Padded rows: every column from mb.start + 1 on;
+        packed rows: the response columns only, 0 elsewhere. The entropy is a metric (0 unless
+        `with_entropy`), or differentiable with `entropy_grad` (the entropy bonus)."""
+        if mb.packed is None:
+            logits, start = self._forward(model, mb.ids, mb.att, mb.start)
+            logprobs, entropy = sampled_logprobs(
+                logits, mb.ids, self.temperature, start, with_entropy=with_entropy and not entropy_grad
+            )
+            if entropy_grad:
+                from rlloop.algos.losses import entropy_from_logits
+
+                entropy = torch.nn.functional.pad(
+                    entropy_from_logits(logits[:, :-1].float() / self.temperature), (start + 1, 0)
+                )
+            return logprobs, entropy
+        p = mb.packed
+        kwargs = {"input_ids": p.ids, "position_ids": p.position_ids, "use_cache": False}
+        if _keeps_logits(model):  # no attention mask: HF masks each packed row off the others
+            logits = model(**kwargs, logits_to_keep=p.keep).logits[0]
+        else:
+            logits = model(**kwargs).logits[0, p.keep]
+        logprobs, entropy = position_logprobs(
+            logits, p.targets, self.temperature, with_entropy=with_entropy and not entropy_grad
+        )
+        if entropy_grad:
+            from rlloop.algos.losses import entropy_from_logits
+
+            entropy = entropy_from_logits(logits[None].float() / self.temperature)[0]
+        shape = (len(mb.rows), mb.n)
+        return (
+            logprobs.new_zeros(shape).index_put((p.row, p.col), logprobs),
+            entropy.new_zeros(shape).index_put((p.row, p.col), entropy),
+        )
+
     def compute_logprobs(self, batch: Any, which: str = "policy") -> np.ndarray:
         """Per-token logprobs of `batch.input_ids` under the policy or the reference model.
 
@@ -307,13 +486,12 @@ class PolicyLearner:
         """
         model = self._model(which)
         out = np.zeros(batch.input_ids.shape, dtype=np.float32)
+        mask = torch.tensor(batch.response_mask, dtype=torch.float32)
         with torch.no_grad():
-            for rows in micro_slices(len(batch), self.micro_batch_size):
-                ids, att, num_cols = self._inputs(batch, rows)
-                start = first_logit_position(batch.response_mask[rows, :num_cols])
-                logits, start = self._forward(model, ids, att, start)
-                logprobs = token_logprobs(logits, ids, self.temperature, start).cpu().numpy()
-                out[rows, :num_cols] = logprobs * batch.response_mask[rows, :num_cols]
+            for rows in self._row_plan(batch):
+                mb = self._micro_batch(batch, rows, mask)
+                logprobs, _ = self._token_logprobs(model, mb, with_entropy=False)
+                out[rows, : mb.n] = logprobs.cpu().numpy() * batch.response_mask[rows, : mb.n]
         return out
 
     # ------------------------------------------------------------------ update
@@ -329,7 +507,7 @@ class PolicyLearner:
         from the policy loss), averaged over epochs.
         """
         from rlloop.algos.kl import kl_penalty
-        from rlloop.algos.losses import aggregate_loss, compute_policy_loss, entropy_from_logits
+        from rlloop.algos.losses import aggregate_loss, compute_policy_loss
 
         algo = self.algo_cfg
         ppo_epochs = int(algo["ppo_epochs"])
@@ -352,7 +530,7 @@ class PolicyLearner:
 
         mask, plan = self._micro_batch_plan(batch, loss_agg)
 
-        def arr(x: np.ndarray | None, rows: slice, n: int) -> torch.Tensor | None:
+        def arr(x: np.ndarray | None, rows: np.ndarray, n: int) -> torch.Tensor | None:
             return None if x is None else torch.tensor(x[rows, :n], dtype=torch.float32, device=self.device)
 
         sums: dict[str, float] = {}
@@ -362,12 +540,12 @@ class PolicyLearner:
 
         for _ in range(ppo_epochs):
             for mb in self._micro_batches(batch, mask, plan):
-                rows, weight, ids, att, n = mb.rows, mb.weight, mb.ids, mb.att, mb.n
+                rows, weight, n = mb.rows, mb.weight, mb.n
                 micro_mask, token_share = mb.mask, mb.token_share
-                start = first_logit_position(batch.response_mask[rows, :n])
-                logits, start = self._forward(self.engine, ids, att, start)
-                logprobs, ent_mat = sampled_logprobs(
-                    logits, ids, self.temperature, start, with_entropy=entropy_coef == 0.0
+                # Entropy of the sampling distribution at each position (column t predicts token t):
+                # a metric from the chunked pass, or, for the entropy bonus, differentiable.
+                logprobs, ent_mat = self._token_logprobs(
+                    self.engine, mb, with_entropy=entropy_coef == 0.0, entropy_grad=entropy_coef != 0.0
                 )
                 old = logprobs.detach() if fused_old else arr(batch.old_logprobs, rows, n)
                 if batch.rollout_logprobs is not None:
@@ -389,12 +567,7 @@ class PolicyLearner:
                     tis_cap=tis_cap,
                 )
                 loss = pg_loss
-                # Entropy of the sampling distribution at each position (column t predicts token t):
-                # a metric from the chunked pass above, or, for the entropy bonus, differentiable.
                 if entropy_coef != 0.0:
-                    ent_mat = torch.nn.functional.pad(
-                        entropy_from_logits(logits[:, :-1].float() / self.temperature), (start + 1, 0)
-                    )
                     loss = loss - entropy_coef * aggregate_loss(ent_mat, micro_mask, loss_agg)
                 if batch.ref_logprobs is not None:
                     with torch.set_grad_enabled(kl_in_loss):
