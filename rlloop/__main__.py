@@ -1,3 +1,3 @@
-from rlloop.train import main
+from rlloop.cli import main
 
 main()

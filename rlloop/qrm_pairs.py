@@ -205,7 +205,9 @@ def _main(cfg: Any) -> None:
 def main() -> None:
     import hydra
 
-    config_path = str(Path(__file__).resolve().parent.parent / "conf")
+    from rlloop.confdir import conf_dir
+
+    config_path = conf_dir()
     hydra.main(version_base=None, config_path=config_path, config_name="rlloop_qrm_pairs_schema")(_main)()
 
 

@@ -277,10 +277,11 @@ def main() -> None:
     """Hydra entry point (`python -m rlloop.sft`, `rlloop-sft`) over the project's conf/ tree."""
     import hydra
 
+    from rlloop.confdir import conf_dir
     from rlloop.config import register_configs
 
     register_configs()
-    config_path = str(Path(__file__).resolve().parent.parent / "conf")
+    config_path = conf_dir()
     hydra.main(version_base=None, config_path=config_path, config_name="config")(_main)()
 
 

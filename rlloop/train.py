@@ -22,12 +22,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from rlloop.confdir import conf_dir
 from rlloop.config import register_configs
 from rlloop.errors import ConfigError, RlloopError, exit_on_user_error
 
 logger = logging.getLogger("rlloop.train")
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = conf_dir()  # the checkout's conf/, or an installed wheel's copy of it
 
 register_configs()
 
@@ -220,7 +221,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
         attempt_cfg = _restart_cfg(cfg, out_dir)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 

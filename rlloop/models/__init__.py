@@ -99,8 +99,10 @@ def _pretrain_task_cfg(model_name: str, task_cfg: Any) -> Any:
     if task_cfg is not None and _get(task_cfg, "name") == name:
         t = task_cfg
     else:
-        preset = Path(__file__).resolve().parents[2] / "conf" / "task" / f"{name}.yaml"
-        t = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(preset) if preset.exists() else {})
+        from rlloop.confdir import conf_dir
+
+        preset = Path(conf_dir()) / "task" / f"{name}.yaml"
+        t = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(preset))
         t.name = name
     return OmegaConf.merge(t, {"num_test": max(int(_get(t, "num_test", SFT_HELD_OUT)), SFT_HELD_OUT)})
 

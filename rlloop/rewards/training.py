@@ -284,7 +284,9 @@ def entry_points(
     def main() -> None:
         import hydra
 
-        config_path = str(Path(__file__).resolve().parents[2] / "conf")
+        from rlloop.confdir import conf_dir
+
+        config_path = conf_dir()
         hydra.main(version_base=None, config_path=config_path, config_name=f"{name}_train")(_main)()
 
     return _main, main

@@ -20,6 +20,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from rlloop.confdir import conf_dir
 from rlloop.config import ModelConfig, RolloutConfig, TaskConfig, VerifierConfig
 from rlloop.errors import RlloopError, exit_on_user_error
 
@@ -166,7 +167,7 @@ def run(cfg: DictConfig) -> str:
     return cfg.out
 
 
-@hydra.main(version_base=None, config_path="../../conf", config_name="rollout_cli")
+@hydra.main(version_base=None, config_path=conf_dir(), config_name="rollout_cli")
 def _main(cfg: DictConfig) -> None:
     with exit_on_user_error(logger):
         print(run(cfg))

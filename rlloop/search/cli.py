@@ -481,5 +481,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config_path = str(Path(__file__).resolve().parents[2] / "conf")
+    from rlloop.confdir import conf_dir
+
+    config_path = conf_dir()
     hydra.main(version_base=None, config_path=config_path, config_name="search")(_main)()
