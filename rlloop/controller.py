@@ -68,6 +68,7 @@ class Trainer:
         from rlloop.data import build_datasets, render_prompt
         from rlloop.data.loader import fit_prompt_lengths, max_positions
         from rlloop.distributed.lifecycle import Actors
+        from rlloop.evaluation import load_eval_sets
         from rlloop.models import resolve_model
         from rlloop.validate import validate_config
 
@@ -98,8 +99,16 @@ class Trainer:
         )
         if not self.train_set:
             raise RlloopError(f"task {cfg.task.name!r}: every training prompt is too long for the model")
+        # the held-out split and eval.sets, fitted to the context like it (rlloop.evaluation: eval/<set>/...)
+        test = self.test_set if cfg.task.num_test <= 0 else self.test_set[: cfg.task.num_test]
+        self.eval_sets = {
+            name: fit_prompt_lengths(samples, self.tokenizer, cfg.task, max_new_tokens=cfg.rollout.max_new_tokens,
+                                     context=max_positions(self.model_path), split=name)
+            for name, samples in load_eval_sets(cfg, test, taken=self.train_set + self.test_set).items()
+        }  # fmt: skip
         # the verifier gets each prompt's row: verl's extra_info, TRL's columns and chat messages
         self._samples = {s.uid: s for s in self.test_set + self.train_set}
+        self._samples |= {s.uid: s for samples in self.eval_sets.values() for s in samples}
         critic_init = self._critic_init() if cfg.algo.advantage == "gae" else None
         self._render = render_prompt
         self._prompt_cache: dict[str, dict] = {}
@@ -127,7 +136,7 @@ class Trainer:
                 )
         self.pipeline = None  # rollouts generated ahead of the learner (trainer.async_mode)
         self.actors = Actors(
-            cfg, model_path=self.model_path, data_sources={s.data_source for s in self.train_set + self.test_set},
+            cfg, model_path=self.model_path, data_sources={s.data_source for s in self._samples.values()},
             use_ref=self.use_ref, critic_init=critic_init, resume_path=self.resume_path,
         )  # fmt: skip
         try:
@@ -645,30 +654,45 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation, logging, the run
     def evaluate(self) -> dict[str, float]:
-        """Greedy (or eval_temperature) accuracy on the held-out set with the current policy."""
+        """The current policy on every eval set (the held-out split as `test`, eval.sets): one greedy
+        (rollout.eval_temperature) answer per prompt and, with trainer.eval_samples = k > 0, k samples at
+        rollout.temperature, PRM-scored when a PRM runs -> eval/<set>/<data_source>/{accuracy, mean,
+        pass@k, maj@k, bon@k} (rlloop.evaluation). eval/accuracy, eval/accuracy_sampled, eval/pass_at_<k>:
+        the test set's."""
+        from rlloop.evaluation import evaluate_sets
+
         cfg = self.cfg
         self._quiesce()
         t0 = time.perf_counter()
-        samples = self.test_set if cfg.task.num_test <= 0 else self.test_set[: cfg.task.num_test]
-        rollouts = self.generate_all(samples, n=1, temperature=cfg.rollout.eval_temperature, seed=cfg.trainer.seed)
-        self.verify(rollouts)
-        out = {
-            "eval/accuracy": float(np.mean([ro.outcome["correct"] >= 1.0 for ro in rollouts])),
-            "eval/num_samples": float(len(rollouts)),
-            "eval/response_length": float(np.mean([len(ro.response_ids) for ro in rollouts])),
-        }
         k = cfg.trainer.eval_samples
+
+        def generate(samples: list[Sample], n: int, temperature: float) -> list[Rollout]:
+            rollouts = self.generate_all(samples, n=n, temperature=temperature, seed=cfg.trainer.seed)
+            self.verify(rollouts)
+            return rollouts
+
+        def score(rollouts: list[Rollout]) -> None:
+            texts = ([ro.prompt_text for ro in rollouts], [ro.text for ro in rollouts], [ro.step_char_ends for ro in rollouts])
+            for ro, res in zip(rollouts, self.prm_pool.score(*texts), strict=True):
+                ro.step_values = list(res["step_values"])
+
+        out, per_set = evaluate_sets(
+            self.eval_sets, generate, n=k, ks=cfg.eval.ks, greedy_temperature=cfg.rollout.eval_temperature,
+            temperature=cfg.rollout.temperature, score=score if self.prm_pool is not None else None,
+            bon_aggregation=cfg.eval.bon_aggregation,
+        )  # fmt: skip
+        test = per_set.get("test", [])
+        out |= {
+            "eval/accuracy": float(np.mean([r.greedy_correct for r in test])),
+            "eval/num_samples": float(len(test)),
+            "eval/response_length": float(np.mean([r.greedy_length for r in test])),
+        }
         if k > 0:
             # pass@1 of the sampling distribution RL trains, averaged over k samples per prompt: it moves
             # before the greedy answer flips, and k samples cut its variance k-fold
-            sampled = self.generate_all(samples, n=k, temperature=cfg.rollout.temperature, seed=cfg.trainer.seed)
-            self.verify(sampled)
-            out["eval/accuracy_sampled"] = float(np.mean([ro.outcome["correct"] >= 1.0 for ro in sampled]))
+            out["eval/accuracy_sampled"] = float(np.mean([c for r in test for c in r.correct]))
             # pass@k: the share of prompts with at least one right answer among their k samples
-            hit: dict[str, bool] = {}
-            for ro in sampled:
-                hit[ro.group] = hit.get(ro.group, False) or ro.outcome["correct"] >= 1.0
-            out[f"eval/pass_at_{k}"] = float(np.mean(list(hit.values())))
+            out[f"eval/pass_at_{k}"] = float(np.mean([max(r.correct) for r in test]))
         return out | {"time/eval": time.perf_counter() - t0}
 
     def memory_metrics(self) -> dict[str, float]:

@@ -89,6 +89,7 @@ def validate_config(cfg: Any) -> None:
     _check_sync_and_async(lr, t, a)
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = only before/after)")
     _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0 (0 = greedy eval only)")
+    check_eval(cfg)
     _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
     _require(
         r.n >= 2 or a.advantage not in GROUP_RELATIVE,
@@ -320,6 +321,29 @@ def _check_prm_service(p: Any) -> None:
         "choose cpu, cuda, cuda:N or auto",
     )
     _require(p.num_gpus is None or p.num_gpus >= 0, "reward.prm.num_gpus", p.num_gpus, "must be >= 0")
+    from rlloop.rewards.prm.adapters import ADAPTER_NAMES
+
+    _choose("reward.prm.adapter", p.adapter, ADAPTER_NAMES)
+    _require(
+        not p.online or p.adapter in ("auto", "rlloop"),
+        "reward.prm.adapter",
+        p.adapter,
+        "is a published PRM, scored frozen: reward.prm.online=true TD-trains rlloop's value head only",
+    )
+
+
+def check_eval(cfg: Any) -> None:
+    """eval.* (rlloop/evaluation.py): each k of pass@k/maj@k/bon@k in [1, trainer.eval_samples], the
+    Best-of-k aggregation, and set names that can stand in a metric name."""
+    from rlloop.search.aggregate import AGGREGATIONS
+
+    e, n = cfg.eval, cfg.trainer.eval_samples
+    bad = [k for k in e.ks if not 1 <= k <= n]
+    _require(not bad, "eval.ks", list(e.ks), f"{bad} not in [1, trainer.eval_samples={n}]")
+    _choose("eval.bon_aggregation", e.bon_aggregation, AGGREGATIONS)
+    for name in e.sets or {}:
+        _require("/" not in str(name) and str(name) != "test", "eval.sets", str(name),
+                 "a set name may not contain '/' or be 'test' (the task's held-out split)")  # fmt: skip
 
 
 def _check_placement(cfg: Any) -> None:

@@ -202,6 +202,9 @@ class Actors:
             step_delimiter=cfg.rollout.step_delimiter,
             step_regex=cfg.rollout.step_regex,
             max_length=p.max_length,
+            adapter=p.adapter,  # a published PRM (rlloop.rewards.prm.adapters) or rlloop's value head
+            adapter_options=to_dict(p.adapter_options),
+            trust_remote_code=p.trust_remote_code,
         )
         self.prm = self.prm_pool.actors[0]
         if p.online:
