@@ -17,6 +17,7 @@ Notation (DPO, arXiv 2305.18290; TGDPO, arXiv 2506.14574):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,11 @@ GUIDANCE_SOURCES = ("implicit_prm", "qrm", "prm")  # algo.dpo.guidance (tgdpo)
 def is_preference_loss(name: str) -> bool:
     """Whether algo.policy_loss names a pairwise loss (DPO family) rather than a policy-gradient one."""
     return name in PREFERENCE_LOSSES
+
+
+def guidance_source(algo: Any) -> str | None:
+    """The token-reward source TGDPO reads (algo.dpo.guidance) when algo.policy_loss=tgdpo, else None."""
+    return algo.dpo.guidance if algo.policy_loss == "tgdpo" else None
 
 
 @register_preference_loss("dpo")
@@ -128,11 +134,15 @@ def preference_loss(
     beta * sum_t l_t (unguided, as TRL's rewards/chosen)).
     """
     if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown preference loss algo.policy_loss={name!r}; known: {sorted(PREFERENCE_LOSSES)}")
+        raise ValueError(
+            f"unknown preference loss algo.policy_loss={name!r}; known: {sorted(PREFERENCE_LOSSES)}"
+        )
     logprobs = check_tensor("logprobs", logprobs, ndim=2, float_dtype=True)
     mask = check_mask("mask", mask, logprobs.shape, like="logprobs").to(logprobs.dtype)
     if logprobs.shape[0] % 2:
-        raise ValueError(f"preference_loss: rows must come in (chosen, rejected) pairs, got {logprobs.shape[0]} rows")
+        raise ValueError(
+            f"preference_loss: rows must come in (chosen, rejected) pairs, got {logprobs.shape[0]} rows"
+        )
     check_finite("ref_logprobs", ref_logprobs)
     logratio = (logprobs - ref_logprobs.detach()) * mask
     if guidance is not None:
@@ -226,7 +236,11 @@ def interleave_pairs(chosen: Tensor, rejected: Tensor) -> Tensor:
 
 
 def spread_step_rewards(
-    step_values: Tensor, step_mask: Tensor, step_positions: Tensor, prompt_value: Tensor, response_mask: Tensor
+    step_values: Tensor,
+    step_mask: Tensor,
+    step_positions: Tensor,
+    prompt_value: Tensor,
+    response_mask: Tensor,
 ) -> Tensor:
     """The TD-PRM's step rewards as token guidance [B, T]: every token of step k gets
     r^_k = V_k - V_{k-1} (V_{-1} = the prompt's value), the step's change in the PRM's success

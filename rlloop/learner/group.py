@@ -69,6 +69,12 @@ class LearnerActor(ActorCore):
         attr = getattr(self.learner, method)
         return attr(*args, **kwargs) if callable(attr) else attr
 
+    def train_pairs(self, batch: Batch, loss_scale: float) -> dict[str, float]:
+        """The update under a preference loss (algo.policy_loss=dpo|tgdpo), rlloop.learner.preference."""
+        from rlloop.learner.preference import preference_train_step
+
+        return preference_train_step(self.learner, batch, loss_scale)
+
     def gather_weight_bucket(self, index: int) -> tuple[int, Any]:
         """(number of arrays, the bucket's arrays) — called with num_returns=2, so the controller waits on
         the small first value and hands the second, still in the object store, to the rollout workers."""
@@ -354,6 +360,10 @@ class LearnerGroup:
     def submit_train_step(self, batch: Batch) -> tuple[list[ray.ObjectRef], list[float], list[float]]:
         """Start train_step on every rank without waiting (the critic's update runs while the policy's
         does); `gather_train_step` collects the metrics."""
+        from rlloop.algos.dpo import is_preference_loss
+
+        if is_preference_loss(self.algo_cfg["policy_loss"]):
+            return self._submit_pairs(batch)
         padded, n = pad_rows(batch, self.world_size)
         shards = shard_slices(len(padded), self.world_size)
         scales = rank_loss_scales(
@@ -364,6 +374,23 @@ class LearnerGroup:
             for actor, s, scale in zip(self.actors, shards, scales, strict=True)
         ]
         return refs, scales, [float(padded.response_mask[s].sum()) for s in shards]
+
+    def _submit_pairs(self, batch: Batch) -> tuple[list[ray.ObjectRef], list[float], list[float]]:
+        """submit_train_step for a batch of (chosen, rejected) row pairs: padded by whole pairs so that no
+        pair straddles two ranks, each rank's loss scaled by world_size x its share of the pairs (the mean
+        over ranks is then the mean over all pairs); metrics merge weighted by pairs."""
+        from rlloop.learner.preference import pair_counts
+
+        padded, _ = pad_rows(batch, 2 * self.world_size)
+        shards = shard_slices(len(padded), self.world_size)
+        counts = pair_counts(padded.response_mask, shards)
+        total = max(sum(counts), 1)
+        scales = [self.world_size * c / total for c in counts]
+        refs = [
+            actor.train_pairs.remote(padded.select(s), scale)
+            for actor, s, scale in zip(self.actors, shards, scales, strict=True)
+        ]
+        return refs, scales, [float(c) for c in counts]
 
     def gather_train_step(self, pending: tuple[list[ray.ObjectRef], list[float], list[float]]) -> dict[str, float]:
         refs, scales, tokens = pending
