@@ -4,7 +4,8 @@ Layout of `<out_dir>/checkpoints/step_000010/`:
   learner/   DeepSpeed checkpoint of every rank (weights, optimizer, ZeRO partitions)
   prm/       the online PRM's folder (when reward.prm.online)
   hf/        the policy's config and tokenizer files, so `python -m rlloop.export` needs nothing else
-  state.json controller state: step, policy version, data-loader position, model fingerprint, ...
+  state.json controller state: step, policy version, data-loader position, the model's identity
+             (architecture fingerprint, hub revision, weights digest: `model_identity`), ...
 A checkpoint is written into `.tmp-step_...` and renamed into place only when complete (state.json is
 written last), so a kill during writing leaves the previous checkpoint loadable. Resuming never unpickles
 arbitrary objects: DeepSpeed's files are read under `weights_only_torch_load`.
@@ -48,6 +49,59 @@ def model_fingerprint(model_path: str) -> str:
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
         config.pop(volatile, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Files of a model folder whose content decides what the model does besides config.json: the weights and
+# the tokenizer (a changed tokenizer maps the same text to other token ids).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_TOKENIZER_FILES = tuple(n for n in _HF_FILES if "config" not in n or n == "tokenizer_config.json") + (
+    "tokenizer.model",
+)
+_WHOLE_FILE_BYTES = 64 << 20  # weight files up to this size are hashed whole; larger ones are sampled:
+_SAMPLES = 16  # chunks, evenly spaced, the first and the last included
+_SAMPLE_BYTES = 1 << 20
+_HUB_SNAPSHOT = re.compile(r"/models--[^/]+/snapshots/([0-9a-f]{40})/?$")
+
+
+def weights_digest(model_path: str) -> str:
+    """Digest of a model folder's weight and tokenizer files: names, sizes and content.
+
+    Weight files up to 64 MiB are hashed whole, larger ones by 16 evenly spaced 1 MiB chunks (a
+    retrained or replaced model differs in every chunk; a 15 GB model is read in a fraction of a second).
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_path).iterdir()):
+        is_weights = path.suffix in _WEIGHT_SUFFIXES
+        if not path.is_file() or not (is_weights or path.name in _TOKENIZER_FILES):
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if not is_weights or size <= _WHOLE_FILE_BYTES:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+                continue
+            for i in range(_SAMPLES):
+                f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def hub_revision(model_path: str) -> str | None:
+    """The commit of a hub model resolved into the hub's cache (`.../models--org--name/snapshots/<sha>`)."""
+    m = _HUB_SNAPSHOT.search(str(model_path))
+    return m.group(1) if m else None
+
+
+def model_identity(model_path: str) -> dict[str, Any]:
+    """What a checkpoint records about the model its run started from (state.json keys), and what a
+    resume compares (load_state): the architecture (model_fingerprint), the hub commit when the model
+    came from the hub (model_revision), and the weights and tokenizer (model_weights)."""
+    return {
+        "model_fingerprint": model_fingerprint(model_path),
+        "model_revision": hub_revision(model_path),
+        "model_weights": weights_digest(model_path),
+    }
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -109,14 +163,32 @@ def find(resume: str, root: str | Path) -> Path | None:
     return path
 
 
-def load_state(path: Path, *, fingerprint: str, total_steps: int) -> dict[str, Any]:
-    """state.json of a checkpoint, checked against this run's model and step budget."""
+def load_state(path: Path, *, fingerprint: str | dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """state.json of a checkpoint, checked against this run's model and step budget.
+
+    `fingerprint` is this run's `model_identity(model_path)`, or only its `model_fingerprint`. A resume
+    is refused (RlloopError) when the architecture differs, or when the weights or tokenizer differ from
+    those the checkpoint's run started from (checkpoints written before weights were recorded are checked
+    by architecture only): the reference model, the rollout engine's tokenizer and the exported config
+    would no longer match the trained weights.
+    """
     with open(path / STATE_FILE) as f:
         state = json.load(f)
-    if state.get("model_fingerprint") != fingerprint:
+    ours = fingerprint if isinstance(fingerprint, dict) else {"model_fingerprint": fingerprint}
+    if state.get("model_fingerprint") != ours["model_fingerprint"]:
         raise RlloopError(
             f"checkpoint {path} is of another model (fingerprint {state.get('model_fingerprint')}, "
-            f"this run's model has {fingerprint}); point trainer.resume elsewhere or change model"
+            f"this run's model has {ours['model_fingerprint']}); point trainer.resume elsewhere or change model"
+        )
+    theirs_weights, our_weights = state.get("model_weights"), ours.get("model_weights")
+    if theirs_weights and our_weights and theirs_weights != our_weights:
+        then, now = state.get("model_revision"), ours.get("model_revision")
+        revisions = f", hub revision {then} then, {now} now" if then != now else ""
+        pin = f" (model.revision={then})" if then and then != now else ""
+        raise RlloopError(
+            f"checkpoint {path}: the model changed since its run started from {state.get('model_path')} "
+            f"(weights/tokenizer digest {theirs_weights} then, {our_weights} now{revisions}). Resume with the "
+            f"model the run started from{pin}, or start a new run (another output_dir, or no trainer.resume)"
         )
     if state["step"] >= total_steps:
         raise RlloopError(

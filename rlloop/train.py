@@ -94,42 +94,41 @@ def preflight(cfg: Any, run_dir: str | None = None) -> None:
             )
     if resume is not None:
         checkpoint.load_state(
-            resume, fingerprint=checkpoint.model_fingerprint(model_path), total_steps=cfg.trainer.total_steps
+            resume, fingerprint=checkpoint.model_identity(model_path), total_steps=cfg.trainer.total_steps
         )
 
 
 def _check_model_folder(path: str, key: str, *, tokenizer: bool = True) -> Any:
     """A local HF folder has a parseable config.json and weights; returns the tokenizer (when asked).
 
-    A hub name (`model.path=org/model`, vetted by resolve_model) is only checked by loading its tokenizer,
-    which the run needs anyway.
+    A policy given by hub name (`model.path=org/model`) arrives here as the local folder resolve_model
+    fetched it into.
     """
     from rlloop.models import ModelError
 
     p = Path(path).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{key}={path} is a folder without config.json (not an HF model folder)")
-        try:
-            json.loads((p / "config.json").read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ModelError(f"{key}={path}: config.json is not valid JSON ({err})") from None
-        weights = (
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-        )
-        if not any((p / w).is_file() for w in weights):
-            raise ModelError(f"{key}={path} has no weights (none of {', '.join(weights)})")
-    elif key != "model.path":
+    if not p.exists():
         raise ModelError(f"{key}={path} does not exist")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{key}={path} is a folder without config.json (not an HF model folder)")
+    try:
+        json.loads((p / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelError(f"{key}={path}: config.json is not valid JSON ({err})") from None
+    weights = (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    )
+    if not any((p / w).is_file() for w in weights):
+        raise ModelError(f"{key}={path} has no weights (none of {', '.join(weights)})")
     if not tokenizer:
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
+        return AutoTokenizer.from_pretrained(str(p))
     except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
         raise ModelError(f"{key}={path}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
 

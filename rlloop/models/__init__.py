@@ -234,16 +234,60 @@ def convert_smollm2(out_dir: str | Path, dtype: str = "float32") -> str:
     return str(out)
 
 
+# What a policy folder needs from a hub repository: config, tokenizer and safetensors weights (the .bin
+# weights only when a repository has no safetensors); not its ONNX, GGUF, Flax or TF copies.
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+_hub_resolved: dict[tuple[str, Any], str] = {}
+
+
+def download_hub_model(repo_id: str, revision: str | None = None, *, key: str = "model.path") -> str:
+    """The local folder of hub model `repo_id` at `revision` (a branch, tag or commit; None = main).
+
+    `huggingface_hub.snapshot_download` fetches it into the hub's cache (HF_HOME; HF_HUB_OFFLINE=1 uses
+    only what is cached there), and the folder's name is the commit it holds (checkpoint.hub_revision).
+    Resolved once per process: later calls get the same folder, so a branch that moves while the run
+    starts cannot give the run two different models. Every failure (no network, no such repository or
+    revision, a gated model without a token) is a ModelError naming `key`.
+    """
+    memo = (repo_id, revision)
+    if memo in _hub_resolved:
+        return _hub_resolved[memo]
+    from huggingface_hub import snapshot_download
+
+    at = f"@{revision}" if revision else ""
+    logger.info("%s=%s%s is not a local folder: fetching it from the hub (once; cached after)", key, repo_id, at)
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES))
+        if not any(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=[*HUB_FILES, "*.bin"])
+    except Exception as err:  # noqa: BLE001 - network, auth, a missing repository or revision: all the user's
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ModelError(
+            f"{key}={repo_id}{at} is not a local folder and the hub could not provide it "
+            f"({type(err).__name__}: {reason}). Where a hub is reachable, `huggingface-cli download {repo_id}` "
+            f"fills the cache (then HF_HUB_OFFLINE=1 uses it); or set {key} to a local model folder"
+        ) from None
+    if not (Path(folder) / "config.json").is_file():
+        raise ModelError(f"{key}={repo_id}{at}: the hub's copy at {folder} has no config.json (not an HF model)")
+    _hub_resolved[memo] = folder
+    return folder
+
+
 def resolve_model(model_cfg: Any, task_cfg: Any = None) -> str:
     """A local HF folder (model + tokenizer) for `model_cfg`, building built-ins on first use.
 
-    `model.path` wins when set (local folder, or a hub name such as `HuggingFaceTB/SmolLM2-135M`);
-    otherwise `model.name` picks: tiny | chain-small | arith-small | smollm2. Raises ModelError naming the key.
+    `model.path` wins when set (local folder, or a hub name such as `HuggingFaceTB/SmolLM2-135M`, fetched
+    once into the hub's cache at `model.revision` by `download_hub_model`); otherwise `model.name` picks: tiny | chain-small | arith-small | smollm2. Raises ModelError naming the key.
     """
     path = _get(model_cfg, "path")
     name = _get(model_cfg, "name")
     if path:
         p = Path(str(path)).expanduser()
+        if p.is_dir() and _get(model_cfg, "revision"):
+            raise ModelError(
+                f"model.revision={_get(model_cfg, 'revision')} is for hub names, but model.path={path} is a "
+                "local folder (drop model.revision)"
+            )
         if p.is_dir():
             if not (p / "config.json").exists():
                 raise ModelError(
@@ -253,8 +297,7 @@ def resolve_model(model_cfg: Any, task_cfg: Any = None) -> str:
         looks_local = str(path).startswith(("/", ".", "~")) or p.suffix or str(path).count("/") != 1
         if looks_local or not _HUB_NAME.match(str(path)):
             raise ModelError(f"model.path={path} does not exist (and is not a hub name like 'org/model')")
-        logger.info("model.path=%s is not a local folder; treating it as a hub name", path)
-        return str(path)
+        return download_hub_model(str(path), _get(model_cfg, "revision"))
     root = cache_dir(model_cfg)
     if name == "tiny":
         key = {"name": "tiny", "version": BUILD_VERSION, **arch_fields(model_cfg)}
@@ -279,5 +322,6 @@ __all__ = [
     "build_tokenizer",
     "cache_dir",
     "convert_smollm2",
+    "download_hub_model",
     "resolve_model",
 ]
