@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -50,6 +50,10 @@ class SearchPRMConfig:
     dtype: str = "float32"
     num_threads: int = 1
     num_cpus: float = 0.1  # Ray CPU resource of the PRM actor (fractional: never starves the workers)
+    # a published PRM (rlloop/rewards/prm/adapters.py): auto | rlloop | qwen_prm | math_shepherd | trl_token_cls
+    adapter: str = "auto"
+    adapter_options: Dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -128,6 +132,10 @@ def check_config(cfg: Any) -> None:
     from rlloop.rewards.verifiers import list_verifiers
 
     require(cfg.verifier in list_verifiers(), "verifier", f"choose from {list_verifiers()}")
+    from rlloop.rewards.prm.adapters import ADAPTER_NAMES
+
+    if cfg.prm.adapter not in ADAPTER_NAMES:
+        raise ConfigError(f"config prm.adapter={cfg.prm.adapter!r}: choose from {list(ADAPTER_NAMES)}")
     if cfg.prm.path and not Path(cfg.prm.path).is_dir():  # fail before any model loads
         raise ConfigError(
             f"prm.path={cfg.prm.path}: no such folder (train one with python -m rlloop.prm_train)"
@@ -284,6 +292,9 @@ def _prm_kwargs(cfg: Any) -> dict:
         "step_delimiter": cfg.step_delimiter,
         "step_regex": cfg.step_regex,
         "max_length": cfg.prm.max_length,
+        "adapter": cfg.prm.adapter,
+        "adapter_options": dict(cfg.prm.adapter_options),
+        "trust_remote_code": cfg.prm.trust_remote_code,
     }
 
 
