@@ -54,7 +54,6 @@ class TaskConfig:
 class ModelConfig:
     name: str = "arith-small"  # arith-small | smollm2 | tiny | hf
     path: Optional[str] = None  # HF folder or hub name; built-in models fill it on first use
-    revision: Optional[str] = None  # hub names only: branch, tag or commit (None = main); kept in checkpoints
     dtype: str = "float32"  # float32 | bfloat16
     # tiny / arith-small architecture (ignored for pretrained paths)
     hidden_size: int = 192
@@ -140,12 +139,6 @@ class PRMConfig:
     micro_batch_size: int = 16  # online TD update
     num_threads: int = 1
     max_length: Optional[int] = None  # PRM input tokens; longer trajectories lose prompt tokens on the left
-    # how the PRM folder reads steps (rlloop/rewards/prm/adapters.py): auto (from the folder's config.json)
-    # | rlloop (value head) | qwen_prm (Qwen2.5-Math-PRM) | math_shepherd | trl_token_cls (TRL PRMTrainer);
-    # a published PRM is scored frozen (online=false)
-    adapter: str = "auto"
-    adapter_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {separator: "<extra_0>"}
-    trust_remote_code: bool = False  # let a published PRM run its own modelling code (Qwen2.5-Math-PRM)
 
 
 @dataclass
@@ -212,6 +205,9 @@ class CriticConfig:
     world_size: int = 1
     micro_batch_size: Optional[int] = None  # None = learner.micro_batch_size
     num_threads: int = 1
+    # LoRA on the critic's backbone (its value head is trained whole): None = learner.lora.rank, 0 = off;
+    # alpha, target_modules and dropout are learner.lora's. Offload and deepspeed_overrides are learner.*'s.
+    lora_rank: Optional[int] = None
 
 
 OLD_LOGPROBS_MODES = ("auto", "recompute")  # algo.old_logprobs (read by the controller)
@@ -255,6 +251,21 @@ class AlgoConfig:
 
 
 @dataclass
+class LoraConfig:
+    """learner.lora: train a LoRA adapter (peft) instead of every weight; rank 0 = full fine-tuning.
+
+    The base weights stay frozen: the reference policy is the base with the adapter switched off (no second
+    model), weight sync sends only the adapter, and the optimizer holds only the adapter's state."""
+
+    rank: int = 0  # r of the low-rank update (0 = off)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    # module names to adapt (peft target_modules): "all-linear" (every linear layer but the output head) or
+    # a list of names, e.g. [q_proj, k_proj, v_proj, o_proj]
+    target_modules: Any = "all-linear"
+    dropout: float = 0.0  # on the adapter's input during the update only (old/ref logprobs see none)
+
+
+@dataclass
 class LearnerConfig:
     world_size: int = 2
     zero_stage: int = 2
@@ -284,6 +295,19 @@ class LearnerConfig:
     sync_bucket_mb: float = 256.0
     sync_timeout_s: float = 300.0
     sync_probe_every: int = 10  # steps between sync probes (rollout vs learner logprobs); 0 = off
+    # learning-rate schedule (transformers' get_scheduler), one step per optimizer step, saved in checkpoints:
+    # constant | linear (to 0) | cosine (to lr_min_ratio * lr), after lr_warmup_steps of linear warm-up
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_min_ratio: float = 0.0  # cosine only
+    lr_decay_steps: Optional[int] = None  # optimizer steps the schedule spans; None = total_steps x ppo_epochs
+    # ZeRO-Offload (docs/learner.md): Adam's state (and its fp32 master weights) in CPU memory, stepped there
+    # by DeepSpeedCPUAdam (ZeRO stage >= 1); offload_params also keeps the parameters there (ZeRO-3 only)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # merged last into the generated DeepSpeed config (nested dicts merge key by key); checked at start
+    deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -310,19 +334,6 @@ class TrainerConfig:
     max_staleness: int = 1  # policy versions; older samples are never trained on
     stale_policy: str = "drop"  # drop (their groups) | wait (regenerate them with the current weights)
     async_lookahead: int = 0  # bounded: batches generated ahead of the learner (0 = max_staleness)
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation (rlloop/evaluation.py): at trainer.eval_every and by `rlloop eval` on a model folder. The
-    task's held-out split is the set `test`; n = trainer.eval_samples samples per prompt feed the
-    eval/<set>/<data_source>/{mean, pass@k, maj@k, bon@k} metrics."""
-
-    # named eval sets: name -> jsonl/parquet path, list or glob (read like task.test_path)
-    sets: Dict[str, Any] = field(default_factory=dict)
-    ks: List[int] = field(default_factory=list)  # k of pass@k, maj@k, bon@k (each <= n); empty = 1 and n
-    bon_aggregation: str = "last"  # PRM Best-of-k: step values -> one score (last | min | mean | prod)
-    output: Optional[str] = None  # rlloop eval's report; None = <output_dir>/eval_report.json
 
 
 @dataclass
@@ -369,7 +380,6 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: Optional[str] = None  # default: the Hydra run dir

@@ -2,7 +2,9 @@
 
 CHECKPOINT is a `<run>/checkpoints/step_N` folder (or a run dir: its newest complete checkpoint).
 The DeepSpeed ZeRO-2/3 shards of every rank are merged into full fp32 weights, so the result loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)` on any machine.
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` on any machine. A LoRA run (learner.lora) exports its
+adapter as a peft folder (`PeftModel.from_pretrained(base, OUT_DIR)`); with `--merged`, the model with the
+adapter merged in, and the adapter in OUT_DIR/adapter.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from rlloop.errors import RlloopError, exit_on_user_error
 logger = logging.getLogger("rlloop.export")
 
 
-def export(ckpt: str | Path, out_dir: str | Path) -> Path:
+def export(ckpt: str | Path, out_dir: str | Path, *, merged: bool = False) -> Path:
+    """Write OUT_DIR from checkpoint `ckpt`; `merged` applies to LoRA runs only (see the module doc)."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -34,6 +37,10 @@ def export(ckpt: str | Path, out_dir: str | Path) -> Path:
         ckpt = found[-1]
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "learner"), tag="state")
     config = AutoConfig.from_pretrained(ckpt / "hf")
+    from rlloop.learner.lora import ADAPTER_CONFIG
+
+    if (ckpt / "learner" / ADAPTER_CONFIG).is_file():
+        return _export_lora(ckpt, state, config, Path(out_dir), merged)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -58,16 +65,50 @@ def export(ckpt: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def _export_lora(ckpt: Path, state: dict, config, out_dir: Path, merged: bool) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlloop.learner.lora import (
+        apply_lora,
+        lora_from_adapter_config,
+        merge_adapter,
+        model_from_state,
+        save_adapter,
+    )
+
+    lora = lora_from_adapter_config(str(ckpt / "learner"))
+    model = model_from_state(
+        lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+        lambda base: apply_lora(base, lora),
+        state,
+    )
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, str(tmp / "adapter" if merged else tmp))
+    if merged:
+        merge_adapter(model).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    logger.info("exported %s -> %s (%s)", ckpt, out_dir, "merged model + adapter/" if merged else "LoRA adapter")
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlloop.export", description=__doc__.splitlines()[0])
     parser.add_argument(
         "checkpoint", help="a checkpoints/step_N folder, or a run dir (its newest checkpoint)"
     )
     parser.add_argument("out_dir", help="where to write the HF folder")
+    parser.add_argument(
+        "--merged", action="store_true", help="LoRA runs: the model with the adapter merged in (+ adapter/)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_error(logger):
-        print(export(args.checkpoint, args.out_dir))
+        print(export(args.checkpoint, args.out_dir, merged=args.merged))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlloop.algos.dpo import guidance_source
 from rlloop.config import to_dict
 from rlloop.errors import RlloopError
 from rlloop.types import Rollout
@@ -124,6 +123,7 @@ class Actors:
         from rlloop.distributed.placement import place
         from rlloop.distributed.ray_setup import init_ray
         from rlloop.learner.group import LearnerGroup
+        from rlloop.learner.optim import learner_settings
         from rlloop.rewards.verifiers.pool import VerifierPool
         from rlloop.rollout.worker import RolloutWorker
 
@@ -153,6 +153,8 @@ class Actors:
                 **({"device": "cuda"} if r.engine == "hf" and self.placement.num_gpus("rollout") else {}),
                 # rollout.vllm.* (tensor_parallel_size, sleep mode, stop strings, ...) for the vLLM engine
                 **(to_dict(r.vllm) if r.engine == "vllm" else {}),
+                # learner.lora: the engine carries the same adapter, and weight sync sends only it
+                **({"lora": to_dict(cfg.learner.lora)} if cfg.learner.lora.rank > 0 else {}),
             )
             for i in range(r.num_workers)
         ]
@@ -160,7 +162,7 @@ class Actors:
         self._start_token_sources(resume_path)
         self.learner = LearnerGroup(
             self.model_path,
-            to_dict(cfg.learner),
+            learner_settings(cfg),
             {**to_dict(cfg.algo), "use_ref": use_ref},
             temperature=r.temperature,
             train_batch_size=r.prompts_per_step * r.n,
@@ -181,7 +183,7 @@ class Actors:
         """The PRM replicas (reward.prm), replica 0 TD-trained online when reward.prm.online."""
         cfg = self.cfg
         p = cfg.reward.prm
-        if not (p.enabled or guidance_source(cfg.algo) == "prm") or p.oracle:
+        if not p.enabled or p.oracle:
             return
         from rlloop.rewards.prm.pool import PRMPool
 
@@ -203,9 +205,6 @@ class Actors:
             step_delimiter=cfg.rollout.step_delimiter,
             step_regex=cfg.rollout.step_regex,
             max_length=p.max_length,
-            adapter=p.adapter,  # a published PRM (rlloop.rewards.prm.adapters) or rlloop's value head
-            adapter_options=to_dict(p.adapter_options),
-            trust_remote_code=p.trust_remote_code,
         )
         self.prm = self.prm_pool.actors[0]
         if p.online:
@@ -217,8 +216,7 @@ class Actors:
         """Q-RM (frozen) and PRIME's implicit PRM (online): the per-token reward sources of
         reward.fusion=token|prime, one actor each (validate_config has checked which may be on)."""
         cfg = self.cfg
-        guidance = guidance_source(cfg.algo)  # algo=tgdpo starts its guidance source itself
-        if cfg.reward.qrm.enabled or guidance == "qrm":
+        if cfg.reward.qrm.enabled:
             from rlloop.rewards.qrm.service import QRMService
 
             q = cfg.reward.qrm
@@ -231,7 +229,7 @@ class Actors:
                 # no trained Q-RM: the policy's backbone with a seeded head (the same after a restart)
                 fresh_head_seed=None if q.path else cfg.trainer.seed,
             )
-        if cfg.reward.implicit_prm.enabled or guidance == "implicit_prm":
+        if cfg.reward.implicit_prm.enabled:
             from rlloop.rewards.implicit_prm import ImplicitPRMService
 
             ip = cfg.reward.implicit_prm
@@ -256,15 +254,17 @@ class Actors:
         initialised from algo.critic.init (the policy, the PRM, the Q-RM or a folder); on resume its
         DeepSpeed checkpoint replaces these weights (`restore`)."""
         from rlloop.learner.group import LearnerGroup
+        from rlloop.learner.optim import learner_settings
 
         cfg = self.cfg
         c, init = cfg.algo.critic, self.critic_init
-        learner_cfg = to_dict(cfg.learner) | {
+        learner_cfg = learner_settings(cfg) | {
             "world_size": c.world_size,
             "lr": c.lr,
             "micro_batch_size": c.micro_batch_size or cfg.learner.micro_batch_size,
             "num_threads": c.num_threads,
             "master_port": 0,  # a free port of its own (learner.master_port belongs to the policy group)
+            "lora": to_dict(cfg.learner.lora) | ({} if c.lora_rank is None else {"rank": c.lora_rank}),
         }
         algo_cfg = to_dict(cfg.algo)
         algo_cfg["critic"] |= {"init_path": init.path, "init_kind": init.kind, "output": init.output}

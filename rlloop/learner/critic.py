@@ -151,6 +151,20 @@ class CriticLearner(PolicyLearner):
         init = CriticInit(critic.get("init_path") or model_path, critic.get("init_kind", "lm"), self.output)
         return load_value_model(init)
 
+    def _with_adapter(self, model: torch.nn.Module) -> torch.nn.Module:
+        """LoRA on the backbone only: the value head (new, or a PRM's) is trained whole."""
+        from rlloop.learner.lora import apply_lora
+
+        model.backbone = apply_lora(model.backbone, self.lora, causal_lm=False)
+        return model
+
+    def _empty_model(self) -> torch.nn.Module:
+        from transformers import AutoModel
+
+        from rlloop.rewards.prm.model import ValueHeadModel
+
+        return ValueHeadModel(AutoModel.from_config(self.hf_config, dtype=torch.float32))
+
     def _values(self, model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         """[B, T] values aligned with `ids` (entry t = V before token t; entry 0 = 0), float32."""
         out = model(input_ids=ids, attention_mask=att)
@@ -224,6 +238,11 @@ class CriticLearner(PolicyLearner):
         state = self.full_state_dict()
         if self.rank == 0:
             assert state is not None
+            if self.lora is not None:  # a PRM folder holds plain weights: the adapter merged in
+                from rlloop.learner.lora import merge_adapter
+
+                merged = merge_adapter(self.lora_model(state)).state_dict()
+                state = {k: v.detach().numpy() for k, v in merged.items()}
             from transformers import AutoModel
 
             path = os.path.abspath(path)

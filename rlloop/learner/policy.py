@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from rlloop.algos.logprobs import position_logprobs, sampled_logprobs, used_length
+from rlloop.learner.lora import adapter_dropout, adapter_off
+from rlloop.learner.optim import build_ds_config
 
 logger = logging.getLogger(__name__)
 
@@ -176,37 +178,10 @@ class MicroBatch:
     packed: PackedRows | None = None
 
 
-def build_ds_config(
-    *,
-    zero_stage: int,
-    micro_batch_size: int,
-    grad_accum: int,
-    grad_clip: float,
-    bf16: bool,
-    zero3_param_persistence_threshold: int | None = None,
-) -> dict[str, Any]:
-    """DeepSpeed config for a passed-in torch optimizer (so no fused_adam JIT on CPU)."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"learner.zero_stage must be 0..3, got {zero_stage}")
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage == 3 and zero3_param_persistence_threshold is not None:
-        # DeepSpeed keeps parameters below this size whole on every rank; tests set 0 so that a tiny
-        # model is really partitioned.
-        zero["stage3_param_persistence_threshold"] = int(zero3_param_persistence_threshold)
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bool(bf16)},
-        "gradient_clipping": float(grad_clip),
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
 class PolicyLearner:
-    """One DeepSpeed rank holding the policy (and, if `algo_cfg["use_ref"]`, a frozen reference copy).
+    """One DeepSpeed rank holding the policy (and, if `algo_cfg["use_ref"]`, a frozen reference copy; with
+    `learner.lora` the policy is the frozen base plus an adapter, and the reference is that base with the
+    adapter switched off, no copy).
 
     learner_cfg / algo_cfg are plain dicts of `rlloop.config.LearnerConfig` / `AlgoConfig`. Extra,
     optional learner_cfg keys: `zero3_param_persistence_threshold` (int).
@@ -295,7 +270,10 @@ class PolicyLearner:
             gc_layers = enable_gradient_checkpointing(model)
         self.hf_config = model.config
         self.ref_model: torch.nn.Module | None = None
-        if self.algo_cfg["use_ref"]:
+        self.lora = self._lora_settings()
+        if self.lora is not None:
+            model = self._with_adapter(model)
+        elif self.algo_cfg["use_ref"]:
             # Frozen copy of the initial weights, taken before ZeRO-3 partitions the parameters.
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
 
@@ -308,14 +286,38 @@ class PolicyLearner:
             grad_clip=float(self.learner_cfg["grad_clip"] or 0.0),
             bf16=bool(self.learner_cfg["bf16"]),
             zero3_param_persistence_threshold=self.learner_cfg.get("zero3_param_persistence_threshold"),
+            offload_optimizer=bool(self.learner_cfg["offload_optimizer"]),
+            offload_params=bool(self.learner_cfg["offload_params"]),
+            overrides=self.learner_cfg["deepspeed_overrides"],
         )
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
+        # only what trains has optimizer state (with LoRA: the adapter, and a critic's value head)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        adam = dict(
             lr=float(self.learner_cfg["lr"]),
             weight_decay=float(self.learner_cfg["weight_decay"]),
             betas=tuple(float(b) for b in self.learner_cfg["betas"]),
         )
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if self.learner_cfg["offload_optimizer"]:
+            # ZeRO-Offload steps Adam on the CPU; DeepSpeed's vectorised CPU Adam (JIT-built once, ~40 s)
+            # is the optimizer it is made for (it refuses a torch optimizer there by default)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adam)
+        else:
+            optimizer = torch.optim.AdamW(trainable, **adam)
+        from rlloop.learner.optim import build_scheduler
+
+        decay_steps = self.learner_cfg["lr_decay_steps"]
+        if decay_steps is None and self.learner_cfg["lr_scheduler"] != "constant":
+            raise ValueError(
+                f"learner.lr_scheduler={self.learner_cfg['lr_scheduler']!r} needs learner.lr_decay_steps "
+                "(the controller sets it to trainer.total_steps x algo.ppo_epochs)"
+            )
+        decay_steps = int(decay_steps or 1)
+        scheduler = build_scheduler(optimizer, self.learner_cfg, decay_steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         # Dropout off in every forward, so logprobs of the update match the old/ref logprobs at ratio 1.
         self.engine.eval()
         if gc_layers:
@@ -328,7 +330,7 @@ class PolicyLearner:
         }
         logger.info(
             "learner rank %d/%d ready: ZeRO-%d, micro batch %d, grad accum %d, bf16 %s, "
-            "gradient checkpointing %s, phases %s",
+            "gradient checkpointing %s, offload %s, LoRA %s, LR %s over %d steps, phases %s",
             rank,
             world_size,
             self.zero_stage,
@@ -336,8 +338,37 @@ class PolicyLearner:
             grad_accum,
             ds_config["bf16"]["enabled"],
             f"{gc_layers} layers" if gc_layers else "off",
+            sorted(k for k in ds_config["zero_optimization"] if k.startswith("offload")) or "off",
+            f"rank {self.lora['rank']}, {sum(p.numel() for p in trainable)} trainable" if self.lora else "off",
+            self.learner_cfg["lr_scheduler"],
+            decay_steps,
             self.init_timings,
         )
+
+    def _lora_settings(self) -> dict | None:
+        """learner.lora when it asks for an adapter, else None."""
+        from rlloop.learner.lora import lora_enabled
+
+        return dict(self.learner_cfg["lora"]) if lora_enabled(self.learner_cfg["lora"]) else None
+
+    def _with_adapter(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` with a fresh LoRA adapter (peft); the critic puts it on its backbone instead."""
+        from rlloop.learner.lora import apply_lora
+
+        return apply_lora(model, self.lora)
+
+    def _empty_model(self) -> torch.nn.Module:
+        """The trained module's architecture, built under the meta device by `lora_model`."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+
+    def lora_model(self, state: dict[str, np.ndarray]) -> torch.nn.Module:
+        """LoRA: a CPU copy of the model and adapter holding `state` (full_state_dict's names), for
+        `save_adapter` and `merge_adapter` (which merges in place: the arrays of `state` change too)."""
+        from rlloop.learner.lora import model_from_state
+
+        return model_from_state(self._empty_model, self._with_adapter, state)
 
     def _load_model(self, model_path: str) -> torch.nn.Module:
         """The trained module, in float32 (CriticLearner loads a value model instead)."""
@@ -356,6 +387,8 @@ class PolicyLearner:
         if which == "policy":
             return self.engine
         if which == "ref":
+            if self.lora is not None:
+                return self.engine  # compute_logprobs switches the adapter off (lora.adapter_off)
             if self.ref_model is None:
                 raise ValueError("compute_logprobs(which='ref') needs algo_cfg['use_ref'] = True")
             return self.ref_model
@@ -487,7 +520,7 @@ class PolicyLearner:
         model = self._model(which)
         out = np.zeros(batch.input_ids.shape, dtype=np.float32)
         mask = torch.tensor(batch.response_mask, dtype=torch.float32)
-        with torch.no_grad():
+        with torch.no_grad(), adapter_off(self.engine, self.lora, which == "ref"):
             for rows in self._row_plan(batch):
                 mb = self._micro_batch(batch, rows, mask)
                 logprobs, _ = self._token_logprobs(model, mb, with_entropy=False)
@@ -538,15 +571,17 @@ class PolicyLearner:
         def add(key: str, value: float) -> None:
             sums[key] = sums.get(key, 0.0) + value / ppo_epochs
 
+        lr = float(self.engine.get_lr()[0])  # the rate this update's first optimizer step uses
         for _ in range(ppo_epochs):
             for mb in self._micro_batches(batch, mask, plan):
                 rows, weight, n = mb.rows, mb.weight, mb.n
                 micro_mask, token_share = mb.mask, mb.token_share
                 # Entropy of the sampling distribution at each position (column t predicts token t):
                 # a metric from the chunked pass, or, for the entropy bonus, differentiable.
-                logprobs, ent_mat = self._token_logprobs(
-                    self.engine, mb, with_entropy=entropy_coef == 0.0, entropy_grad=entropy_coef != 0.0
-                )
+                with adapter_dropout(self.engine, self.lora):
+                    logprobs, ent_mat = self._token_logprobs(
+                        self.engine, mb, with_entropy=entropy_coef == 0.0, entropy_grad=entropy_coef != 0.0
+                    )
                 old = logprobs.detach() if fused_old else arr(batch.old_logprobs, rows, n)
                 if batch.rollout_logprobs is not None:
                     # learner vs rollout engine on the sampled tokens (the controller's
@@ -591,7 +626,7 @@ class PolicyLearner:
             grad_norm = optimizer_step(self.engine)
             self._version += 1
             add("actor/grad_norm", grad_norm)
-        sums["actor/lr"] = float(self.engine.get_lr()[0])
+        sums["actor/lr"] = lr
         return sums
 
     # ------------------------------------------------------------------ weights out
@@ -640,6 +675,8 @@ class PolicyLearner:
         entries: list[dict[str, Any]] = []
         by_id: dict[int, dict[str, Any]] = {}
         for name, param in module.named_parameters(remove_duplicate=False):
+            if self.lora is not None and not param.requires_grad:
+                continue  # LoRA: the workers hold the frozen base already; only the adapter moves
             if id(param) in by_id:
                 by_id[id(param)]["names"].append(name)
                 continue
@@ -648,7 +685,7 @@ class PolicyLearner:
             by_id[id(param)] = {"names": [name], "param": param, "bytes": 4 * numel}
             entries.append(by_id[id(param)])
         named = {n for e in entries for n in e["names"]}
-        for key, value in module.state_dict().items():
+        for key, value in ({} if self.lora is not None else module.state_dict()).items():
             if key not in named:
                 entries.append({"names": [key], "param": None, "bytes": value.element_size() * value.numel()})
         buckets = plan_buckets([e["bytes"] for e in entries], int(bucket_bytes))
@@ -705,7 +742,17 @@ class PolicyLearner:
         state = self.full_state_dict()
         if self.rank == 0:
             assert state is not None
+            adapter_tmp = None
+            if self.lora is not None:  # the merged model, and the adapter beside it in <path>/adapter
+                from rlloop.learner.lora import merge_adapter, save_adapter
+
+                model = self.lora_model(state)
+                adapter_tmp = f"{os.path.abspath(path)}.adapter-{os.getpid()}"
+                save_adapter(model, adapter_tmp)
+                state = {k: v.detach().numpy() for k, v in merge_adapter(model).state_dict().items()}
             _write_hf_folder(self.hf_config, state, path, tokenizer_path)
+            if adapter_tmp is not None:
+                os.rename(adapter_tmp, os.path.join(path, "adapter"))
         if dist.is_initialized() and self.world_size > 1:
             dist.barrier()
 
@@ -714,6 +761,10 @@ class PolicyLearner:
         every rank calls it. The caller makes it atomic (write into a temp dir, rename when all ranks
         are done)."""
         self.engine.save_checkpoint(path, tag="state", client_state={"version": self._version})
+        if self.lora is not None and self.rank == 0:  # `python -m rlloop.export` rebuilds the adapter from it
+            from rlloop.learner.lora import save_adapter_config
+
+            save_adapter_config(self.engine, path)
 
     def load_checkpoint(self, path: str) -> int:
         """Restore weights, optimizer and version from `save_checkpoint`'s folder; returns the version."""
@@ -782,6 +833,8 @@ def _keeps_logits(model: torch.nn.Module) -> bool:
     import inspect
 
     inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):  # peft passes the keyword through to the HF model
+        inner = inner.get_base_model()
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 

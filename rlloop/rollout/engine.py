@@ -130,7 +130,10 @@ class HFEngine(RolloutEngine):
         device: str = "cpu",
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        lora: dict | None = None,
     ):
+        """lora: learner.lora; the model then carries the learner's (peft) adapter, fresh at start (the
+        base's function), and `update_weights` takes the adapter's tensors alone."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -142,6 +145,10 @@ class HFEngine(RolloutEngine):
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+        if lora is not None:
+            from rlloop.learner.lora import apply_lora
+
+            self.model = apply_lora(self.model, lora).to(self.device).eval()
         self.max_batch_size = max_batch_size
         self.eos_token_ids = self._eos_ids(eos_token_id)
         if not self.eos_token_ids:
