@@ -54,6 +54,7 @@ class TaskConfig:
 class ModelConfig:
     name: str = "arith-small"  # arith-small | smollm2 | tiny | hf
     path: Optional[str] = None  # HF folder or hub name; built-in models fill it on first use
+    revision: Optional[str] = None  # hub names only: branch, tag or commit (None = main); kept in checkpoints
     dtype: str = "float32"  # float32 | bfloat16
     # tiny / arith-small architecture (ignored for pretrained paths)
     hidden_size: int = 192
@@ -139,6 +140,12 @@ class PRMConfig:
     micro_batch_size: int = 16  # online TD update
     num_threads: int = 1
     max_length: Optional[int] = None  # PRM input tokens; longer trajectories lose prompt tokens on the left
+    # how the PRM folder reads steps (rlloop/rewards/prm/adapters.py): auto (from the folder's config.json)
+    # | rlloop (value head) | qwen_prm (Qwen2.5-Math-PRM) | math_shepherd | trl_token_cls (TRL PRMTrainer);
+    # a published PRM is scored frozen (online=false)
+    adapter: str = "auto"
+    adapter_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {separator: "<extra_0>"}
+    trust_remote_code: bool = False  # let a published PRM run its own modelling code (Qwen2.5-Math-PRM)
 
 
 @dataclass
@@ -337,6 +344,19 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation (rlloop/evaluation.py): at trainer.eval_every and by `rlloop eval` on a model folder. The
+    task's held-out split is the set `test`; n = trainer.eval_samples samples per prompt feed the
+    eval/<set>/<data_source>/{mean, pass@k, maj@k, bon@k} metrics."""
+
+    # named eval sets: name -> jsonl/parquet path, list or glob (read like task.test_path)
+    sets: Dict[str, Any] = field(default_factory=dict)
+    ks: List[int] = field(default_factory=list)  # k of pass@k, maj@k, bon@k (each <= n); empty = 1 and n
+    bon_aggregation: str = "last"  # PRM Best-of-k: step values -> one score (last | min | mean | prod)
+    output: Optional[str] = None  # rlloop eval's report; None = <output_dir>/eval_report.json
+
+
+@dataclass
 class RoleResources:
     """Ray resources of ONE actor of a role (a learner rank, a rollout worker, a PRM replica)."""
 
@@ -380,6 +400,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: Optional[str] = None  # default: the Hydra run dir

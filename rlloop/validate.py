@@ -69,6 +69,7 @@ def validate_config(cfg: Any) -> None:
 
     check_keys(cfg, Config)
     from rlloop.algos.advantages import ADVANTAGES, GROUP_RELATIVE
+    from rlloop.algos.dpo import PREFERENCE_LOSSES
     from rlloop.algos.fusion import FUSIONS, PRM_TRANSFORMS, STEP_NORMS, STEP_PROCESSES
     from rlloop.algos.kl import KL_ESTIMATORS
     from rlloop.algos.losses import LOSS_AGG_MODES, POLICY_LOSSES
@@ -89,6 +90,7 @@ def validate_config(cfg: Any) -> None:
     _check_sync_and_async(lr, t, a)
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = only before/after)")
     _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0 (0 = greedy eval only)")
+    check_eval(cfg)
     _require(r.n >= 1, "rollout.n", r.n, "must be >= 1 sample per prompt")
     _require(
         r.n >= 2 or a.advantage not in GROUP_RELATIVE,
@@ -121,11 +123,13 @@ def validate_config(cfg: Any) -> None:
     # LR schedule, offload, DeepSpeed overrides, LoRA
     check_learner(lr, a.critic.lora_rank if a.advantage == "gae" else None, r.engine)
     _choose("algo.advantage", a.advantage, ADVANTAGES)
-    _choose("algo.policy_loss", a.policy_loss, POLICY_LOSSES)
+    _choose("algo.policy_loss", a.policy_loss, {**POLICY_LOSSES, **PREFERENCE_LOSSES})
     _choose("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
     _choose("algo.loss_agg", a.loss_agg, LOSS_AGG_MODES)
     if a.advantage == "gae":
         _check_critic(a, rw)
+    if a.policy_loss in PREFERENCE_LOSSES:
+        _check_preference(cfg)
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
     _require(a.ppo_epochs >= 1, "algo.ppo_epochs", a.ppo_epochs, "must be >= 1")
     _choose("algo.old_logprobs", a.old_logprobs, OLD_LOGPROBS_MODES)
@@ -206,6 +210,74 @@ def _check_kl(a: Any, rw: Any) -> None:
         f"reward.fusion={rw.fusion} computes its advantages without token rewards, so a KL penalty in the "
         f"reward has nowhere to go; put the KL in the loss (algo.kl_in_reward=false) or use fusion {estimators}",
     )
+
+
+def _check_preference(cfg: Any) -> None:
+    """algo.policy_loss=dpo|tgdpo (rlloop.algos.dpo): the pairs, the loss and TGDPO's guidance source."""
+    import os
+
+    from rlloop.algos.dpo import GUIDANCE_SOURCES, PAIR_RULES
+
+    a, rw, d = cfg.algo, cfg.reward, cfg.algo.dpo
+    _require(d.beta > 0, "algo.dpo.beta", d.beta, "must be > 0 (DPO: 0.1)")
+    _choose("algo.dpo.pair_rule", d.pair_rule, PAIR_RULES)
+    _require(d.max_pairs_per_group >= 1, "algo.dpo.max_pairs_per_group", d.max_pairs_per_group, "must be >= 1")
+    _require(d.min_gap >= 0, "algo.dpo.min_gap", d.min_gap, "must be >= 0")
+    _require(
+        a.advantage != "gae", "algo.advantage", a.advantage, f"{a.policy_loss} trains on pairs, without a critic"
+    )
+    _require(
+        a.kl_coef == 0,
+        "algo.kl_coef",
+        a.kl_coef,
+        f"must be 0 with {a.policy_loss}: its KL to the reference is algo.dpo.beta, inside the loss",
+    )
+    _require(
+        d.pairs_path is None or os.path.isfile(d.pairs_path),
+        "algo.dpo.pairs_path",
+        d.pairs_path,
+        "is not a file (pairs jsonl/parquet: prompt, chosen, rejected; `python -m rlloop.qrm_pairs` writes one)",
+    )
+    _require(
+        d.pairs_path is None or cfg.trainer.async_mode == "off",
+        "trainer.async_mode",
+        cfg.trainer.async_mode,
+        "must be off with algo.dpo.pairs_path (offline pairs: nothing is generated ahead)",
+    )
+    _require(
+        cfg.rollout.n >= 2 or d.pairs_path is not None,
+        "rollout.n",
+        cfg.rollout.n,
+        f"{a.policy_loss} pairs answers to the same prompt: it needs >= 2 samples per prompt",
+    )
+    if a.policy_loss != "tgdpo":
+        return
+    _choose("algo.dpo.guidance", d.guidance, GUIDANCE_SOURCES)
+    _require(d.alpha >= 0, "algo.dpo.alpha", d.alpha, "must be >= 0 (TGDPO's release: 0.5)")
+    others = {"implicit_prm": rw.implicit_prm.enabled, "qrm": rw.qrm.enabled}
+    on = [name for name, enabled in others.items() if enabled and name != d.guidance]
+    _require(
+        not on,
+        f"reward.{on[0]}.enabled" if on else "reward",
+        True,
+        f"tgdpo reads one token-reward source, algo.dpo.guidance={d.guidance}; turn reward.{on[0] if on else ''}"
+        ".enabled off",
+    )
+    _require(
+        d.guidance != "prm" or d.pairs_path is None,
+        "algo.dpo.guidance",
+        d.guidance,
+        "needs online pairs (the TD-PRM scores rollouts' steps); offline, use implicit_prm or qrm",
+    )
+    if d.guidance == "qrm" and rw.qrm.path:
+        from rlloop.rewards.qrm.model import has_qrm_head
+
+        _require(
+            os.path.isdir(rw.qrm.path) and has_qrm_head(rw.qrm.path),
+            "reward.qrm.path",
+            rw.qrm.path,
+            "is not a Q-RM folder (no token head); train one with `python -m rlloop.qrm_train`",
+        )
 
 
 def _check_critic(a: Any, rw: Any) -> None:
@@ -324,6 +396,29 @@ def _check_prm_service(p: Any) -> None:
         "choose cpu, cuda, cuda:N or auto",
     )
     _require(p.num_gpus is None or p.num_gpus >= 0, "reward.prm.num_gpus", p.num_gpus, "must be >= 0")
+    from rlloop.rewards.prm.adapters import ADAPTER_NAMES
+
+    _choose("reward.prm.adapter", p.adapter, ADAPTER_NAMES)
+    _require(
+        not p.online or p.adapter in ("auto", "rlloop"),
+        "reward.prm.adapter",
+        p.adapter,
+        "is a published PRM, scored frozen: reward.prm.online=true TD-trains rlloop's value head only",
+    )
+
+
+def check_eval(cfg: Any) -> None:
+    """eval.* (rlloop/evaluation.py): each k of pass@k/maj@k/bon@k in [1, trainer.eval_samples], the
+    Best-of-k aggregation, and set names that can stand in a metric name."""
+    from rlloop.search.aggregate import AGGREGATIONS
+
+    e, n = cfg.eval, cfg.trainer.eval_samples
+    bad = [k for k in e.ks if not 1 <= k <= n]
+    _require(not bad, "eval.ks", list(e.ks), f"{bad} not in [1, trainer.eval_samples={n}]")
+    _choose("eval.bon_aggregation", e.bon_aggregation, AGGREGATIONS)
+    for name in e.sets or {}:
+        _require("/" not in str(name) and str(name) != "test", "eval.sets", str(name),
+                 "a set name may not contain '/' or be 'test' (the task's held-out split)")  # fmt: skip
 
 
 def _check_placement(cfg: Any) -> None:

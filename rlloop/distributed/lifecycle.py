@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rlloop.algos.dpo import guidance_source
 from rlloop.config import to_dict
 from rlloop.errors import RlloopError
 from rlloop.types import Rollout
@@ -183,7 +184,7 @@ class Actors:
         """The PRM replicas (reward.prm), replica 0 TD-trained online when reward.prm.online."""
         cfg = self.cfg
         p = cfg.reward.prm
-        if not p.enabled or p.oracle:
+        if not (p.enabled or guidance_source(cfg.algo) == "prm") or p.oracle:
             return
         from rlloop.rewards.prm.pool import PRMPool
 
@@ -205,6 +206,9 @@ class Actors:
             step_delimiter=cfg.rollout.step_delimiter,
             step_regex=cfg.rollout.step_regex,
             max_length=p.max_length,
+            adapter=p.adapter,  # a published PRM (rlloop.rewards.prm.adapters) or rlloop's value head
+            adapter_options=to_dict(p.adapter_options),
+            trust_remote_code=p.trust_remote_code,
         )
         self.prm = self.prm_pool.actors[0]
         if p.online:
@@ -216,7 +220,8 @@ class Actors:
         """Q-RM (frozen) and PRIME's implicit PRM (online): the per-token reward sources of
         reward.fusion=token|prime, one actor each (validate_config has checked which may be on)."""
         cfg = self.cfg
-        if cfg.reward.qrm.enabled:
+        guidance = guidance_source(cfg.algo)  # algo=tgdpo starts its guidance source itself
+        if cfg.reward.qrm.enabled or guidance == "qrm":
             from rlloop.rewards.qrm.service import QRMService
 
             q = cfg.reward.qrm
@@ -229,7 +234,7 @@ class Actors:
                 # no trained Q-RM: the policy's backbone with a seeded head (the same after a restart)
                 fresh_head_seed=None if q.path else cfg.trainer.seed,
             )
-        if cfg.reward.implicit_prm.enabled:
+        if cfg.reward.implicit_prm.enabled or guidance == "implicit_prm":
             from rlloop.rewards.implicit_prm import ImplicitPRMService
 
             ip = cfg.reward.implicit_prm
