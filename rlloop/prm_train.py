@@ -1,8 +1,9 @@
 """`python -m rlloop.prm_train`: train a TD-PRM (or the ScalarPRM baseline) offline, with DeepSpeed ZeRO.
 
 Data (`data.format`): `transitions` (TDRM's released schema, jsonl/parquet), `trajectories` (jsonl of
-question, steps, correct) or `rollouts` (jsonl of rlloop rollouts with `correct`); see
-`rlloop.rewards.prm.data`. The PRM starts from `model.path` (a PRM folder is continued, a plain causal LM
+question, steps, correct), `rollouts` (jsonl of rlloop rollouts with `correct`) or `trl_stepwise` (TRL's
+stepwise supervision: prompt, completions, labels; jsonl/parquet, e.g. a TRL PRM data set saved with
+`to_parquet`); see `rlloop.rewards.prm.data`. The PRM starts from `model.path` (a PRM folder is continued, a plain causal LM
 gets a fresh value head; `prm_init=prm` insists on a value head) or a built-in `model=tiny|...`.
 
     python -m rlloop.prm_train data.format=trajectories data.train_path=train.jsonl \\
@@ -31,7 +32,7 @@ logger = logging.getLogger("rlloop.prm_train")
 
 @dataclass
 class PRMDataConfig:
-    format: str = "trajectories"  # transitions | trajectories | rollouts
+    format: str = "trajectories"  # transitions | trajectories | rollouts | trl_stepwise
     train_path: str = MISSING
     eval_path: Optional[str] = None
     eval_fraction: float = 0.0  # without eval_path: hold out this share of train (by prompt group)
@@ -75,9 +76,11 @@ register_configs()
 
 
 def _check(cfg: Any) -> None:
+    from rlloop.rewards.prm.data import LOADERS
+
     fmt = cfg.data.format
-    if fmt not in ("transitions", "trajectories", "rollouts"):
-        raise ConfigError(f"data.format={fmt!r}: use transitions | trajectories | rollouts")
+    if fmt not in LOADERS:
+        raise ConfigError(f"data.format={fmt!r}: use {' | '.join(LOADERS)}")
     if cfg.td not in ("td0", "nstep", "td_lambda", "mc", "labels"):
         raise ConfigError(f"td={cfg.td!r}: use td0 | nstep | td_lambda | mc | labels")
     if fmt == "transitions" and cfg.td not in ("td0", "nstep"):

@@ -12,8 +12,12 @@ file, the 1-based row (the line number for jsonl) and the field in the message.
   `step_labels: [float]` (per-step hard/MC labels for the ScalarPRM baseline).
 - rollouts (jsonl written by rlloop: the fields of `rlloop.types.Rollout` plus `correct`; without
   `correct`, the mean of the `outcome` dict is used).
+- trl_stepwise (TRL's stepwise-supervision format, what PRMTrainer reads; jsonl or parquet): `prompt`
+  (text, or chat messages whose contents are joined by blank lines), `completions` (the steps, a list
+  of strings) and `labels` (one bool or 0/1 per step). The labels become `step_labels` (td=labels trains
+  on them) and the outcome is 1 when every step is labelled right (what td0/mc/... learn from).
 
-Trajectories and rollouts both load to the same example dict:
+Trajectories, rollouts and TRL rows all load to the same example dict:
 `{"prompt_text", "response_text", "step_char_ends", "outcome", "step_labels" (or None)}`.
 """
 
@@ -231,15 +235,68 @@ def load_rollouts(
     return out
 
 
+def _trl_prompt(p: Path, row: int, obj: dict) -> str:
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return STEP_JOIN.join(str(m["content"]) for m in prompt)
+    if isinstance(prompt, list):
+        raise DataError(f"{_where(p, row, 'prompt')}: a list but not of {{'role', 'content'}} messages")
+    prompt = _string(p, row, obj, "prompt")
+    if not prompt.strip():
+        raise DataError(f"{_where(p, row, 'prompt')}: empty")
+    return prompt
+
+
+def load_trl_stepwise(path: str | Path) -> list[dict]:
+    """TRL stepwise-supervision rows (`prompt`, `completions`, `labels`) -> example dicts; the prompt is
+    followed by a blank line, the steps joined by blank lines (rlloop's default step delimiter)."""
+    p, rows = read_rows(path)
+    out = []
+    for row, raw in rows:
+        obj = _object(p, row, raw)
+        prompt = _trl_prompt(p, row, obj)
+        steps = obj.get("completions")
+        if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+            raise DataError(f"{_where(p, row, 'completions')}: expected a list of strings (the steps)")
+        if not steps:
+            raise DataError(f"{_where(p, row, 'completions')}: trajectory has zero steps")
+        empty = [k for k, s in enumerate(steps) if not s.strip()]
+        if empty:
+            raise DataError(f"{_where(p, row, 'completions')}: step {empty[0]} is empty")
+        labels = obj.get("labels")
+        if not isinstance(labels, list) or len(labels) != len(steps):
+            raise DataError(
+                f"{_where(p, row, 'labels')}: expected a list of {len(steps)} labels, one per step"
+            )
+        labels = [_number(p, row, {"labels": x}, "labels", lo=0, hi=1) for x in labels]
+        if any(x not in (0.0, 1.0) for x in labels):
+            raise DataError(f"{_where(p, row, 'labels')}: expected bools or 0/1, got {obj['labels']!r}")
+        outcome = float(all(x == 1.0 for x in labels))
+        out.append(steps_to_example(prompt + STEP_JOIN, [s.strip() for s in steps], outcome, labels))
+    return out
+
+
+LOADERS = {
+    "trajectories": load_trajectories,
+    "rollouts": load_rollouts,
+    "transitions": load_transitions,
+    "trl_stepwise": load_trl_stepwise,
+}
+
+
 def load_examples(fmt: str, path: str | Path, **kwargs: Any) -> list[dict]:
-    """`load_trajectories` / `load_rollouts` by format name (transitions have their own shape)."""
-    if fmt == "trajectories":
-        return load_trajectories(path)
-    if fmt == "rollouts":
-        return load_rollouts(path, **kwargs)
-    if fmt == "transitions":
-        return load_transitions(path)
-    raise DataError(f"data.format={fmt!r} is not known; use transitions | trajectories | rollouts")
+    """The loader of `fmt` (`LOADERS`; only rollouts take kwargs; transitions have their own shape)."""
+    if fmt not in LOADERS:
+        raise DataError(f"data.format={fmt!r} is not known; use {' | '.join(LOADERS)}")
+    return LOADERS[fmt](path, **kwargs)
 
 
-__all__ = ["load_examples", "load_rollouts", "load_trajectories", "load_transitions", "steps_to_example"]
+__all__ = [
+    "LOADERS",
+    "load_examples",
+    "load_rollouts",
+    "load_trajectories",
+    "load_transitions",
+    "load_trl_stepwise",
+    "steps_to_example",
+]
