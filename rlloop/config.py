@@ -380,6 +380,10 @@ class ClusterConfig:
     prm: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.1))  # per replica
     critic: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.1))  # per rank (gae)
     ready_timeout_s: float = 300.0  # placement groups not placed by then fail, naming the role
+    # how weight buckets reach the rollout workers and PRM replicas (rlloop.distributed.transport):
+    # auto (cuda_ipc on one GPU node, shm on one node, else collective) | object_store | shm | collective
+    # (gloo on CPU, NCCL on GPU) | cuda_ipc; the choice is logged at start
+    weight_transport: str = "auto"
 
 
 @dataclass

@@ -424,8 +424,10 @@ def check_eval(cfg: Any) -> None:
 def _check_placement(cfg: Any) -> None:
     """cluster.*: placement mode, strategy, per-role resources, colocated GPU shares (no Ray needed)."""
     from rlloop.distributed.placement import plan_placement, prm_num_gpus
+    from rlloop.distributed.transport import TRANSPORTS
 
     plan_placement(cfg)
+    _choose("cluster.weight_transport", cfg.cluster.weight_transport, TRANSPORTS)
     gpus, key = prm_num_gpus(cfg)
     _require(
         not str(cfg.reward.prm.device).startswith("cuda") or gpus > 0,

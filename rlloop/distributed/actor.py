@@ -1,4 +1,5 @@
-"""What every rlloop Ray role shares: a lazily built actor class, `ping`, `peak_rss_gb`, weight loading.
+"""What every rlloop Ray role shares: a lazily built actor class, `ping`, `peak_rss_gb`, weight loading,
+and its end of the weight transports (`weight_endpoint`, `weight_join`: rlloop.distributed.transport).
 
 Each role is a plain class, testable without Ray (`RolloutWorkerCore`, `PRMScorer`, ...); its module
 exposes the Ray actor under another name, built on first access so that importing the module never
@@ -33,6 +34,45 @@ class ActorCore:
 
         return peak_rss_gb()
 
+    # ----- weight transport endpoint (rlloop.distributed.transport): every role may send or receive buckets
+
+    @property
+    def weight_endpoint(self) -> Any:
+        if getattr(self, "_weight_endpoint", None) is None:
+            from rlloop.distributed.transport import Endpoint
+
+            self._weight_endpoint = Endpoint()
+        return self._weight_endpoint
+
+    def weight_node_ip(self) -> str:
+        """This actor's node address as Ray registered it (the collective group's store host)."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node["NodeID"] == node_id:
+                return node["NodeManagerAddress"]
+        return ray.util.get_node_ip_address()
+
+    def weight_node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def weight_free_port(self) -> int:
+        from rlloop.distributed.transport import free_port
+
+        return free_port()
+
+    def weight_join(self, spec: Any, rank: int) -> int:
+        """Join a collective weight group (`rlloop.distributed.transport.CollectiveGroup.form`)."""
+        return self.weight_endpoint.join(spec, rank)
+
+    def weight_close(self) -> None:
+        """Delete the /dev/shm files this actor wrote as a sender (called before the actor is killed)."""
+        if getattr(self, "_weight_endpoint", None) is not None:
+            self._weight_endpoint.close()
+
 
 class ModelActorCore(ActorCore):
     """A role around one torch module `self.model` whose weights carry a version `self.version`."""
@@ -46,10 +86,17 @@ class ModelActorCore(ActorCore):
 
         return {k: v.detach().to(torch.float32).cpu().numpy() for k, v in self.model.state_dict().items()}
 
-    def load_state_numpy(self, named_arrays: dict[str, np.ndarray], version: int | None = None) -> int:
-        """Load (a subset of) `state_dict_numpy()` names; returns the new version (`version`, or +1)."""
+    def export_weights(self, transport: str, version: int) -> Any:
+        """`state_dict_numpy()` as a payload of `transport` for the other replicas (the PRM's online
+        broadcast: one bucket, version `version`)."""
+        return self.weight_endpoint.send(transport, self.state_dict_numpy(), version, 0)
+
+    def load_state_numpy(self, named_arrays: Any, version: int | None = None) -> int:
+        """Load (a subset of) `state_dict_numpy()` names — the arrays or a transport's payload of them;
+        returns the new version (`version`, or +1)."""
         import torch
 
+        named_arrays = self.weight_endpoint.receive(named_arrays)
         who = f"{type(self).__name__}.load_state_numpy"
         state = self.model.state_dict()
         unknown = [k for k in named_arrays if k not in state]

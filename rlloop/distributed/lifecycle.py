@@ -99,7 +99,9 @@ class Actors:
         self.workers: list[Any] = []
         self.prm_pool = self.prm = self.qrm = self.implicit_prm = None
         self.policy_version = 0
-        self.weights_refs: list | None = None  # the current policy's buckets (for restarted workers)
+        self.last_sync = None  # the current policy's sync (restores a restarted worker)
+        self.weight_transport = "object_store"  # cluster.weight_transport as resolved at start
+        self.weight_group = None  # the collective weight group (weight_transport=collective)
         self.pending_sync = None  # a sync whose worker loads are not yet confirmed (async mode)
         self.implicit_prm_weights_ref = None  # its latest π_φ (for a restarted implicit PRM)
         try:
@@ -175,10 +177,38 @@ class Actors:
         self.get([w.__ray_ready__.remote() for w in self.workers], "rollout workers start-up")
         if self.prm_pool is not None:
             self.get([a.__ray_ready__.remote() for a in self.prm_pool.actors], "PRM service start-up")
+        self._start_weight_transport()
         for name, actor in (("Q-RM service", self.qrm), ("implicit PRM", self.implicit_prm)):
             if actor is not None:
                 self.get(actor.__ray_ready__.remote(), f"{name} start-up")
         logger.info("actors up in %.1f s (ray %s)", time.perf_counter() - t0, ray.__version__)
+
+    def _start_weight_transport(self) -> None:
+        """cluster.weight_transport resolved for the policy (learner rank 0 -> rollout workers) and the
+        online PRM (replica 0 -> the others); the collective groups formed; the choice logged."""
+        from rlloop.distributed.transport import CollectiveGroup, resolve_transport
+
+        cfg = self.cfg
+        name, gpus = cfg.cluster.weight_transport, bool(self.placement.num_gpus("rollout"))
+        leader = self.learner.actors[0]
+        sender, *receivers = self.get(
+            [leader.weight_node_id.remote()] + [w.weight_node_id.remote() for w in self.workers], "node ids"
+        )
+        self.weight_transport = resolve_transport(name, sender_node=sender, receiver_nodes=receivers, gpus=gpus)
+        if self.weight_transport == "collective":
+            self.weight_group = CollectiveGroup("nccl" if gpus else "gloo", cfg.learner.sync_timeout_s)
+            self.weight_group.form(leader, self.workers)
+        logger.info(
+            "weight transport: %s (cluster.weight_transport=%s), learner rank 0 -> %d rollout worker(s)",
+            self.weight_transport, name, len(self.workers),
+        )  # fmt: skip
+        if self.prm_pool is not None and len(self.prm_pool.actors) > 1 and cfg.reward.prm.online:
+            first, *others = self.get([a.weight_node_id.remote() for a in self.prm_pool.actors], "PRM node ids")
+            prm_gpus = bool(self.placement.num_gpus("prm"))
+            self.prm_pool.set_transport(
+                resolve_transport(name, sender_node=first, receiver_nodes=others, gpus=prm_gpus),
+                CollectiveGroup("nccl" if prm_gpus else "gloo", cfg.learner.sync_timeout_s),
+            )
 
     def _start_prm(self, resume_path: Path | None) -> None:
         """The PRM replicas (reward.prm), replica 0 TD-trained online when reward.prm.online."""
@@ -315,13 +345,16 @@ class Actors:
         )  # fmt: skip
 
     def _restore_worker(self, i: int) -> None:
-        """Load the current policy version into a restarted rollout worker."""
+        """Load the current policy version into a restarted rollout worker (the last sync's payloads, or
+        rank 0's copy of them for `collective`, whose group the new process joins at the next sync)."""
         from rlloop.distributed.weight_sync import send_buckets
 
-        if self.weights_refs is None:
+        if self.weight_group is not None:
+            self.weight_group.stale = True
+        if self.last_sync is None:
             return  # still at the initial weights, which the restarted process loaded itself
         version = self.get(
-            send_buckets(self.workers[i], self.weights_refs, self.policy_version),
+            send_buckets(self.workers[i], self.last_sync.restore_refs(self.learner), self.policy_version),
             f"rollout worker {i} weight buckets after restart",
         )[-1]
         if version != self.policy_version:
@@ -360,17 +393,21 @@ class Actors:
         """Push the learner's weights to every rollout worker as policy `version` (default: the next one),
         bucketed (learner.sync_bucket_mb) and versioned (rlloop.distributed.weight_sync). wait=False
         returns once every bucket is queued; `finish_sync` then confirms the workers' loads (async mode:
-        a worker busy generating the next batch loads after it). Returns sync/buckets, sync/mb."""
+        a worker busy generating the next batch loads after it; with the collective transport the
+        learner's send waits for it). Returns sync/buckets, sync/mb."""
         from rlloop.distributed.weight_sync import push_weights
 
         self.finish_sync()
         lc = self.cfg.learner
         version = self.policy_version + 1 if version is None else int(version)
+        if self.weight_group is not None and self.weight_group.stale:  # a worker restarted: a new generation
+            self.weight_group.form(self.learner.actors[0], self.workers)
         result = push_weights(
-            self.learner, self.workers, version, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s
-        )
+            self.learner, self.workers, version, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s,
+            transport=self.weight_transport, group=self.weight_group,
+        )  # fmt: skip
         # a worker restarted from here on is restored to this version (_restore_worker)
-        self.policy_version, self.weights_refs = version, result.bucket_refs
+        self.policy_version, self.last_sync = version, result
         self.pending_sync = result
         if wait:
             self.finish_sync()
@@ -499,6 +536,11 @@ class Actors:
                     closer.shutdown()
                 except Exception:  # noqa: BLE001 - best effort at exit
                     logger.exception("shutdown failed")
+        if self.prm_pool is not None and self.prm_pool.transport == "shm":
+            try:  # the trainer replica's /dev/shm weight files
+                ray.get(self.prm_pool.actors[0].weight_close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                logger.warning("PRM replica 0 did not delete its /dev/shm weight files")
         extra = [*(self.prm_pool.actors if self.prm_pool else []), self.qrm, self.implicit_prm]
         for actor in [*self.workers, *extra]:
             if actor is not None:

@@ -6,20 +6,26 @@ One sync of policy version v:
    tensors, in `named_parameters` order; a tensor bigger than a bucket is a bucket of its own).
    `plan_buckets` is the packing; every rank computes the same plan.
 2. Bucket by bucket, the ranks gather that bucket's parameters (under ZeRO-3 one collective per bucket,
-   so no rank ever holds more than one bucket of full parameters beyond its shard) and rank 0 returns
-   them as numpy arrays. The return value is stored once in the Ray object store; the same ObjectRef
-   goes to every rollout worker, which reads it zero-copy (numpy arrays are deserialized in place).
-3. Each worker gets one call per bucket, `load_weight_bucket(v, index, num_buckets, arrays)`, and
-   stages it in a `BucketStager`; only when all `num_buckets` buckets of v are there does it load them
-   into its engine and switch its `policy_version` to v. A partial version is never served: a worker
-   generates with the last complete version, whatever interleaves with the bucket calls.
+   so no rank ever holds more than one bucket of full parameters beyond its shard) and rank 0 hands the
+   numpy arrays to the run's `WeightTransport` (rlloop.distributed.transport, cluster.weight_transport):
+   the Ray object store (stored once, read zero-copy by every worker on the node), a /dev/shm file
+   (written once, memory-mapped by every worker), a torch.distributed broadcast to every worker (gloo on
+   CPU, NCCL on GPU) or CUDA IPC handles. What reaches each worker's call is the transport's payload.
+3. Each worker gets one call per bucket, `load_weight_bucket(v, index, num_buckets, payload)`, turns the
+   payload back into arrays and stages them in a `BucketStager`; only when all `num_buckets` buckets of
+   v are there does it load them into its engine and switch its `policy_version` to v. A partial version
+   is never served: a worker generates with the last complete version, whatever interleaves with the
+   bucket calls.
 4. Every learner gather and every worker call is waited on with `learner.sync_timeout_s`; a call that
    does not answer raises `WeightSyncError` naming the worker (or learner rank), the bucket and the
    version.
 
-Transport: this is the CPU path (Ray object store, numpy). GPU transports — NCCL broadcast from learner
-rank 0 to rollout workers on their own GPUs, CUDA IPC handles when colocated — are future work and not
-implemented; on GPU the same object-store path runs (weights cross host memory).
+The transports only move a bucket's arrays, whichever the learner sends (every weight, or a LoRA
+adapter's). With `collective` the workers' calls are queued first and wait in the group's broadcast;
+rank 0's send returns once every worker has the bucket, so a worker busy generating delays the sync
+(the object store and shm let the learner go on). A restarted worker is restored from the last sync's
+payloads (object store, shm, CUDA IPC) or from rank 0's copy of the last buckets (collective), and the
+collective group is formed again, as a new generation, before the next sync.
 """
 
 from __future__ import annotations
@@ -115,16 +121,26 @@ class BucketStager:
 
 @dataclass
 class SyncResult:
-    """What one sync moved: the buckets' refs (kept for restarted workers) and its size and time."""
+    """What one sync moved: the buckets' payload refs (kept for restarted workers; for `collective`
+    tickets, useless for a restore: see `restore_refs`), their size and time, and the transport."""
 
     version: int
     bucket_refs: list[Any]
     bucket_bytes: list[int]
-    gather_s: float  # learner side: gathering and storing every bucket
+    gather_s: float  # learner side: gathering and sending every bucket
     pending: list[list[Any]]  # per worker: its load_weight_bucket refs, in bucket order
+    transport: str = "object_store"
 
     def metrics(self) -> dict[str, float]:
         return {"sync/buckets": float(len(self.bucket_refs)), "sync/mb": sum(self.bucket_bytes) / MB}
+
+    def restore_refs(self, learner: Any) -> list[Any]:
+        """Payload refs that bring a restarted worker to this version: the sync's own, or for
+        `collective` (whose tickets name a group the new process is not in) rank 0's copy of the buckets
+        through the object store."""
+        if self.transport == "collective":
+            return learner.cached_weight_buckets(len(self.bucket_refs))
+        return self.bucket_refs
 
 
 def send_buckets(worker: Any, bucket_refs: list[Any], version: int) -> list[Any]:
@@ -134,24 +150,43 @@ def send_buckets(worker: Any, bucket_refs: list[Any], version: int) -> list[Any]
 
 
 def push_weights(
-    learner: Any, workers: list[Any], version: int, *, bucket_mb: float, timeout_s: float
+    learner: Any,
+    workers: list[Any],
+    version: int,
+    *,
+    bucket_mb: float,
+    timeout_s: float,
+    transport: str = "object_store",
+    group: Any = None,
 ) -> SyncResult:
-    """Gather the learner's weights bucket by bucket and queue each bucket on every worker.
+    """Gather the learner's weights bucket by bucket and send each bucket to every worker by `transport`
+    (`group`: the formed `rlloop.distributed.transport.CollectiveGroup` for `collective`).
 
-    Returns at once after the last bucket is queued (the workers load in the background); `wait_loaded`
-    checks their answers. Bucket b+1 is gathered while the workers receive bucket b.
+    Returns after the last bucket is sent (object store, shm: queued; the workers load in the
+    background); `wait_loaded` checks their answers. Bucket b+1 is gathered while the workers receive b.
     """
+    from rlloop.distributed.transport import CollectiveTicket
+
     t0 = time.perf_counter()
     plan = learner.weight_bucket_plan(bucket_mb, timeout_s=timeout_s)
     refs, sizes = [], []
     pending: list[list[Any]] = [[] for _ in workers]
     for b, nbytes in enumerate(plan):
-        ref = learner.gather_weight_bucket(b, len(plan), timeout_s=timeout_s)
-        refs.append(ref)
         sizes.append(int(nbytes))
+        if transport == "collective":
+            if group is None or group.stale:
+                raise WeightSyncError(f"weight sync to version {version}: the collective group is not formed")
+            # the workers wait in the broadcast; rank 0's send returns when all of them have the bucket
+            ticket = CollectiveTicket(group.generation)
+            for i, worker in enumerate(workers):
+                pending[i].append(worker.load_weight_bucket.remote(version, b, len(plan), ticket))
+            refs.append(learner.send_weight_bucket(b, len(plan), version, transport, timeout_s=timeout_s))
+            continue
+        ref = learner.send_weight_bucket(b, len(plan), version, transport, timeout_s=timeout_s)
+        refs.append(ref)
         for i, worker in enumerate(workers):
             pending[i].append(worker.load_weight_bucket.remote(version, b, len(plan), ref))
-    return SyncResult(version, refs, sizes, time.perf_counter() - t0, pending)
+    return SyncResult(version, refs, sizes, time.perf_counter() - t0, pending, transport)
 
 
 def wait_loaded(result: SyncResult, *, timeout_s: float, on_dead: Any = None) -> list[int]:

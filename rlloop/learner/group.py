@@ -75,11 +75,26 @@ class LearnerActor(ActorCore):
 
         return preference_train_step(self.learner, batch, loss_scale)
 
-    def gather_weight_bucket(self, index: int) -> tuple[int, Any]:
-        """(number of arrays, the bucket's arrays) — called with num_returns=2, so the controller waits on
-        the small first value and hands the second, still in the object store, to the rollout workers."""
+    def send_weight_bucket(self, index: int, version: int, transport: str) -> tuple[int, Any]:
+        """(number of arrays, the bucket's payload for `transport`; rlloop.distributed.transport) — called
+        with num_returns=2, so the controller waits on the small first value and hands the second, still
+        in the object store, to the rollout workers. Every rank gathers; rank 0 sends. For `collective`
+        rank 0 keeps the bucket's arrays (`cached_weight_bucket`) to restore a restarted worker."""
         arrays = self.learner.gather_weight_bucket(index)
-        return (0 if arrays is None else len(arrays)), arrays
+        if arrays is None:
+            return 0, None
+        if transport == "collective":
+            if getattr(self, "_cached_version", None) != version:
+                self._cached_version, self._cached_buckets = version, {}
+            self._cached_buckets[index] = arrays
+        return len(arrays), self.weight_endpoint.send(transport, arrays, version, index)
+
+    def cached_weight_bucket(self, index: int) -> Any:
+        """Bucket `index` of the last collective sync, as arrays (restoring a restarted worker)."""
+        buckets = getattr(self, "_cached_buckets", {})
+        if index not in buckets:
+            raise KeyError(f"cached_weight_bucket({index}): rank 0 holds buckets {sorted(buckets)} of the last sync")
+        return buckets[index]
 
 
 def pad_rows(batch: Batch, multiple: int) -> tuple[Batch, int]:
@@ -430,18 +445,30 @@ class LearnerGroup:
         self, index: int, num_buckets: int, timeout_s: float | None = None
     ) -> ray.ObjectRef:
         """ObjectRef of bucket `index`'s full arrays (rank 0's return value, stored once in the object
-        store, shared by every rollout worker). Under ZeRO-3 every rank takes part in the gather; below,
-        rank 0 holds full parameters and answers alone. Waits for the gather with `timeout_s`."""
+        store, shared by every rollout worker): `send_weight_bucket` by the object store."""
+        return self.send_weight_bucket(index, num_buckets, self.version, "object_store", timeout_s)
+
+    def send_weight_bucket(
+        self, index: int, num_buckets: int, version: int, transport: str, timeout_s: float | None = None
+    ) -> ray.ObjectRef:
+        """ObjectRef of bucket `index`'s payload for `transport` (rlloop.distributed.transport): rank 0's
+        return value. Under ZeRO-3 every rank takes part in the gather; below, rank 0 holds full
+        parameters and answers alone. Waits for the gather (and, `collective`, the broadcast) with
+        `timeout_s`."""
         ranks = getattr(self, "_bucket_ranks", None)
         if ranks is None:
-            raise LearnerError("gather_weight_bucket: call weight_bucket_plan first")
-        pairs = [a.gather_weight_bucket.options(num_returns=2).remote(index) for a in ranks]
+            raise LearnerError("send_weight_bucket: call weight_bucket_plan first")
+        pairs = [a.send_weight_bucket.options(num_returns=2).remote(index, version, transport) for a in ranks]
         self._gather(
             [count for count, _ in pairs],
-            f"gather_weight_bucket {index + 1}/{num_buckets}",
+            f"send_weight_bucket {index + 1}/{num_buckets} ({transport})",
             timeout_s=timeout_s,
         )
         return pairs[0][1]
+
+    def cached_weight_buckets(self, num_buckets: int) -> list[ray.ObjectRef]:
+        """Refs of rank 0's arrays of the last collective sync, one per bucket (a worker's restore)."""
+        return [self.actors[0].cached_weight_bucket.remote(b) for b in range(num_buckets)]
 
     def save_hf(self, path: str, tokenizer_path: str | None = None) -> None:
         self._call_all("save_hf", [(path, tokenizer_path)] * self.world_size)
@@ -462,6 +489,11 @@ class LearnerGroup:
         return self.version
 
     def shutdown(self) -> None:
+        if getattr(self, "actors", []):
+            try:  # rank 0's /dev/shm weight files (cluster.weight_transport=shm)
+                ray.get(self.actors[0].weight_close.remote(), timeout=10)
+            except Exception:  # dead or hung: its files stay (named rlloop-<run>-<pid>-v<version>-b<bucket>)
+                pass
         for actor in getattr(self, "actors", []):
             try:
                 ray.kill(actor)

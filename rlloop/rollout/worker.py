@@ -138,16 +138,16 @@ class RolloutWorkerCore(ActorCore):
         self._policy_version = int(version)
         return self._policy_version
 
-    def load_weight_bucket(
-        self, version: int, index: int, num_buckets: int, named_arrays: dict[str, np.ndarray]
-    ) -> int:
+    def load_weight_bucket(self, version: int, index: int, num_buckets: int, payload: Any) -> int:
         """Stage bucket `index` of `num_buckets` of policy `version` (rlloop.distributed.weight_sync);
-        the last missing bucket loads the whole version into the engine. Returns the version served now:
+        the last missing bucket loads the whole version into the engine. `payload`: the bucket's arrays
+        or a transport's payload of them (rlloop.distributed.transport). Returns the version served now:
         a partial version is never served."""
         from rlloop.distributed.weight_sync import BucketStager
 
         if not hasattr(self, "_stager"):
             self._stager = BucketStager()
+        named_arrays = self.weight_endpoint.receive(payload)
         arrays = self._stager.add(version, index, num_buckets, named_arrays, self._policy_version)
         if arrays is not None:
             self.update_weights(arrays, version)

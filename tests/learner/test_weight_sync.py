@@ -139,7 +139,7 @@ def _sync_check(ray, model_path: str, zero_stage: int) -> dict:
             workers[0].load_weight_bucket.remote(2, len(refs) - 1, len(refs), refs[-1]), timeout=60
         )
         # timeouts name the culprit: a learner gather, a worker busy generating a long batch
-        with pytest.raises(LearnerError, match=rf"rank 0.* running 'gather_weight_bucket 1/{len(refs)}'"):
+        with pytest.raises(LearnerError, match=rf"rank 0.* running 'send_weight_bucket 1/{len(refs)} \(object_store\)'"):
             group.gather_weight_bucket(0, len(refs), timeout_s=1e-4)
         busy = workers[0].generate.remote(prompts * 8, **{**gen, "max_new_tokens": 60})
         result = push_weights(group, workers[:1], 3, bucket_mb=1e-3, timeout_s=120)

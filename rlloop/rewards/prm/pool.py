@@ -43,6 +43,9 @@ class PRMPool:
         self.online_kwargs: dict[str, Any] | None = None  # the trainer replica's TDPRMTrainer settings
         self.weights_ref: Any = None  # the online PRM's latest weights (object-store ref)
         self.version = 0
+        # how `broadcast` moves replica 0's weights to the others (rlloop.distributed.transport)
+        self.transport = "object_store"
+        self.group: Any = None  # the collective group of the replicas (transport collective)
 
     @classmethod
     def start(
@@ -92,10 +95,18 @@ class PRMPool:
             self.name(i), lambda: self.actors[i], ref, reissue, what=what, restore=lambda: self.restore(i)
         )
 
+    def set_transport(self, transport: str, group: Any = None) -> None:
+        """Broadcast the online PRM's weights by `transport` (cluster.weight_transport, resolved for the
+        replicas' nodes); `group`: an unformed CollectiveGroup for `collective`, formed on first use."""
+        self.transport = transport
+        self.group = group if transport == "collective" else None
+
     def restore(self, i: int) -> None:
         """A restarted replica reloads its initial weights; in online mode it gets the latest weights
         back, and the trainer replica (0) its TD trainer (whose optimizer state starts afresh)."""
         actor = self.actors[i]
+        if self.group is not None:
+            self.group.stale = True  # the new process joins the group's next generation
         if self.online_kwargs is not None and i == 0:
             self._get(actor.enable_online.remote(**self.online_kwargs), "PRM enable_online after restart")
         if self.weights_ref is not None:
@@ -172,9 +183,24 @@ class PRMPool:
     # ----- online mode: one trainer replica, the others follow its weights --------------------------
 
     def broadcast(self, weights_ref: Any, version: int) -> None:
-        """Load the trainer replica's weights (an object-store ref of `state_dict_numpy()`) into every
-        other replica as `version`; a replica that reports another version fails the call."""
-        refs = {i: a.load_state_numpy.remote(weights_ref, version) for i, a in enumerate(self.actors) if i}
+        """Load the trainer replica's weights into every other replica as `version`, by the pool's
+        transport: the object-store ref of `state_dict_numpy()` itself, or replica 0's payload of them
+        (shm, cuda_ipc: written once; collective: broadcast in the replicas' group). A replica that
+        reports another version fails the call; one that died gets `weights_ref` after its restart."""
+        from rlloop.distributed.transport import CollectiveTicket
+
+        receivers = [(i, a) for i, a in enumerate(self.actors) if i]
+        if self.transport == "object_store":
+            payload = weights_ref
+        elif self.transport == "collective":
+            if self.group.stale:
+                self.group.form(self.actors[0], [a for _, a in receivers])
+            payload = CollectiveTicket(self.group.generation)
+        else:
+            payload = self._get(self.actors[0].export_weights.remote(self.transport, version), "PRM weights out")
+        refs = {i: a.load_state_numpy.remote(payload, version) for i, a in receivers}
+        if self.transport == "collective":  # the receivers wait in the broadcast; replica 0 sends
+            self._get(self.actors[0].export_weights.remote(self.transport, version), "PRM weights out")
         versions = {
             i: self.call(
                 i, ref, lambda actor: actor.load_state_numpy.remote(weights_ref, version), "load weights"
