@@ -217,6 +217,27 @@ class CriticConfig:
     lora_rank: Optional[int] = None
 
 
+@dataclass
+class DPOConfig:
+    """algo.policy_loss=dpo|tgdpo (presets algo=dpo, algo=tgdpo; rlloop.algos.dpo): the pairs and the loss."""
+
+    beta: float = 0.1  # DPO's beta: the strength of the implicit KL to the reference (TGDPO's release: 0.1)
+    # online pairs, from each prompt's verified group: a best-scored against a worst-scored answer (0/1
+    # verifier: correct vs incorrect); when several qualify: random | first (batch order) | all (every
+    # combination). A group whose answers all score the same has no pair and is skipped.
+    pair_rule: str = "random"
+    max_pairs_per_group: int = 1  # pair_rule random / first: pairs of distinct answers per group
+    min_gap: float = 0.0  # a group pairs only if best - worst score > min_gap
+    # offline: pairs from this file (the format `python -m rlloop.qrm_pairs` writes: prompt, chosen,
+    # rejected), rollout.prompts_per_step pairs a step, instead of generating; None = online
+    pairs_path: Optional[str] = None
+    # tgdpo: the token reward guidance r^_t: implicit_prm (PRIME's implicit PRM, reward.implicit_prm.*;
+    # TGDPO's own practical choice) | qrm (Q-RM token rewards, reward.qrm.*) | prm (the TD-PRM's step
+    # values, reward.prm.*, each step's V_k - V_{k-1} on its tokens). The source starts for it.
+    guidance: str = "implicit_prm"
+    alpha: float = 0.5  # tgdpo: f_w = 1 + alpha r^ (chosen), f_l = 1 - alpha r^ (rejected) (release: 0.5)
+
+
 OLD_LOGPROBS_MODES = ("auto", "recompute")  # algo.old_logprobs (read by the controller)
 
 
@@ -255,6 +276,7 @@ class AlgoConfig:
     # else a separate no-grad pass before the update; "recompute" = always that separate pass
     old_logprobs: str = "auto"  # one of OLD_LOGPROBS_MODES
     critic: CriticConfig = field(default_factory=CriticConfig)  # advantage=gae only
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # policy_loss=dpo|tgdpo only
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from rlloop import checkpoint
+from rlloop.algos.dpo import is_preference_loss
 from rlloop.algos.kl import apply_kl_in_reward, make_kl_controller
 from rlloop.batch import (
     build_batch,
@@ -118,9 +119,18 @@ class Trainer:
         self.step = 0
         self.trained_groups: list[str] = []  # prompt uids in the order they were trained on
         a = cfg.algo
-        # a KL term (in the loss or the reward) always needs the reference logprobs; algo.use_ref adds
-        # them without one, for the `kl` metric
-        self.use_ref = bool(a.use_ref or a.kl_coef > 0)
+        # algo.policy_loss=dpo|tgdpo: a DPO-family loss on pairs of each group's answers (or a pairs file),
+        # against the reference, instead of advantages (rlloop.algos.dpo, rlloop.learner.preference)
+        self.preference = is_preference_loss(a.policy_loss)
+        self._pair_rng = torch.Generator().manual_seed(cfg.trainer.seed)
+        self.offline_pairs = None
+        if self.preference and a.dpo.pairs_path:
+            from rlloop.rewards.qrm.data import load_pairs
+
+            self.offline_pairs = PromptStream(load_pairs(a.dpo.pairs_path), cfg.trainer.seed)
+        # a KL term (in the loss or the reward) and the DPO family always need the reference logprobs;
+        # algo.use_ref adds them without one, for the `kl` metric
+        self.use_ref = bool(a.use_ref or a.kl_coef > 0 or self.preference)
         # the coefficient of the KL penalty in the reward: fixed, or adaptive toward algo.kl_target
         self.kl_ctl = make_kl_controller(a.kl_coef, a.kl_target, a.kl_horizon)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -179,7 +189,10 @@ class Trainer:
         cfg, timer, t_step = self.cfg, StepTimer(), time.perf_counter()
         self.actors.supervisor.step = self.step + 1
         # 1. generate → verify (PRM scoring queued per worker share; DAPO refills; async: made ahead)
-        got = self.collect(timer) if self.pipeline is None else self._collect_async(timer)
+        if self.offline_pairs is not None:
+            got = self._offline_pairs(timer)
+        else:
+            got = self.collect(timer) if self.pipeline is None else self._collect_async(timer)
         rollouts, _, prime_stats = self._prime_filter(got.rollouts)
         self.step += 1
         base = {"prompts_seen": float(self.stream_seen()), **got.stats, **prime_stats}
@@ -190,8 +203,16 @@ class Trainer:
             return {**base, "reward/total": nan, "accuracy": nan, "skipped": 1.0, **timer.metrics(),
                     **step_overhead(timer.seconds)}  # fmt: skip
         batch = build_batch(rollouts, self.pad_id)
+        # DPO family: the update trains on (chosen, rejected) row pairs of the batch, `train`
+        pair_rows, pair_metrics = self._pair_rows(rollouts) if self.preference else (None, {})
+        if pair_rows is not None and not len(pair_rows):
+            logger.warning("step %d: no group has a better and a worse answer; skipping the update", self.step)
+            timer.seconds["step"] = time.perf_counter() - t_step
+            return {**base, **rollout_metrics(rollouts), **pair_metrics, "skipped": 1.0, **timer.metrics(),
+                    **step_overhead(timer.seconds)}  # fmt: skip
+        train = batch if pair_rows is None else batch.select(pair_rows.numpy())
         # 2. the reference pass and the critic's values start on their ranks while the PRM finishes
-        ref_pending = self.learner.submit_logprobs(batch, "ref") if self.use_ref else None
+        ref_pending = self.learner.submit_logprobs(train, "ref") if self.use_ref else None
         values_pending = self.critic.submit_values(batch) if self.critic is not None else None
         prm_out = self._prm_scores(got, rollouts, timer)
         prm_update = self._prm_td_update(rollouts)  # online PRM: TD-learns while the policy updates
@@ -201,19 +222,22 @@ class Trainer:
                 batch.values = self.critic.gather_values(values_pending)
         # 3. old / reference logprobs
         with timer.phase("logprobs"):
-            if not self._fused_old_logprobs:
+            if not self._fused_old_logprobs and not self.preference:
                 batch.old_logprobs = self.learner.compute_logprobs(batch, "policy")
             if ref_pending is not None:
-                batch.ref_logprobs = self.learner.gather_logprobs(ref_pending)
+                train.ref_logprobs = self.learner.gather_logprobs(ref_pending)
         # 4. KL into the token rewards (algo.kl_in_reward) → 5. fusion and advantages
         with timer.phase("fusion"):
             kl_rewards, kl_metrics = self.kl_in_reward(batch)
             kl_coef = kl_metrics.get("algo/kl_coef", 0.0)
-            fusion_metrics = self.score(rollouts, batch, prm_out, token_scores, kl_rewards=kl_rewards, kl_coef=kl_coef)
+            if pair_rows is None:
+                fusion_metrics = self.score(rollouts, batch, prm_out, token_scores, kl_rewards=kl_rewards, kl_coef=kl_coef)
+            else:  # no advantages: TGDPO's token guidance on the pair rows instead
+                fusion_metrics = self._guidance(train, pair_rows, batch, rollouts, prm_out, token_scores)
         # 6. learner update (the critic, in its own processes, regresses toward the returns meanwhile)
         with timer.phase("learner"):
             critic_pending = self.critic.submit_train_step(batch) if self.critic is not None else None
-            learner_metrics = self.learner.train_step(batch)
+            learner_metrics = self.learner.train_step(train)
             if critic_pending is not None:
                 learner_metrics.update(self.critic.gather_train_step(critic_pending))
         # 7. weight sync (async: the workers load the buckets after the batch they are generating)
@@ -238,7 +262,8 @@ class Trainer:
         mismatch = learner_metrics.pop("actor/rollout_logprob_mismatch", 0.0)
         return {
             **base,
-            **rollout_metrics(rollouts),
+            **(rollout_metrics(rollouts) if self.offline_pairs is None else {"accuracy": float("nan")}),
+            **pair_metrics,
             "rollout/logprob_mismatch": float(mismatch),
             "kl": float(learner_metrics.get("actor/kl_ref", 0.0)),
             "entropy": float(learner_metrics.get("actor/entropy", float("nan"))),
@@ -448,6 +473,77 @@ class Trainer:
         }
         return scores, metrics, update
 
+    # ---------------------------------------------------------------- the DPO family's pairs and guidance
+    def _pair_rows(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, dict[str, float]]:
+        """algo=dpo|tgdpo: the batch rows of the step's pairs, (chosen_0, rejected_0, chosen_1, ...) [2P]:
+        per group a best- against a worst-verified answer by algo.dpo.pair_rule (offline: the file's
+        pairs as they come). Metrics: dpo/pairs, dpo/groups_paired, dpo/groups_skipped (all answers
+        scored the same), reward/total (the verifier's mean score)."""
+        from rlloop.algos.dpo import interleave_pairs, preference_pairs
+
+        d, scores = self.cfg.algo.dpo, outcomes(rollouts)
+        groups = group_index([ro.group for ro in rollouts])
+        if self.offline_pairs is not None:
+            rows = torch.arange(len(rollouts))
+        else:
+            chosen, rejected = preference_pairs(
+                scores, groups, rule=d.pair_rule, max_pairs_per_group=d.max_pairs_per_group, min_gap=d.min_gap,
+                generator=self._pair_rng,
+            )  # fmt: skip
+            rows = interleave_pairs(chosen, rejected)
+        paired, total = len(set(groups[rows].tolist())), len(set(groups.tolist()))
+        metrics = {"dpo/pairs": len(rows) / 2, "dpo/groups_paired": float(paired),
+                   "dpo/groups_skipped": float(total - paired), "reward/total": float(scores.mean())}  # fmt: skip
+        return rows, metrics
+
+    def _guidance(
+        self,
+        train: Batch,
+        pair_rows: torch.Tensor,
+        batch: Batch,
+        rollouts: list[Rollout],
+        prm_out: list[dict] | None,
+        token_scores: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """algo=tgdpo: the token guidance r^ of the pair rows into train.token_rewards [2P, T], from
+        algo.dpo.guidance: the implicit PRM's or the Q-RM's token rewards (`_score_tokens`), or the
+        TD-PRM's step values, each step's V_k - V_{k-1} on its tokens (rlloop.algos.dpo.spread_step_rewards).
+        Nothing for algo=dpo."""
+        from rlloop.algos.dpo import guidance_source, spread_step_rewards
+
+        source = guidance_source(self.cfg.algo)
+        if source is None:
+            return {}
+        if source == "prm":
+            if prm_out is None:
+                raise RlloopError("algo.dpo.guidance=prm: the PRM returned no step values this step")
+            steps = step_tensors(rollouts, prm_out)
+            mask = steps["mask"]
+            positions = (steps["ends"] + torch.tensor([len(ro.prompt_ids) for ro in rollouts])[:, None]) * mask.long()
+            full = spread_step_rewards(
+                steps["values"], mask, positions, steps["prompt_value"], torch.from_numpy(batch.response_mask)
+            )
+        elif token_scores is None:
+            raise RlloopError(f"algo.dpo.guidance={source}: the source returned no token rewards this step")
+        else:
+            full = token_scores
+        train.token_rewards = full[pair_rows].numpy().astype(np.float32)
+        return {}
+
+    def _offline_pairs(self, timer: StepTimer) -> Collected:
+        """algo.dpo.pairs_path: the next rollout.prompts_per_step pairs of the file as (chosen, rejected)
+        rollouts (rlloop.pairs); no generation. The file is reshuffled every pass."""
+        from rlloop.pairs import pair_rollouts
+
+        with timer.phase("generate"):
+            rollouts = [
+                ro
+                for pair in self.offline_pairs.take(self.cfg.rollout.prompts_per_step)
+                for ro in pair_rollouts(pair, self.tokenizer, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                        policy_version=self.policy_version)  # fmt: skip
+            ]
+        return Collected(rollouts)
+
     # ---------------------------------------------------------------- 4. KL, 5. fusion
     def kl_in_reward(self, batch: Batch) -> tuple[torch.Tensor | None, dict[str, float]]:
         """algo.kl_in_reward: the KL penalty -beta * kl_t per response token [B, T] (None when off), for
@@ -614,8 +710,9 @@ class Trainer:
         self.finish_sync()
 
     def stream_seen(self) -> int:
-        """Training prompts drawn so far (refill rounds included)."""
-        return self.stream.epoch * len(self.stream.samples) + self.stream.pos
+        """Training prompts drawn so far (refill rounds included; offline DPO: pairs)."""
+        s = self.stream if self.offline_pairs is None else self.offline_pairs
+        return s.epoch * len(s.samples) + s.pos
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

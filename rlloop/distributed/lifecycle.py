@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlloop.algos.dpo import guidance_source
+from rlloop.algos.dpo import guidance_source
 from rlloop.config import to_dict
 from rlloop.errors import RlloopError
 from rlloop.types import Rollout
