@@ -116,6 +116,11 @@ class TokenPairLogit(nn.Module):
         self.good_id, self.bad_id = int(good_id), int(bad_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        config = self.model.config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            # the LM transforms its logits after the head (Gemma 2, Cohere): take them whole
+            logits = _logits(self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
+            return (logits[..., self.good_id] - logits[..., self.bad_id]).float()
         head = self.model.get_output_embeddings()
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -152,6 +152,10 @@ def test_math_shepherd_reads_plus_share_at_each_tag(shepherd_dir):
         expected.append(softmax_at(logits, positions, [plus, minus], 0))
     scorer, results = score_all(shepherd_dir, "math_shepherd")
     check(results, expected)
+    # an LM that rescales its logits after the head is read through its full logits: the same values here
+    scorer.model.model.config.final_logit_softcapping = 30.0  # (Qwen2 ignores it)
+    ends = [[e for _, e in split_steps(r)] for r in RESPONSES]
+    check(scorer.score(PROMPTS, RESPONSES, ends), expected)
 
 
 def test_trl_token_classification_reads_the_last_token_of_each_step(trl_prm_dir):
