@@ -417,6 +417,15 @@ class WandbConfig:
 
 
 @dataclass
+class MLflowConfig:
+    """logger=[..., mlflow] (needs the mlflow package: pip install 'rlloop[mlflow]')."""
+
+    tracking_uri: Optional[str] = None  # None = MLFLOW_TRACKING_URI, else a file store <output dir>/mlruns
+    experiment: str = "rlloop"
+    run_name: Optional[str] = None
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -427,8 +436,10 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # console | jsonl | wandb | tensorboard (<output dir>/tensorboard) | mlflow
     logger: List[str] = field(default_factory=lambda: ["console", "jsonl", "wandb"])
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     output_dir: Optional[str] = None  # default: the Hydra run dir
 
 

@@ -2,7 +2,8 @@
 
 CHECKPOINT is a `<run>/checkpoints/step_N` folder (or a run dir: its newest complete checkpoint).
 The DeepSpeed ZeRO-2/3 shards of every rank are merged into full fp32 weights, so the result loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)` on any machine. A LoRA run (learner.lora) exports its
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` on any machine; `--dtype bfloat16` writes them in bf16
+(half the size; what vLLM and most serving stacks load). A LoRA run (learner.lora) exports its
 adapter as a peft folder (`PeftModel.from_pretrained(base, OUT_DIR)`); with `--merged`, the model with the
 adapter merged in, and the adapter in OUT_DIR/adapter.
 """
@@ -21,12 +22,18 @@ from rlloop.errors import RlloopError, exit_on_user_error
 logger = logging.getLogger("rlloop.export")
 
 
-def export(ckpt: str | Path, out_dir: str | Path, *, merged: bool = False) -> Path:
-    """Write OUT_DIR from checkpoint `ckpt`; `merged` applies to LoRA runs only (see the module doc)."""
+DTYPES = ("float32", "bfloat16")  # --dtype: the weights' type in OUT_DIR (training keeps fp32 masters)
+
+
+def export(ckpt: str | Path, out_dir: str | Path, *, merged: bool = False, dtype: str = "float32") -> Path:
+    """Write OUT_DIR from checkpoint `ckpt` with weights of `dtype` (one of DTYPES; a LoRA adapter stays
+    fp32); `merged` applies to LoRA runs only (see the module doc)."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if dtype not in DTYPES:
+        raise RlloopError(f"--dtype {dtype}: choose from {', '.join(DTYPES)}")
     ckpt = Path(ckpt)
     if not (ckpt / checkpoint.STATE_FILE).is_file():
         found = checkpoint.list_complete(ckpt / "checkpoints") or checkpoint.list_complete(ckpt)
@@ -40,7 +47,7 @@ def export(ckpt: str | Path, out_dir: str | Path, *, merged: bool = False) -> Pa
     from rlloop.learner.lora import ADAPTER_CONFIG
 
     if (ckpt / "learner" / ADAPTER_CONFIG).is_file():
-        return _export_lora(ckpt, state, config, Path(out_dir), merged)
+        return _export_lora(ckpt, state, config, Path(out_dir), merged, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -53,6 +60,7 @@ def export(ckpt: str | Path, out_dir: str | Path, *, merged: bool = False) -> Pa
         )
     if tied:
         model.tie_weights()
+    model.to(getattr(torch, dtype))  # the saved config.json records it (`dtype`)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -65,7 +73,7 @@ def export(ckpt: str | Path, out_dir: str | Path, *, merged: bool = False) -> Pa
     return out_dir
 
 
-def _export_lora(ckpt: Path, state: dict, config, out_dir: Path, merged: bool) -> Path:
+def _export_lora(ckpt: Path, state: dict, config, out_dir: Path, merged: bool, dtype: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +95,7 @@ def _export_lora(ckpt: Path, state: dict, config, out_dir: Path, merged: bool) -
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, str(tmp / "adapter" if merged else tmp))
     if merged:
-        merge_adapter(model).save_pretrained(tmp)
+        merge_adapter(model).to(getattr(torch, dtype)).save_pretrained(tmp)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -105,10 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--merged", action="store_true", help="LoRA runs: the model with the adapter merged in (+ adapter/)"
     )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="the weights' type in OUT_DIR (default float32)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_error(logger):
-        print(export(args.checkpoint, args.out_dir, merged=args.merged))
+        print(export(args.checkpoint, args.out_dir, merged=args.merged, dtype=args.dtype))
 
 
 if __name__ == "__main__":

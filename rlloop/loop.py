@@ -25,7 +25,10 @@ def fit(trainer: Any) -> dict[str, Any]:
     cfg, t = trainer.cfg, trainer.cfg.trainer
     if trainer.resume_state is not None:
         truncate_metrics(trainer.out_dir / "metrics.jsonl", trainer.step)
-    tracker = Tracker(list(cfg.logger), trainer.out_dir, config=redact(to_dict(cfg)), wandb_cfg=to_dict(cfg.wandb))
+    tracker = Tracker(list(cfg.logger), trainer.out_dir, config=redact(to_dict(cfg)), wandb_cfg=to_dict(cfg.wandb),
+                      mlflow_cfg=to_dict(cfg.mlflow),
+                      # resumed: the same wandb/MLflow runs continue, TensorBoard drops what came after the checkpoint
+                      resume_step=None if trainer.resume_state is None else trainer.step)  # fmt: skip
     summary: dict[str, Any] = {"out_dir": str(trainer.out_dir), "model_path": trainer.model_path}
     if trainer.resume_state is not None:
         summary["resumed_from"] = str(trainer.resume_path)
