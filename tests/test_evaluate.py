@@ -213,3 +213,33 @@ def test_eval_command_bad_input_exits_2(capsys):
         main(["model=tiny", "task=arith", "trainer.eval_samples=2", "eval.ks=[4]"])
     assert exc.value.code == 2
     assert "eval.ks" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_run_evaluates_named_sets_with_a_published_prm(tmp_path, tmp_path_factory):
+    """One training step through every actor, the PRM service a TRL token-classification PRM (adapter
+    detected from its folder): the periodic eval logs eval/<set>/<data_source>/... with bon@k."""
+    from tests.conftest import TINY_RUN, run_cli
+    from tests.rewards.prm.test_adapters import two_class_folder
+
+    prm = two_class_folder(tmp_path_factory, "trl_prm")
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"prompt": "What is 2 + 3?", "answer": "5", "data_source": "other"}) + "\n")
+    out = tmp_path / "run"
+    proc = run_cli([
+        *TINY_RUN, "trainer.total_steps=1", "learner.world_size=1", "task.num_test=2", "trainer.eval_samples=2",
+        "eval.ks=[1,2]", f"+eval.sets.extra={extra}", f"reward.prm.path={prm}", "trainer.save_final=false",
+        f"hydra.run.dir={out}",
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the adapter scored: a value-head PRM started fresh on that folder would give V = 0.5 exactly
+    (train,) = [r for r in rows if "reward/total" in r]
+    assert abs(train["reward/prm_value"] - 0.5) > 1e-4, train["reward/prm_value"]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 1]
+    for r in evals:
+        for key in ("eval/test/arith/pass@2", "eval/test/arith/maj@2", "eval/test/arith/bon@2",
+                    "eval/extra/other/accuracy", "eval/extra/other/bon@2", "eval/extra/num_prompts"):  # fmt: skip
+            assert 0.0 <= r[key] <= 2.0, (key, r)
+        assert r["eval/pass_at_2"] == r["eval/test/pass@2"]
