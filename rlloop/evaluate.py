@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -152,6 +153,7 @@ def run(cfg: Any, evaluator: Any = None) -> dict[str, Any]:
     """Evaluate `cfg.model` on the eval sets; returns the report (also written to eval.output)."""
     from rlloop.config import Config, to_dict
     from rlloop.models import resolve_model
+    from rlloop.tracking import redact
     from rlloop.validate import check_data_sources, check_eval, check_keys, check_verifiers
 
     t0 = time.perf_counter()
@@ -187,8 +189,8 @@ def run(cfg: Any, evaluator: Any = None) -> dict[str, Any]:
         "greedy_temperature": cfg.rollout.eval_temperature,
         "seconds": time.perf_counter() - t0,
         "metrics": metrics,
-        "prompts": {name: [vars(r) for r in results] for name, results in per_set.items()},
-        "config": to_dict(cfg),
+        "prompts": {name: [asdict(r) for r in results] for name, results in per_set.items()},
+        "config": redact(to_dict(cfg)),  # as the trackers log it: no secrets in a shared report
     }
     out = Path(cfg.eval.output or Path(cfg.output_dir or ".") / "eval_report.json")
     out.parent.mkdir(parents=True, exist_ok=True)
