@@ -467,9 +467,13 @@ def _check_prm_service(p: Any) -> None:
         "choose cpu, cuda, cuda:N or auto",
     )
     _require(p.num_gpus is None or p.num_gpus >= 0, "reward.prm.num_gpus", p.num_gpus, "must be >= 0")
-    from rlloop.rewards.prm.adapters import ADAPTER_NAMES
+    from rlloop.rewards.prm.adapters import ADAPTER_NAMES, ADAPTERS
 
     _choose("reward.prm.adapter", p.adapter, ADAPTER_NAMES)
+    takes = sorted(ADAPTERS[p.adapter].OPTIONS) if p.adapter in ADAPTERS else []
+    unknown = sorted(set(p.adapter_options or {}) - set(takes))
+    _require(not unknown or p.adapter == "auto", "reward.prm.adapter_options", unknown,
+             f"not options of the {p.adapter} adapter (it takes {takes})")  # fmt: skip
     _require(
         not p.online or p.adapter in ("auto", "rlloop"),
         "reward.prm.adapter",

@@ -243,3 +243,21 @@ def test_training_run_evaluates_named_sets_with_a_published_prm(tmp_path, tmp_pa
                     "eval/extra/other/accuracy", "eval/extra/other/bon@2", "eval/extra/num_prompts"):  # fmt: skip
             assert 0.0 <= r[key] <= 2.0, (key, r)
         assert r["eval/pass_at_2"] == r["eval/test/pass@2"]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["trainer.eval_samples=2", "eval.ks=[1,3]"], r"eval.ks=\[1, 3\]: \[3\] not in \[1, trainer.eval_samples=2\]"),
+        (["trainer.eval_samples=0", "eval.ks=[1]"], r"\[1\] not in \[1, trainer.eval_samples=0\]"),
+        (["eval.bon_aggregation=max"], "eval.bon_aggregation='max': unknown; choose last, min, mean or prod"),
+        (["+eval.sets.test=x.jsonl"], "eval.sets='test': a set name may not contain '/' or be 'test'"),
+    ],
+)  # fmt: skip
+def test_eval_config_is_checked_at_start(overrides, words):
+    from rlloop.errors import ConfigError
+    from rlloop.train import compose_config
+    from rlloop.validate import validate_config
+
+    with pytest.raises(ConfigError, match=words):
+        validate_config(compose_config(overrides))

@@ -204,3 +204,22 @@ def test_max_length_drops_prompt_tokens_from_the_left(qwen_prm_dir):
     cut = short.encode(PROMPTS[0], RESPONSES[0])
     assert cut.input_ids == enc.input_ids[3:]
     assert cut.step_positions == [p - 3 for p in enc.step_positions]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["reward.prm.adapter=nope"], "reward.prm.adapter='nope': unknown; choose auto, rlloop, qwen_prm"),
+        (["reward.prm.adapter=qwen_prm", "+reward.prm.adapter_options.tag=x"],
+         r"adapter_options=\['tag'\]: not options of the qwen_prm adapter \(it takes \['separator'\]\)"),
+        (["reward=tdrm", "reward.prm.online=true", "reward.prm.adapter=math_shepherd"],
+         "reward.prm.adapter='math_shepherd': is a published PRM, scored frozen"),
+    ],
+)  # fmt: skip
+def test_config_is_checked_before_any_actor(overrides, words):
+    from rlloop.errors import ConfigError
+    from rlloop.train import compose_config
+    from rlloop.validate import validate_config
+
+    with pytest.raises(ConfigError, match=words):
+        validate_config(compose_config(overrides))
