@@ -233,7 +233,8 @@ class DPOConfig:
     pairs_path: Optional[str] = None
     # tgdpo: the token reward guidance r^_t: implicit_prm (PRIME's implicit PRM, reward.implicit_prm.*;
     # TGDPO's own practical choice) | qrm (Q-RM token rewards, reward.qrm.*) | prm (the TD-PRM's step
-    # values, reward.prm.*, each step's V_k - V_{k-1} on its tokens). The source starts for it.
+    # values, reward.prm.*, each step's V_k - V_{k-1} on its tokens). The implicit PRM and the Q-RM start
+    # for it whatever the reward preset says; the TD-PRM runs only with reward.prm.enabled (reward=tdrm).
     guidance: str = "implicit_prm"
     alpha: float = 0.5  # tgdpo: f_w = 1 + alpha r^ (chosen), f_l = 1 - alpha r^ (rejected) (release: 0.5)
 

@@ -70,7 +70,6 @@ def validate_config(cfg: Any) -> None:
     check_keys(cfg, Config)
     from rlloop.algos.advantages import ADVANTAGES, GROUP_RELATIVE
     from rlloop.algos.dpo import PREFERENCE_LOSSES
-    from rlloop.algos.dpo import PREFERENCE_LOSSES
     from rlloop.algos.fusion import FUSIONS, PRM_TRANSFORMS, STEP_NORMS, STEP_PROCESSES
     from rlloop.algos.kl import KL_ESTIMATORS
     from rlloop.algos.losses import LOSS_AGG_MODES, POLICY_LOSSES
@@ -129,8 +128,6 @@ def validate_config(cfg: Any) -> None:
     _choose("algo.loss_agg", a.loss_agg, LOSS_AGG_MODES)
     if a.advantage == "gae":
         _check_critic(a, rw)
-    if a.policy_loss in PREFERENCE_LOSSES:
-        _check_preference(cfg)
     if a.policy_loss in PREFERENCE_LOSSES:
         _check_preference(cfg)
     _require(a.kl_coef >= 0, "algo.kl_coef", a.kl_coef, "must be >= 0")
@@ -272,73 +269,12 @@ def _check_preference(cfg: Any) -> None:
         d.guidance,
         "needs online pairs (the TD-PRM scores rollouts' steps); offline, use implicit_prm or qrm",
     )
-    if d.guidance == "qrm" and rw.qrm.path:
-        from rlloop.rewards.qrm.model import has_qrm_head
-
-        _require(
-            os.path.isdir(rw.qrm.path) and has_qrm_head(rw.qrm.path),
-            "reward.qrm.path",
-            rw.qrm.path,
-            "is not a Q-RM folder (no token head); train one with `python -m rlloop.qrm_train`",
-        )
-
-
-def _check_preference(cfg: Any) -> None:
-    """algo.policy_loss=dpo|tgdpo (rlloop.algos.dpo): the pairs, the loss and TGDPO's guidance source."""
-    import os
-
-    from rlloop.algos.dpo import GUIDANCE_SOURCES, PAIR_RULES
-
-    a, rw, d = cfg.algo, cfg.reward, cfg.algo.dpo
-    _require(d.beta > 0, "algo.dpo.beta", d.beta, "must be > 0 (DPO: 0.1)")
-    _choose("algo.dpo.pair_rule", d.pair_rule, PAIR_RULES)
-    _require(d.max_pairs_per_group >= 1, "algo.dpo.max_pairs_per_group", d.max_pairs_per_group, "must be >= 1")
-    _require(d.min_gap >= 0, "algo.dpo.min_gap", d.min_gap, "must be >= 0")
     _require(
-        a.advantage != "gae", "algo.advantage", a.advantage, f"{a.policy_loss} trains on pairs, without a critic"
-    )
-    _require(
-        a.kl_coef == 0,
-        "algo.kl_coef",
-        a.kl_coef,
-        f"must be 0 with {a.policy_loss}: its KL to the reference is algo.dpo.beta, inside the loss",
-    )
-    _require(
-        d.pairs_path is None or os.path.isfile(d.pairs_path),
-        "algo.dpo.pairs_path",
-        d.pairs_path,
-        "is not a file (pairs jsonl/parquet: prompt, chosen, rejected; `python -m rlloop.qrm_pairs` writes one)",
-    )
-    _require(
-        d.pairs_path is None or cfg.trainer.async_mode == "off",
-        "trainer.async_mode",
-        cfg.trainer.async_mode,
-        "must be off with algo.dpo.pairs_path (offline pairs: nothing is generated ahead)",
-    )
-    _require(
-        cfg.rollout.n >= 2 or d.pairs_path is not None,
-        "rollout.n",
-        cfg.rollout.n,
-        f"{a.policy_loss} pairs answers to the same prompt: it needs >= 2 samples per prompt",
-    )
-    if a.policy_loss != "tgdpo":
-        return
-    _choose("algo.dpo.guidance", d.guidance, GUIDANCE_SOURCES)
-    _require(d.alpha >= 0, "algo.dpo.alpha", d.alpha, "must be >= 0 (TGDPO's release: 0.5)")
-    others = {"implicit_prm": rw.implicit_prm.enabled, "qrm": rw.qrm.enabled}
-    on = [name for name, enabled in others.items() if enabled and name != d.guidance]
-    _require(
-        not on,
-        f"reward.{on[0]}.enabled" if on else "reward",
-        True,
-        f"tgdpo reads one token-reward source, algo.dpo.guidance={d.guidance}; turn reward.{on[0] if on else ''}"
-        ".enabled off",
-    )
-    _require(
-        d.guidance != "prm" or d.pairs_path is None,
+        d.guidance != "prm" or rw.prm.enabled,
         "algo.dpo.guidance",
         d.guidance,
-        "needs online pairs (the TD-PRM scores rollouts' steps); offline, use implicit_prm or qrm",
+        "reads the TD-PRM's step values: turn it on (reward=tdrm, reward.prm.path=<PRM folder>; on task=chain "
+        "reward.prm.oracle=true gives the exact step checker's values)",
     )
     if d.guidance == "qrm" and rw.qrm.path:
         from rlloop.rewards.qrm.model import has_qrm_head

@@ -70,3 +70,20 @@ def test_offline_dpo_from_a_pairs_file(tmp_path):
     assert all(r["dpo/pairs"] == 3 for r in rows)
     assert [r["prompts_seen"] for r in rows] == [3, 6]
     assert rows[1]["dpo/margin"] != pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance", ["qrm", "prm"])
+def test_tgdpo_with_qrm_or_td_prm_guidance(tmp_path, guidance):
+    """The other two guidance sources: an untrained Q-RM head (seeded random token rewards), started for
+    algo=tgdpo alone, and a fresh TD-PRM (reward=tdrm; its step values' changes)."""
+    prm_on = ["reward=tdrm"] if guidance == "prm" else []  # the PRM runs only when asked for
+    rows = _run(tmp_path, guidance, "algo=tgdpo", f"algo.dpo.guidance={guidance}", *prm_on)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["dpo/pairs"] >= 1 and "tgdpo/guidance_chosen" in r
+    if guidance == "qrm":
+        assert rows[0]["tgdpo/guidance_chosen"] != pytest.approx(0.0, abs=1e-9)  # a random head is not flat
+        assert "qrm/token_mean" in rows[0]
+    else:
+        assert "prm/tokens" in rows[0]

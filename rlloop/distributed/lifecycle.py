@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from rlloop.algos.dpo import guidance_source
-from rlloop.algos.dpo import guidance_source
 from rlloop.config import to_dict
 from rlloop.errors import RlloopError
 from rlloop.types import Rollout
@@ -215,7 +214,7 @@ class Actors:
         """The PRM replicas (reward.prm), replica 0 TD-trained online when reward.prm.online."""
         cfg = self.cfg
         p = cfg.reward.prm
-        if not (p.enabled or guidance_source(cfg.algo) == "prm") or p.oracle:
+        if not p.enabled or p.oracle:
             return
         from rlloop.rewards.prm.pool import PRMPool
 
@@ -251,7 +250,7 @@ class Actors:
         """Q-RM (frozen) and PRIME's implicit PRM (online): the per-token reward sources of
         reward.fusion=token|prime, one actor each (validate_config has checked which may be on)."""
         cfg = self.cfg
-        guidance = guidance_source(cfg.algo)  # algo=tgdpo starts its guidance source itself
+        guidance = guidance_source(cfg.algo)  # algo=tgdpo starts its token-reward guidance source itself
         if cfg.reward.qrm.enabled or guidance == "qrm":
             from rlloop.rewards.qrm.service import QRMService
 

@@ -43,6 +43,7 @@ def test_presets_compose_and_validate():
         (["algo=tgdpo", "algo.dpo.guidance=critic"], "algo.dpo.guidance"),
         (["algo=tgdpo", "algo.dpo.alpha=-1"], "algo.dpo.alpha"),
         (["algo=tgdpo", "reward=qrm"], "reward.qrm.enabled"),
+        (["algo=tgdpo", "algo.dpo.guidance=prm"], "algo.dpo.guidance"),  # the PRM is off (reward=rule)
     ],
 )
 def test_bad_dpo_settings_name_the_key(overrides, key):
