@@ -99,8 +99,13 @@ def tgdpo_loss(
     same formula, with r^ passed in here already in reward units (the implicit PRM's
     reward.implicit_prm.beta * log-ratio).
     Differences from the release: the guidance may come from other token-reward sources (Q-RM, TD-PRM
-    steps), whose scale alpha then has to suit; f is not clipped at 0 in either (a token with
-    alpha r^ beyond +-1 gets a negative weight: `guidance_stats` reports how often).
+    steps), whose scale alpha then has to suit; the release does not clip f at 0 and neither does this
+    (a token with alpha r^ beyond +-1 gets a negative weight: `guidance_stats` reports how often); the
+    guidance model's reference is the implicit PRM's own pi_ref, which is the policy's reference when
+    reward.implicit_prm.path / ref_path are left empty (the release uses the policy's reference).
+    Equation numbers are not cited: only the paper's abstract and secondary notes could be read here, so
+    each line below names the part of the method it is, and the formula as a whole was checked against
+    the release (tests/algos/test_dpo.py::test_tgdpo_matches_the_released_formula).
     With r^ = 0 (or alpha = 0) every f is exactly 1 and the loss is DPO's, bit for bit.
 
     guidance_*: [P, T] r^ on the response tokens (None = 0). Returns (loss [P], h_w, h_l), h the two
