@@ -22,7 +22,9 @@ def prompt_ids(prompt: str | list[dict], tokenizer: Any) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
-def pair_rollouts(pair: dict, tokenizer: Any, *, max_new_tokens: int, policy_version: int = 0) -> list[Rollout]:
+def pair_rollouts(
+    pair: dict, tokenizer: Any, *, max_new_tokens: int, policy_version: int = 0
+) -> list[Rollout]:
     """[chosen, rejected] rollouts of one validated pair (rlloop.rewards.qrm.data.validate_pair)."""
     ids = prompt_ids(pair["prompt"], tokenizer)
     text = tokenizer.decode(ids, skip_special_tokens=False)

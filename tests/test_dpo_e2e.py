@@ -23,7 +23,14 @@ def _train_rows(out) -> list[dict]:
 def _run(tmp_path, name: str, *overrides: str) -> list[dict]:
     out = tmp_path / name
     proc = run_cli(
-        [*TINY_RUN, "reward=rule", "trainer.total_steps=2", *LENGTH_REWARD, *overrides, f"hydra.run.dir={out}"],
+        [
+            *TINY_RUN,
+            "reward=rule",
+            "trainer.total_steps=2",
+            *LENGTH_REWARD,
+            *overrides,
+            f"hydra.run.dir={out}",
+        ],
         env={"PYTHONPATH": FIXTURES},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -52,7 +59,12 @@ def test_tgdpo_with_implicit_prm_guidance_two_steps(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["dpo/pairs"] >= 1
-        for key in ("dpo/margin", "tgdpo/guidance_chosen", "tgdpo/nonpositive_weight_frac", "implicit_prm/token_mean"):
+        for key in (
+            "dpo/margin",
+            "tgdpo/guidance_chosen",
+            "tgdpo/nonpositive_weight_frac",
+            "implicit_prm/token_mean",
+        ):
             assert key in r, key
     # the implicit PRM starts as its own reference (guidance 0) and has learned by step 2
     assert rows[0]["tgdpo/guidance_chosen"] == pytest.approx(0.0, abs=1e-6)

@@ -39,7 +39,9 @@ def preference_train_step(learner: Any, batch: Any, loss_scale: float = 1.0) -> 
     name, d = algo["policy_loss"], algo["dpo"]
     beta, alpha = float(d["beta"]), float(d["alpha"])
     if batch.ref_logprobs is None:
-        raise ValueError(f"algo.policy_loss={name}: the batch has no reference logprobs (compute_logprobs 'ref')")
+        raise ValueError(
+            f"algo.policy_loss={name}: the batch has no reference logprobs (compute_logprobs 'ref')"
+        )
     if len(batch) % 2:
         raise ValueError(f"algo.policy_loss={name}: {len(batch)} rows are not whole (chosen, rejected) pairs")
     guided = name == "tgdpo" and batch.token_rewards is not None

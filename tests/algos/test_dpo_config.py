@@ -55,7 +55,9 @@ def test_offline_prm_guidance_and_async_are_refused(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "1 + 1 =", "chosen": "2", "rejected": "3"}\n')
     with pytest.raises(ConfigError, match="algo.dpo.guidance"):
-        validate_config(_compose("algo=tgdpo", "algo.dpo.guidance=prm", "reward=tdrm", f"algo.dpo.pairs_path={pairs}"))
+        validate_config(
+            _compose("algo=tgdpo", "algo.dpo.guidance=prm", "reward=tdrm", f"algo.dpo.pairs_path={pairs}")
+        )
     with pytest.raises(ConfigError, match="trainer.async_mode"):
         validate_config(_compose("algo=dpo", f"algo.dpo.pairs_path={pairs}", "trainer.async_mode=one_step"))
     validate_config(_compose("algo=dpo", f"algo.dpo.pairs_path={pairs}"))

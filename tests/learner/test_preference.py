@@ -57,6 +57,8 @@ def test_micro_batches_do_not_change_the_update(tiny_model_path, dist_port):
         states.append((learner.full_state_dict(), metrics))
     (a, ma), (b, mb) = states
     for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=5e-5, err_msg=key)  # Adam: ~g/|g| near g = 0
+        np.testing.assert_allclose(
+            a[key], b[key], rtol=1e-4, atol=5e-5, err_msg=key
+        )  # Adam: ~g/|g| near g = 0
     assert ma["dpo/margin"] == pytest.approx(mb["dpo/margin"], rel=1e-4)
     assert "tgdpo/guidance_chosen" in ma
