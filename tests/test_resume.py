@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from rlloop import checkpoint
@@ -65,7 +66,9 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     crashed = tmp_path / "crashed"
-    driver = _start(crashed)
+    # every tracker that keeps state across a restart (wandb offline: no network, no key)
+    trackers = ["logger=[console,jsonl,wandb,tensorboard]", "wandb.mode=offline"]
+    driver = _start(crashed, *trackers)
     deadline = time.time() + 500
     # Kill it mid-training, right after the step-2 checkpoint is complete.
     while (
@@ -78,8 +81,15 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     _kill_tree(driver)
     assert not (crashed / "checkpoint").exists()  # it really died before finishing
 
-    proc = run_cli([*RUN, "trainer.resume=auto", f"hydra.run.dir={crashed}"], env=ENV)
+    proc = run_cli([*RUN, *trackers, "trainer.resume=auto", f"hydra.run.dir={crashed}"], env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # the resumed attempt continues the killed attempt's wandb run (offline: one folder per attempt, same id)
+    run_id = json.loads((crashed / "tracker_runs.json").read_text())["wandb"]
+    attempts = sorted((crashed / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(f"-{run_id}") for a in attempts), attempts
+    events = EventAccumulator(str(crashed / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/total")] == [1, 2, 3]  # the killed step 3 purged, no repeat
     summary = json.loads((crashed / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step_000002")
     a, b = _weights(straight / "checkpoint"), _weights(crashed / "checkpoint")
