@@ -57,8 +57,8 @@ def _entry(command: str):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name is None or not module_name.startswith(err.name):  # a dependency of it, not the module
-            raise
+        if err.name != module_name and not module_name.startswith(f"{err.name}."):
+            raise  # a dependency of the command's module is missing, not the module: its own message
         print(f"error: `rlloop {command}` is not available in this installation ({module_name} is missing)",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2) from None
