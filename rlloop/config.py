@@ -146,6 +146,9 @@ class PRMConfig:
     adapter: str = "auto"
     adapter_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {separator: "<extra_0>"}
     trust_remote_code: bool = False  # let a published PRM run its own modelling code (Qwen2.5-Math-PRM)
+    # the PRM's weights: float32 | bfloat16 | float16 (a frozen 7B PRM in bf16 takes 15 GB, not 30); the
+    # value head stays float32. Online TD training wants float32.
+    dtype: str = "float32"
 
 
 @dataclass

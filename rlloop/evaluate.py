@@ -73,7 +73,7 @@ class LocalEvaluator:
 
             self.prm = PRMScorer(
                 p.path,
-                dtype=cfg.model.dtype,
+                dtype=p.dtype,
                 num_threads=p.num_threads,
                 batch_size=p.batch_size,
                 max_batch_tokens=p.max_batch_tokens,

@@ -406,6 +406,9 @@ def _check_prm_service(p: Any) -> None:
     from rlloop.rewards.prm.adapters import ADAPTER_NAMES, ADAPTERS
 
     _choose("reward.prm.adapter", p.adapter, ADAPTER_NAMES)
+    _choose("reward.prm.dtype", p.dtype, ("float32", "bfloat16", "float16"))
+    _require(not p.online or p.dtype == "float32", "reward.prm.dtype", p.dtype,
+             "must be float32 for reward.prm.online=true (TD updates of half-precision weights lose them)")  # fmt: skip
     takes = sorted(ADAPTERS[p.adapter].OPTIONS) if p.adapter in ADAPTERS else []
     unknown = sorted(set(p.adapter_options or {}) - set(takes))
     _require(not unknown or p.adapter == "auto", "reward.prm.adapter_options", unknown,

@@ -237,6 +237,7 @@ class Actors:
             step_regex=cfg.rollout.step_regex,
             max_length=p.max_length,
             adapter=p.adapter,  # a published PRM (rlloop.rewards.prm.adapters) or rlloop's value head
+            dtype=p.dtype,
             adapter_options=to_dict(p.adapter_options),
             trust_remote_code=p.trust_remote_code,
         )

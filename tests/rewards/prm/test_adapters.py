@@ -214,6 +214,9 @@ def test_max_length_drops_prompt_tokens_from_the_left(qwen_prm_dir):
          r"adapter_options=\['tag'\]: not options of the qwen_prm adapter \(it takes \['separator'\]\)"),
         (["reward=tdrm", "reward.prm.online=true", "reward.prm.adapter=math_shepherd"],
          "reward.prm.adapter='math_shepherd': is a published PRM, scored frozen"),
+        (["reward.prm.dtype=fp8"], "reward.prm.dtype='fp8': unknown; choose float32, bfloat16 or float16"),
+        (["reward=tdrm", "reward.prm.online=true", "reward.prm.dtype=bfloat16"],
+         "reward.prm.dtype='bfloat16': must be float32 for reward.prm.online=true"),
     ],
 )  # fmt: skip
 def test_config_is_checked_before_any_actor(overrides, words):
