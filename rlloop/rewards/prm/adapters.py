@@ -173,12 +173,10 @@ class SeparatorInTextAdapter(StepAdapter):
     fails loudly instead of reading the wrong token.
     """
 
+    marker_id: int  # the marker's token id (set by `load`)
+
     def format(self, prompt_text: str, steps: list[str]) -> tuple[str, str, list[int]]:
         """(prompt part, whole text, exclusive end character of each step's marker in the text)."""
-        raise NotImplementedError
-
-    @property
-    def marker_id(self) -> int:
         raise NotImplementedError
 
     def encode(
@@ -222,12 +220,8 @@ class QwenPRMAdapter(SeparatorInTextAdapter):
             model = AutoModelForTokenClassification.from_pretrained(model_path, dtype=dtype)
         else:  # Qwen2ForProcessRewardModel ships its own modelling code
             model = AutoModel.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        self._marker_id = single_token_id(self.tokenizer, self.options["separator"], "separator")
+        self.marker_id = single_token_id(self.tokenizer, self.options["separator"], "separator")
         return TwoClassLogit(model)
-
-    @property
-    def marker_id(self) -> int:
-        return self._marker_id
 
     def format(self, prompt_text: str, steps: list[str]) -> tuple[str, str, list[int]]:
         sep = self.options["separator"]
@@ -252,7 +246,7 @@ class MathShepherdAdapter(SeparatorInTextAdapter):
             model_path, dtype=dtype, trust_remote_code=trust_remote_code
         )
         o, tok = self.options, self.tokenizer
-        self._marker_id = single_token_id(tok, o["step_tag"], "step_tag")
+        self.marker_id = single_token_id(tok, o["step_tag"], "step_tag")
         good, bad = (
             single_token_id(tok, o["good_token"], "good_token"),
             single_token_id(tok, o["bad_token"], "bad_token"),
@@ -262,10 +256,6 @@ class MathShepherdAdapter(SeparatorInTextAdapter):
                 f"PRM adapter math_shepherd: good_token and bad_token are the same token ({good})"
             )
         return TokenPairLogit(model, good, bad)
-
-    @property
-    def marker_id(self) -> int:
-        return self._marker_id
 
     def format(self, prompt_text: str, steps: list[str]) -> tuple[str, str, list[int]]:
         tag = self.options["step_tag"]
