@@ -12,7 +12,9 @@ the real SmolLM2-135M-Instruct. Prints a table and, per model, the line
 
     weight_sync: model=M object_store_ms=A collective_ms=B shm_ms=C
 
-`MB moved` is what the transport writes per sync: the object store and shm write each bucket once (the
+`learner side ms` is push_weights' part (gather + send every bucket; for collective it includes the
+workers' receive); the rest of a sync is the workers receiving and loading. `MB moved` is what the
+transport writes per sync: the object store and shm write each bucket once (the
 workers map it), the collective sends it to each worker; every worker's engine then copies the weights
 into its model (not counted). The cuda_ipc transport needs a GPU: benchmarks/gpu_check.sh.
 """
@@ -77,6 +79,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     actors.policy_version, actors.last_sync, actors.pending_sync = 0, None, None
     groups = {t: CollectiveGroup("gloo", 900.0) if t == "collective" else None for t in args.transport}
     times: dict[str, list[float]] = {t: [] for t in args.transport}
+    sends: dict[str, list[float]] = {t: [] for t in args.transport}
     info: dict[str, dict] = {}
     try:
         for r in range(args.rounds + 1):  # round 0 warms up (first gather, first load, the group forms)
@@ -88,10 +91,12 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                 start = time.perf_counter()
                 metrics = actors.sync_weights()
                 seconds = time.perf_counter() - start
+                send_s = actors.last_sync.gather_s  # learner side: gather and send every bucket
                 got = ray.get([w.get_policy_version.remote() for w in workers], timeout=60)
                 assert got == [actors.policy_version] * len(workers), got
                 if r > 0:
                     times[transport].append(seconds)
+                    sends[transport].append(send_s)
                 per_sync = metrics["sync/mb"] * (len(workers) if transport == "collective" else 1)
                 info[transport] = {"buckets": int(metrics["sync/buckets"]), "mb": metrics["sync/mb"], "moved": per_sync}
     finally:
@@ -106,6 +111,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             "mb": round(info[t]["mb"], 1),
             "mb_moved": round(info[t]["moved"], 1),
             "median_ms": round(1000 * statistics.median(times[t]), 1),
+            "send_ms": round(1000 * statistics.median(sends[t]), 1),
             "rounds_ms": [round(1000 * s, 1) for s in times[t]],
         }
         for t in args.transport
@@ -136,11 +142,11 @@ def main() -> None:
         f"workers, buckets of {args.bucket_mb:g} MB; {platform.machine()}, {os.cpu_count()} CPUs, load "
         f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at the end; {args.rounds} rounds after 1 warm-up\n"
     )
-    print("| model | transport | buckets | MB | MB moved | median ms | rounds ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | transport | buckets | MB | MB moved | median ms | learner side ms | rounds ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['transport']} | {r['buckets']} | {r['mb']} | {r['mb_moved']} | "
-              f"{r['median_ms']} | {', '.join(str(t) for t in r['rounds_ms'])} |")  # fmt: skip
+              f"{r['median_ms']} | {r['send_ms']} | {', '.join(str(t) for t in r['rounds_ms'])} |")  # fmt: skip
     for name in args.model:
         ms = {r["transport"]: r["median_ms"] for r in rows if r["model"] == name}
         print(f"weight_sync: model={name} " + " ".join(f"{t}_ms={ms[t]}" for t in args.transport))

@@ -13,7 +13,7 @@ bytes.
   network to other nodes.
 - `shm` (same node): the sender writes the bucket once into a file under /dev/shm; the payload is its
   path and layout; receivers `np.memmap` it read-only (no copy until the engine loads the weights). The
-  sender keeps the current and the previous version's files and deletes older ones.
+  sender keeps the current and the previous version's files (two slots per bucket, overwritten in turn).
 - `collective`: a torch.distributed group of the sender (rank 0) and every receiver, formed by the
   controller after the actors start (`CollectiveGroup`) and formed again, as a new generation, after a
   receiver restarts. The payload is only a ticket; the receiver's call waits in the group's broadcast
@@ -203,10 +203,14 @@ class Endpoint:
                     f"{layout.nbytes / 2**20:.0f} MiB needs twice that (two versions are kept); enlarge "
                     f"{SHM_DIR} (docker --shm-size) or use object_store / collective"
                 )
-            path = os.path.join(SHM_DIR, f"rlloop-{self.run_id}-{os.getpid()}-v{version}-b{index}")
-            buf = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(layout.nbytes, 1),))
+            # two slots per bucket, by version parity: version v overwrites v-2's file in place (its pages
+            # are already there: a fresh file would fault in and zero every page first), while v-1's stays
+            # whole for a worker restarted meanwhile. A sync starts only once every worker loaded the last.
+            path = os.path.join(SHM_DIR, f"rlloop-{self.run_id}-{os.getpid()}-s{version % 2}-b{index}")
+            size = max(layout.nbytes, 1)
+            reuse = os.path.exists(path) and os.path.getsize(path) == size
+            buf = np.memmap(path, dtype=np.uint8, mode="r+" if reuse else "w+", shape=(size,))
             layout.pack(arrays, buf[: layout.nbytes])
-            buf.flush()
             del buf
             self.shm_files.setdefault(version, []).append(path)
             self._drop_old(version)
@@ -233,9 +237,13 @@ class Endpoint:
 
     def _drop_old(self, version: int) -> None:
         """Keep the files / CUDA buffers of this version and the one before (a receiver restarted while
-        the previous sync is confirmed may still open it); free older ones."""
+        the previous sync is confirmed may still open it); free older ones (a file that the slot of a
+        kept version reuses stays)."""
+        keep = {p for v, paths in self.shm_files.items() if v >= version - 1 for p in paths}
         for v in [v for v in self.shm_files if v < version - 1]:
             for path in self.shm_files.pop(v):
+                if path in keep:
+                    continue
                 try:
                     os.unlink(path)
                 except FileNotFoundError:

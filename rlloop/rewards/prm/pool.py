@@ -241,5 +241,10 @@ class PRMPool:
     def kill(self) -> None:
         import ray
 
+        if self.transport == "shm":
+            try:  # the trainer replica's /dev/shm weight files
+                ray.get(self.actors[0].weight_close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - dead or hung: its files stay
+                pass
         for actor in self.actors:
             ray.kill(actor)

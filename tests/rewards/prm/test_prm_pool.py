@@ -55,18 +55,27 @@ def test_two_replicas_score_like_one_in_submission_order(ray_cluster, prm_dir):
     assert ray.is_initialized()
 
 
-def test_broadcast_gives_every_replica_the_trainer_weights_and_version(ray_cluster, prm_dir, plain_lm_dir):
+@pytest.mark.parametrize("transport", ["object_store", "shm", "collective"])
+def test_broadcast_gives_every_replica_the_trainer_weights_and_version(
+    ray_cluster, prm_dir, plain_lm_dir, transport
+):
+    """Through each weight transport (rlloop.distributed.transport), as cluster.weight_transport picks."""
+    from rlloop.distributed.transport import CollectiveGroup
     from rlloop.rewards.prm.pool import PRMPool
     from rlloop.rewards.prm.service import PRMScorer
 
     ray = ray_cluster
     pool = PRMPool.start(2, plain_lm_dir, timeout_s=120)  # fresh heads: V = 0.5 everywhere
+    pool.set_transport(transport, CollectiveGroup("gloo", 60.0))
     try:
+        ray.get([a.__ray_ready__.remote() for a in pool.actors], timeout=300)  # start-up, slow under load
         trained = PRMScorer(prm_dir)
         # the trainer replica (0) holds new weights at version 3; replica 1 still has the fresh head
         ref = ray.put(trained.state_dict_numpy())
         assert ray.get(pool.actors[0].load_state_numpy.remote(ref, 3), timeout=60) == 3
         pool.broadcast(pool.actors[0].state_dict_numpy.remote(), 3)
+        if transport == "collective":
+            assert pool.group.generation == 1 and not pool.group.stale
         assert ray.get([a.__ray_call__.remote(lambda s: s.version) for a in pool.actors], timeout=60) == [
             3,
             3,
