@@ -143,11 +143,6 @@ def save_adapter(model: torch.nn.Module, path: str) -> None:
     peft_model.save_pretrained(path)
 
 
-def adapter_bytes(model: torch.nn.Module) -> int:
-    """float32 bytes of the trainable (adapter) parameters: what one LoRA weight sync moves."""
-    return sum(4 * int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
-
-
 def adapter_off(engine: Any, lora: dict | None, off: bool) -> Any:
     """Context in which a LoRA policy (`engine.module`, a peft model) is its frozen base, when `off`:
     the reference policy without a second model."""

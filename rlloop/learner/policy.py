@@ -292,6 +292,7 @@ class PolicyLearner:
         )
         # only what trains has optimizer state (with LoRA: the adapter, and a critic's value head)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        num_trainable = sum(p.numel() for p in trainable)  # before ZeRO-3 empties the parameters
         adam = dict(
             lr=float(self.learner_cfg["lr"]),
             weight_decay=float(self.learner_cfg["weight_decay"]),
@@ -339,7 +340,9 @@ class PolicyLearner:
             ds_config["bf16"]["enabled"],
             f"{gc_layers} layers" if gc_layers else "off",
             sorted(k for k in ds_config["zero_optimization"] if k.startswith("offload")) or "off",
-            f"rank {self.lora['rank']}, {sum(p.numel() for p in trainable)} trainable" if self.lora else "off",
+            f"rank {self.lora['rank']}, {num_trainable} trainable, weight sync {4 * num_trainable / 2**20:.2f} MB"
+            if self.lora
+            else "off",
             self.learner_cfg["lr_scheduler"],
             decay_steps,
             self.init_timings,
