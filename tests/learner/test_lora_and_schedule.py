@@ -117,10 +117,12 @@ def test_lora_trains_only_the_adapter_and_syncs_only_it(tiny_model_path, dist_po
     np.testing.assert_allclose(peft_lp, policy[0, 1:rows], atol=1e-5)
 
 
-def test_lora_resume_restores_adapter_optimizer_and_schedule(tiny_model_path, dist_port, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lora_resume_restores_adapter_optimizer_and_schedule(tiny_model_path, dist_port, tmp_path, zero_stage):
     """Two steps, a checkpoint, a fresh learner resumed from it, a third step: the same adapter as three
-    uninterrupted steps (Adam's moments and the LR schedule came back too)."""
-    cfg = {"lora": LORA, "lr_scheduler": "linear", "lr_warmup_steps": 1, "lr_decay_steps": 4}
+    uninterrupted steps (Adam's moments and the LR schedule came back too); ZeRO-3 partitions the frozen
+    base and the adapter alike."""
+    cfg = {"lora": LORA, "lr_scheduler": "linear", "lr_warmup_steps": 1, "lr_decay_steps": 4, "zero_stage": zero_stage}
     batch = make_batch(num_rows=4, seed=5)
     whole = inprocess_learner(tiny_model_path, dist_port, **cfg)
     lrs = _steps(whole, batch, 3)
