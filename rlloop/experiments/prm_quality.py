@@ -281,6 +281,28 @@ def mc_labels(row: dict, outcomes: list[list[float]], hard: bool) -> list[float]
     return labels
 
 
+def label_budget(
+    rows: list[dict], ms: Sequence[int], *, seed: int, task_cfg: Any
+) -> dict[str, dict[str, dict[str, float]]]:
+    """How well MC labels localise the first error as the completer budget grows: for each m in `ms`,
+    `localisation` (V < 0.5) of the soft and hard labels from m teacher continuations per step (plus each
+    row's own outcome), against the exact first errors. The labels come from the verifier alone; the
+    step checker only scores them. Teacher rows only (`--rollouts teacher`)."""
+    fe = [r["first_error"] for r in rows]
+    # one draw of max(ms) continuations; each m uses the first m of them (common random numbers: a hard
+    # label can only turn from 0 to 1 as m grows, so the comparison across m carries no sampling noise)
+    full = teacher_mc_outcomes(rows, m=max(ms), seed=seed, task_cfg=task_cfg)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for m in sorted(ms):
+        outcomes = [[samples[:m] for samples in row] for row in full]
+        out[str(m)] = {
+            kind: localisation([mc_labels(r, o, hard=kind == "hard") for r, o in zip(rows, outcomes)], fe)
+            for kind in ("soft", "hard")
+        }
+        logger.info("label budget m=%d: hard F1 %.3f, soft F1 %.3f", m, out[str(m)]["hard"]["f1"], out[str(m)]["soft"]["f1"])
+    return out
+
+
 def label_targets(
     kind: str, labels: Sequence[float], outcome: float, *, gamma: float, n: int, lam: float
 ) -> list[float]:
@@ -733,6 +755,7 @@ def run(
     reuse_rollouts: bool = False,
     backbone: str = "full",
     rollouts: str = "policy",
+    label_budget_ms: Sequence[int] = (),
 ) -> dict:
     """Sample, label, train every arm (kind × label) with every PRM seed, evaluate; see the module
     docstring. `seed` seeds the sampling; `prm_seeds` (default [seed]) the PRM trainings. Writes
@@ -839,6 +862,10 @@ def run(
                 f"mc_{kind}": localisation([mc_labels(r, o, hard=kind == "hard") for r, o in zip(train_rows, mc_outcomes)], fe)
                 for kind in ("soft", "hard")
             }  # fmt: skip
+    if label_budget_ms:
+        if rollouts != "teacher":
+            raise ValueError("--label-budget needs --rollouts teacher (teacher continuations are free)")
+        result["label_budget"] = label_budget(train_rows, label_budget_ms, seed=seed, task_cfg=task_cfg)
     heldout_values: dict[str, list[list[float]]] = {}
     feats = None
     if backbone == "frozen" and kinds:
@@ -899,7 +926,7 @@ def run(
                 }
             (out_dir / "prm_quality.json").write_text(json.dumps(result, indent=2))  # partial results survive
     (out_dir / "prm_quality.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "prm_quality.md").write_text(markdown(result) + "\n")
+    (out_dir / "prm_quality.md").write_text(markdown(result) + label_budget_markdown(result) + "\n")
     if heldout_values:
         (out_dir / "heldout_values.json").write_text(json.dumps(heldout_values))
         try:
@@ -907,6 +934,24 @@ def run(
         except ImportError as e:  # matplotlib is optional
             logger.warning("no localisation plot: %s", e)
     return result
+
+
+def label_budget_markdown(result: dict) -> str:
+    """The MC labels' own first-error localisation per completer budget m (`--label-budget`), or ''."""
+    if "label_budget" not in result:
+        return ""
+    lines = [
+        "",
+        "| MC samples per step | hard: F1 | err acc | correct acc | early | late | soft: F1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, q in result["label_budget"].items():
+        h = q["hard"]
+        lines.append(
+            f"| {m} | {h['f1']:.3f} | {h['err_acc']:.3f} | {h['correct_acc']:.3f} | {h['early']:.3f} "
+            f"| {h['late']:.3f} | {q['soft']['f1']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def _brief(res: dict) -> str:
@@ -1094,6 +1139,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=("policy", "teacher"),
         help="policy: sampled from the model; teacher: written by the chain task's misconception teacher",
     )
+    ap.add_argument(
+        "--label-budget",
+        default="",
+        help="comma-separated MC sample counts, e.g. 4,16,64,256: the first-error F1 of the MC labels "
+        "themselves at each (teacher rollouts; add --kinds '' to train nothing)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # every flag is a run() keyword of the same name; these few are renamed or parsed further
@@ -1105,6 +1156,7 @@ def main(argv: list[str] | None = None) -> None:
         kinds=tuple(k for k in args.kinds.split(",") if k),
         labels=tuple(x for x in args.labels.split(",") if x),
         prm_seeds=[int(s) for s in args.prm_seeds.split(",")] if args.prm_seeds else None,
+        label_budget_ms=[int(m) for m in options.pop("label_budget").split(",") if m],
     )
     res = run(**options)
     print(json.dumps({k: res[k] for k in ("rollouts",)}, indent=2))

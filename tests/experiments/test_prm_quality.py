@@ -164,8 +164,18 @@ def test_teacher_rollouts_and_frozen_heads(tmp_path):
         prm_seeds=[0, 1],
         backbone="frozen",
         rollouts="teacher",
+        label_budget_ms=(1, 16),
     )
     rows = [json.loads(x) for x in (tmp_path / "train_rollouts.jsonl").read_text().splitlines()]
+    # the MC labels' own localisation per completer budget: nested samples, so more of them can only turn
+    # a hard label from 0 to 1 (fewer too-early predictions); an all-correct solution's labels are all 1
+    budget = res["label_budget"]
+    assert set(budget) == {"1", "16"}
+    assert budget["16"]["hard"]["early"] <= budget["1"]["hard"]["early"]
+    assert budget["16"]["hard"]["late"] >= budget["1"]["hard"]["late"]
+    if budget["1"]["hard"]["n_correct"]:
+        assert budget["1"]["hard"]["correct_acc"] == 1.0
+    assert "| 16 | " in (tmp_path / "prm_quality.md").read_text()
     p = chain.parse_question(rows[0]["question"])
     assert all(
         chain.first_error(chain.parse_question(r["question"]), r["text"]) == r["first_error"] for r in rows
