@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {
     "tiny": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "arith-small": dict(arch="llama", vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
     "smollm2-shape": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                           num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                           tie_word_embeddings=True, rope_theta=100000.0),
@@ -96,7 +98,7 @@ def fig_learner(args, path: str) -> None:
 
     import torch
 
-    from rlloop.learner.policy import PolicyLearner
+    from rlloop.learner.policy import PolicyLearner, row_lengths
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,28 +106,41 @@ def fig_learner(args, path: str) -> None:
     batch = rollout_batch(512, args.rows, 64, args.response_len)
     tokens = int(batch.attention_mask.sum())
     learner = None
-    for arm in ("padded", "sorted", "packed"):
-        cfg = {"world_size": 1, "zero_stage": 2 if args.device == "cuda" else 0, "lr": 1e-6, "micro_batch_size": args.micro_batch,
-               "bf16": args.device == "cuda", "num_threads": 4, "batching": arm}  # fmt: skip
-        algo = {"use_ref": False, "loss_agg": "token-mean"}
-        if learner is None:
-            learner = PolicyLearner(path, cfg, algo, rank=0, world_size=1, master_addr="127.0.0.1",
-                                    master_port=port, train_batch_size=args.rows)  # fmt: skip
-        learner.batching = arm  # one engine for the three arms: same weights, only the batching differs
-        learner.train_step(batch)  # warm-up
-        times = []
-        for _ in range(args.steps):
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    arms = ("padded", "sorted", "packed")
+    for r in range(args.steps + 1):  # round 0 warms every arm up; rounds alternate the arms' order
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            cfg = {"world_size": 1, "zero_stage": 2 if args.device == "cuda" else 0, "lr": 1e-6, "micro_batch_size": args.micro_batch,
+                   "bf16": args.device == "cuda", "num_threads": 4 if args.device == "cuda" else 2, "batching": arm}  # fmt: skip
+            algo = {"use_ref": False, "loss_agg": "token-mean"}
+            if learner is None:
+                learner = PolicyLearner(path, cfg, algo, rank=0, world_size=1, master_addr="127.0.0.1",
+                                        master_port=port, train_batch_size=args.rows)  # fmt: skip
+            learner.batching = arm  # one engine for the three arms: same weights, only the batching differs
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             learner.train_step(batch)
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        step = statistics.median(times)
+            if r > 0:
+                wall.setdefault(arm, []).append(time.perf_counter() - t0)
+                cpu.setdefault(arm, []).append(time.process_time() - c0)  # CPU seconds of every thread
+    for arm in arms:
+        step = statistics.median(wall[arm])
+        positions = sum(len(rows) * int(row_lengths(batch.attention_mask[rows]).max()) if arm != "packed"
+                        else int(row_lengths(batch.attention_mask[rows]).sum())
+                        for rows in _plan(learner, arm, batch))  # fmt: skip
         emit("learner_step", model=args.model, device=args.device, batching=arm, rows=args.rows,
-             tokens=tokens, step_s=step, tokens_per_s=tokens / step,
+             tokens=tokens, positions=positions, step_s=step, cpu_s=statistics.median(cpu[arm]),
+             tokens_per_s=tokens / step, steps=len(wall[arm]), load=os.getloadavg()[0],
              peak_gb=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0)  # fmt: skip
+
+
+def _plan(learner, arm: str, batch) -> list:
+    learner.batching = arm
+    return learner._row_plan(batch)
 
 
 def fig_engine(args, path: str) -> None:

@@ -131,13 +131,17 @@ def worker(args) -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     learner.train_step(batch)  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         learner.train_step(batch)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # every thread's CPU seconds: the work, whatever the load
+    positions = sum(len(rows) * int(policy.row_lengths(att[rows]).max()) if learner.batching != "packed"
+                    else int(policy.row_lengths(att[rows]).sum()) for rows in learner._row_plan(batch))  # fmt: skip
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print("RESULT " + json.dumps({"arm": args.worker, "times": times, "peak_rss_gb": peak_gb}), flush=True)
+    print("RESULT " + json.dumps({"arm": args.worker, "times": times, "cpu": cpu, "positions": positions,
+                                  "peak_rss_gb": peak_gb}), flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -174,8 +178,11 @@ def main() -> None:
             env.pop("MALLOC_MMAP_THRESHOLD_", None)  # glibc's default unless the arm says mmap1m
             res = run_arm(cmd, env, arm)
             results[arm].append(res)
-            print(f"round {r} {arm}: steps {[round(t, 2) for t in res['times']]} s, peak RSS {res['peak_rss_gb']:.2f} GB")
+            print(f"round {r} {arm}: steps {[round(t, 2) for t in res['times']]} s, CPU "
+                  f"{[round(t, 2) for t in res['cpu']]} s, peak RSS {res['peak_rss_gb']:.2f} GB")  # fmt: skip
     med = {arm: statistics.median(t for res in results[arm] for t in res["times"]) for arm in arms}
+    cpu = {arm: statistics.median(t for res in results[arm] for t in res["cpu"]) for arm in arms}
+    positions = {arm: results[arm][0]["positions"] for arm in arms}
     rss = {arm: statistics.median(res["peak_rss_gb"] for res in results[arm]) for arm in arms}
     lengths = response_lengths(args)
     spread = (f"{args.response_len} response" if args.spread == "none" else
@@ -184,9 +191,11 @@ def main() -> None:
     print(f"\n{args.model}: {args.rows} rows x (~{args.prompt_len} prompt + {spread}), "
           f"micro-batch {args.micro_batch}, {args.threads} threads, load {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     base = arms[0]
-    print(f"| arm | step s (median) | peak RSS GB | step vs {base} | RSS vs {base} |\n|---|---|---|---|---|")
+    print(f"| arm | token positions | step s (median) | CPU s (median) | peak RSS GB | step vs {base} | "
+          f"CPU vs {base} | RSS vs {base} |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for arm in arms:
-        print(f"| {arm} | {med[arm]:.2f} | {rss[arm]:.2f} | {med[arm] / med[base]:.2f} | {rss[arm] / rss[base]:.2f} |")
+        print(f"| {arm} | {positions[arm]} | {med[arm]:.2f} | {cpu[arm]:.2f} | {rss[arm]:.2f} | {med[arm] / med[base]:.2f} | "
+              f"{cpu[arm] / cpu[base]:.2f} | {rss[arm] / rss[base]:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ class LearnerConfig:
     # order, each padded to its longest) | sorted (rows sorted by length, cut at micro_batch_tokens padded
     # tokens: verl's dynamic batch size) | packed (sorted, cut at micro_batch_tokens real tokens, each
     # micro-batch one row with position_ids restarting per sequence: no padding at all)
-    batching: str = "padded"
+    batching: str = "sorted"
     micro_batch_tokens: Optional[int] = None  # sorted/packed budget; None = micro_batch_size x longest row
     grad_clip: float = 1.0
     bf16: bool = False
@@ -407,8 +407,8 @@ class ClusterConfig:
     critic: RoleResources = field(default_factory=lambda: RoleResources(num_cpus=0.1))  # per rank (gae)
     ready_timeout_s: float = 300.0  # placement groups not placed by then fail, naming the role
     # how weight buckets reach the rollout workers and PRM replicas (rlloop.distributed.transport):
-    # auto (cuda_ipc on one GPU node, shm on one node, else collective) | object_store | shm | collective
-    # (gloo on CPU, NCCL on GPU) | cuda_ipc; the choice is logged at start
+    # auto (GPUs: cuda_ipc on one node, else collective; CPU: object_store) | object_store | shm |
+    # collective (gloo on CPU, NCCL on GPU) | cuda_ipc; the choice is logged at start
     weight_transport: str = "auto"
 
 

@@ -23,8 +23,10 @@ bytes.
   handles (torch's own sharing reduction); receivers open them without a copy. Exercised only on a GPU
   machine (benchmarks/gpu_check.sh); refused without CUDA.
 
-`resolve_transport` picks one for `cluster.weight_transport` (auto: cuda_ipc when every role is on the
-sender's GPU node, else shm when on its node, else collective) and the controller logs the choice.
+`resolve_transport` picks one for `cluster.weight_transport` (auto: on GPUs cuda_ipc when every
+receiver is on the sender's node, else collective over NCCL; on CPU the object store, which on one node
+is shared memory already: measured no slower than shm or gloo there, benchmarks/RESULTS.md) and the
+controller logs the choice.
 """
 
 from __future__ import annotations
@@ -292,14 +294,16 @@ def free_port() -> int:
 
 
 def resolve_transport(name: str, *, sender_node: str, receiver_nodes: list[str], gpus: bool) -> str:
-    """The transport `cluster.weight_transport=name` means here. auto: cuda_ipc when there are GPUs and
-    every receiver shares the sender's node, else shm on one node, else collective. A named transport
-    that cannot work here (shm across nodes, cuda_ipc without GPUs) is an error naming the key."""
+    """The transport `cluster.weight_transport=name` means here. auto: with GPUs, cuda_ipc when every
+    receiver shares the sender's node, else collective (NCCL); without, object_store (on one node Ray's
+    object store is shared memory read zero-copy; on this project's CPU machines neither shm nor a gloo
+    broadcast beat it, benchmarks/RESULTS.md "Weight sync"). A named transport that cannot work here
+    (shm across nodes, cuda_ipc without GPUs) is an error naming the key."""
     same_node = all(node == sender_node for node in receiver_nodes)
     if name not in TRANSPORTS:
         raise TransportError(f"cluster.weight_transport={name!r}: unknown; choose one of {list(TRANSPORTS)}")
     if name == "auto":
-        return ("cuda_ipc" if gpus else "shm") if same_node else "collective"
+        return ("cuda_ipc" if same_node else "collective") if gpus else "object_store"
     if name == "shm" and not same_node:
         raise TransportError(
             f"cluster.weight_transport=shm: receivers on nodes {sorted(set(receiver_nodes))} but the sender "

@@ -116,7 +116,7 @@ def test_batching_gives_the_padded_logprobs_loss_and_gradients(
 ):
     batch = _spread_batch()
     algo = algo_cfg(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=entropy_coef, use_ref=False)
-    lp0, m0, g0 = _step(tiny_model_path, dist_port, batch, monkeypatch, algo, micro_batch_size=3)
+    lp0, m0, g0 = _step(tiny_model_path, dist_port, batch, monkeypatch, algo, micro_batch_size=3, batching="padded")
     lp1, m1, g1 = _step(
         tiny_model_path, dist_port, batch, monkeypatch, algo, micro_batch_size=3, batching=batching,
         micro_batch_tokens=tokens,

@@ -71,7 +71,8 @@ def test_shm_files_are_written_once_mapped_and_cleaned(tmp_path, monkeypatch):
 def test_resolve_transport_and_its_errors():
     one = dict(sender_node="n0", receiver_nodes=["n0", "n0"])
     two = dict(sender_node="n0", receiver_nodes=["n0", "n1"])
-    assert resolve_transport("auto", **one, gpus=False) == "shm"
+    assert resolve_transport("auto", **one, gpus=False) == "object_store"
+    assert resolve_transport("auto", **two, gpus=False) == "object_store"
     assert resolve_transport("auto", **one, gpus=True) == "cuda_ipc"
     assert resolve_transport("auto", **two, gpus=True) == "collective"
     assert resolve_transport("object_store", **two, gpus=False) == "object_store"
