@@ -335,9 +335,9 @@ class LearnerConfig:
     lr_min_ratio: float = 0.0  # cosine only
     lr_decay_steps: Optional[int] = None  # optimizer steps the schedule spans; None = total_steps x ppo_epochs
     # ZeRO-Offload (docs/learner.md): Adam's state (and its fp32 master weights) in CPU memory, stepped there
-    # by DeepSpeedCPUAdam (ZeRO stage >= 1); offload_params also keeps the parameters there (ZeRO-3 only)
+    # by DeepSpeedCPUAdam (ZeRO stage >= 1)
     offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_params: bool = False  # ZeRO-3 only: the parameters in CPU memory too, each layer fetched when it runs
     # merged last into the generated DeepSpeed config (nested dicts merge key by key); checked at start
     deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)
     lora: LoraConfig = field(default_factory=LoraConfig)
