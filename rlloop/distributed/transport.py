@@ -208,6 +208,8 @@ class Endpoint:
             # two slots per bucket, by version parity: version v overwrites v-2's file in place (its pages
             # are already there: a fresh file would fault in and zero every page first), while v-1's stays
             # whole for a worker restarted meanwhile. A sync starts only once every worker loaded the last.
+            if not self.shm_files:
+                remove_orphan_files()
             path = os.path.join(SHM_DIR, f"rlloop-{self.run_id}-{os.getpid()}-s{version % 2}-b{index}")
             size = max(layout.nbytes, 1)
             reuse = os.path.exists(path) and os.path.getsize(path) == size
@@ -282,6 +284,24 @@ class Endpoint:
             buf = rebuild(*args)
             return payload.layout.unpack(buf.cpu().numpy())
         raise TransportError(f"weight payload of unknown kind {type(payload).__name__}")
+
+
+def remove_orphan_files() -> None:
+    """Delete rlloop's /dev/shm weight files whose writer (the pid in the name) is gone: a learner killed
+    without its shutdown (a crash, a test's ray.kill) leaves its files behind."""
+    import glob
+
+    for path in glob.glob(os.path.join(SHM_DIR, "rlloop-*-*-*-b*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        except (ValueError, IndexError, PermissionError):  # not ours, or another user's live process
+            continue
 
 
 def free_port() -> int:
