@@ -52,8 +52,11 @@ def rendered_prompt(sample: Sample, cfg: Any) -> str:
     return prompt_text(sample, AutoTokenizer.from_pretrained(resolve_model(cfg.model, cfg.task)), cfg.task)
 
 
-def check(cfg: Any, out=sys.stdout) -> int:
-    """Print the report for `cfg`'s data sets; the number of rows listed."""
+def check(cfg: Any, out=None) -> int:
+    """Print the report for `cfg`'s data sets (to `out`, default the current sys.stdout, looked up at call
+    time: a default bound at import would keep whatever stream was current then); the number of rows
+    listed."""
+    out = sys.stdout if out is None else out
     from rlloop.data import build_datasets
     from rlloop.rewards.verifiers.worker import route
     from rlloop.validate import check_data_sources

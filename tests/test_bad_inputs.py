@@ -45,7 +45,7 @@ CASES = [
     ("unknown critic output", ["algo=ppo", "algo.critic.output=tanh"], ["algo.critic.output", "tanh"]),
     ("unknown critic key", ["algo=ppo", "+algo.critic.warmup=3"], ["algo.critic.warmup"]),
     ("zero ppo_epochs", ["algo.ppo_epochs=0"], ["algo.ppo_epochs"]),
-    ("unknown logger", ["logger=[console,tensorboard]"], ["logger", "tensorboard"]),
+    ("unknown logger", ["logger=[console,neptune]"], ["logger", "neptune"]),
     ("negative max_restarts", ["trainer.max_restarts=-1"], ["trainer.max_restarts"]),
     ("negative eval_samples", ["trainer.eval_samples=-2"], ["trainer.eval_samples"]),
     ("no room for a prompt", ["rollout.max_new_tokens=300"], ["rollout.max_new_tokens=300", "256"]),

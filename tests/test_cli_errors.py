@@ -84,7 +84,7 @@ def test_schema_rejects_unknown_keys_and_wrong_types(override, error, culprit):
         ("learner.zero_stage=4", "learner.zero_stage"),
         ("learner.malloc_mmap_threshold_mb=-1", "learner.malloc_mmap_threshold_mb"),
         ("trainer.total_steps=0", "trainer.total_steps"),
-        ("logger=[console,tensorboard]", "logger"),
+        ("logger=[console,neptune]", "logger"),
         ("reward.fusion=magic", "reward.fusion"),
         ("algo.kl_estimator=bogus", "algo.kl_estimator"),
         ("algo.loss_agg=bogus", "algo.loss_agg"),

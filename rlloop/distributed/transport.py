@@ -32,9 +32,9 @@ controller logs the choice.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
-import pickle
 import shutil
 import socket
 import time
@@ -73,6 +73,17 @@ class Layout:
             entries.append((name, value.dtype.str, tuple(int(s) for s in value.shape), offset))
             offset += -(-value.nbytes // 64) * 64
         return cls(tuple(entries), offset)
+
+    def to_json(self) -> list:
+        return [[list(e[:2]) + [list(e[2]), e[3]] for e in self.entries], self.nbytes]
+
+    @classmethod
+    def from_json(cls, data: list) -> Layout:
+        entries, nbytes = data
+        return cls(
+            tuple((str(n), str(d), tuple(int(x) for x in shape), int(o)) for n, d, shape, o in entries),
+            int(nbytes),
+        )
 
     def pack(self, arrays: dict[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
         """The arrays copied into one uint8 buffer (`out`, or a new one) of `self.nbytes`."""
@@ -222,7 +233,8 @@ class Endpoint:
         if transport == "collective":
             if self.group is None:
                 raise TransportError("collective weight send: this sender is in no weight group")
-            header = np.frombuffer(pickle.dumps((version, index, layout)), dtype=np.uint8)
+            # plain JSON, not pickle: the receiver never unpickles bytes that came over a socket
+            header = np.frombuffer(json.dumps([version, index, layout.to_json()]).encode(), dtype=np.uint8)
             self._broadcast(self._tensor(np.array([header.size], dtype=np.int64)))
             self._broadcast(self._tensor(header.copy()))
             self._broadcast(self._tensor(layout.pack(arrays)))
@@ -276,7 +288,7 @@ class Endpoint:
                 )
             size = self._broadcast(self._tensor(np.zeros(1, dtype=np.int64)))
             header = self._broadcast(self._tensor(np.zeros(int(size.cpu()[0]), dtype=np.uint8)))
-            _, _, layout = pickle.loads(header.cpu().numpy().tobytes())
+            layout = Layout.from_json(json.loads(header.cpu().numpy().tobytes())[2])
             buf = self._broadcast(self._tensor(np.empty(layout.nbytes, dtype=np.uint8)))
             return layout.unpack(buf.cpu().numpy())
         if isinstance(payload, CudaIpcPayload):
