@@ -40,7 +40,6 @@ class LocalEvaluator:
         from transformers import AutoTokenizer
 
         from rlloop.config import to_dict
-        from rlloop.rewards.verifiers.custom import absolute_custom_fn
         from rlloop.rewards.verifiers.worker import VerifierWorkerCore
         from rlloop.rollout.worker import RolloutWorkerCore
 
@@ -57,15 +56,7 @@ class LocalEvaluator:
             step_regex=r.step_regex,
             **(to_dict(r.vllm) if r.engine == "vllm" else {}),
         )
-        v = to_dict(cfg.reward.verifier)
-        self.verifier = VerifierWorkerCore(
-            sources=v.get("sources") or {},
-            options=v.get("options") or {},
-            custom_fn=absolute_custom_fn(v.get("custom_fn")),
-            timeout_s=float(v.get("timeout_s", 10.0)),
-            plugins=list(v.get("plugins") or []),
-            custom_style=v.get("custom_style") or "auto",
-        )
+        self.verifier = VerifierWorkerCore.from_config(cfg.reward.verifier)
         self.prm = None
         p = cfg.reward.prm
         if p.path:  # a PRM given by path scores (whatever the reward preset); an untrained head would not

@@ -64,9 +64,7 @@ def verify(
     cfg: Any, *, rows: int, split: str, solution: str, completions: Optional[str]
 ) -> List[VerifyResult]:
     """Score the first `rows` samples of `split` with cfg.reward.verifier; results in row order."""
-    from rlloop.config import to_dict
     from rlloop.data import build_datasets
-    from rlloop.rewards.verifiers.custom import absolute_custom_fn
     from rlloop.rewards.verifiers.worker import VerifierWorkerCore
     from rlloop.validate import check_data_sources, check_verifiers
 
@@ -81,15 +79,7 @@ def verify(
         if completions
         else [solution.replace("{gold}", s.ground_truth) for s in samples]
     )
-    v = to_dict(cfg.reward.verifier)
-    core = VerifierWorkerCore(
-        sources=v.get("sources") or {},
-        options=v.get("options") or {},
-        custom_fn=absolute_custom_fn(v.get("custom_fn")),
-        timeout_s=float(v.get("timeout_s", 10.0)),
-        plugins=list(v.get("plugins") or []),
-        custom_style=v.get("custom_style") or "auto",
-    )
+    core = VerifierWorkerCore.from_config(cfg.reward.verifier)
     render = _prompt_renderer(cfg)
     requests = [
         VerifyRequest(

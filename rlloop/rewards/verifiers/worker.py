@@ -56,6 +56,22 @@ def import_plugins(modules: List[str]) -> None:
 class VerifierWorkerCore(ActorCore):
     """Scores requests one by one; `verify_many` is the unit of work the pool sends."""
 
+    @classmethod
+    def from_config(cls, verifier_cfg: Any) -> VerifierWorkerCore:
+        """An in-process worker from `reward.verifier` (what `rlloop eval` and `verify-reward` score with)."""
+        from rlloop.config import to_dict
+        from rlloop.rewards.verifiers.custom import absolute_custom_fn
+
+        v = to_dict(verifier_cfg)
+        return cls(
+            sources=v.get("sources") or {},
+            options=v.get("options") or {},
+            custom_fn=absolute_custom_fn(v.get("custom_fn")),
+            timeout_s=float(v.get("timeout_s", 10.0)),
+            plugins=list(v.get("plugins") or []),
+            custom_style=v.get("custom_style") or "auto",
+        )
+
     def __init__(
         self,
         sources: Mapping[str, str],
