@@ -9,6 +9,7 @@ checkpoints and shutdown live in rlloop.distributed.lifecycle. Reward fusion is 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import time
@@ -730,13 +731,16 @@ class Trainer:
             "stream": stream,
             "trained_groups": self.trained_groups,
             "kl_coef": self.kl_ctl.value,  # adaptive KL: the coefficient as it has moved so far
+            # algo=dpo|tgdpo, pair_rule=random: the tie-breaking draws continue where they stopped
+            "pair_rng": base64.b64encode(self._pair_rng.get_state().numpy().tobytes()).decode("ascii"),
             **self.model_identity,  # model_fingerprint, model_revision, model_weights
             "model_path": self.model_path,
         }
         return checkpoint.commit(tmp, state, self.model_path, keep_last=self.cfg.trainer.keep_last)
 
     def _restore(self, path: Path, state: dict) -> None:
-        """Continue from a checkpoint: the actors (learner, critic, PRM, workers), data position, KL."""
+        """Continue from a checkpoint: the actors (learner, critic, PRM, workers), data position, KL, the DPO
+        pair draws."""
         self.step = int(state["step"])
         self.stream.seed = int(state["stream"]["seed"])
         self.stream.epoch = int(state["stream"]["epoch"])
@@ -744,6 +748,9 @@ class Trainer:
         self.stream.pos = int(state["stream"]["pos"])
         self.trained_groups = list(state.get("trained_groups", []))
         self.kl_ctl.value = float(state.get("kl_coef", self.kl_ctl.value))
+        if "pair_rng" in state:  # checkpoints written before it was saved restart the draws from the seed
+            raw = np.frombuffer(base64.b64decode(state["pair_rng"]), dtype=np.uint8).copy()
+            self._pair_rng.set_state(torch.from_numpy(raw))
         optimizer_steps = self.actors.restore(path, state)
         versions = self.actors.get([w.get_policy_version.remote() for w in self.workers], "policy versions")
         logger.info(

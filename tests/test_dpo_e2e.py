@@ -99,3 +99,35 @@ def test_tgdpo_with_qrm_or_td_prm_guidance(tmp_path, guidance):
         assert "qrm/token_mean" in rows[0]
     else:
         assert "prm/tokens" in rows[0]
+
+
+@pytest.mark.slow
+def test_resumed_dpo_draws_the_same_pairs_as_an_uninterrupted_run(tmp_path):
+    """pair_rule=random breaks ties with a generator that the checkpoint carries: 2 steps, then a resume
+    to 3, ends with the weights and the step-3 pairs of a straight 3-step run. (Before the generator was
+    saved, the resumed run drew step 3's pairs from the seed again, i.e. step 1's draws.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    parity = ["reward.verifier.sources={arith:custom}", "reward.verifier.custom_fn=reward_fixtures:trl_parity_reward"]
+    common = [*TINY_RUN, "reward=rule", *parity, "algo=dpo", "algo.dpo.pair_rule=random", "algo.dpo.max_pairs_per_group=2",
+              "learner.world_size=1", "trainer.save_every=1", "trainer.eval_before=false", "trainer.eval_every=0"]  # fmt: skip
+
+    def run(out, steps, *extra):
+        proc = run_cli([*common, f"trainer.total_steps={steps}", *extra, f"hydra.run.dir={out}"], env={"PYTHONPATH": FIXTURES})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight, 3)
+    run(resumed, 2)
+    run(resumed, 3, "trainer.resume=auto")
+    a, b = _train_rows(straight), _train_rows(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert any(r["dpo/pairs"] > 0 for r in a)
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["dpo/pairs"] == ra["dpo/pairs"]
+        assert rb["dpo/margin"] == pytest.approx(ra["dpo/margin"], abs=1e-6)
+    wa = AutoModelForCausalLM.from_pretrained(straight / "checkpoint").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(resumed / "checkpoint").state_dict()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)

@@ -86,5 +86,5 @@ def preference_train_step(learner: Any, batch: Any, loss_scale: float = 1.0) -> 
         learner._version += 1
     sums["actor/lr"] = lr
     if guided:
-        sums.update(guidance_stats(torch.from_numpy(np.asarray(batch.token_rewards)), mask, alpha))
+        sums.update(guidance_stats(torch.as_tensor(np.array(batch.token_rewards, copy=True)), mask, alpha))
     return sums

@@ -91,3 +91,9 @@ def verl_echo_extra_info(data_source, solution_str, ground_truth, extra_info=Non
 async def trl_async_reward(prompts, completions, **kwargs):
     """TRL-style async: 1.0 per completion given as chat messages, 0.5 per plain string."""
     return [1.0 if isinstance(c, list) and c[0]["role"] == "assistant" else 0.5 for c in completions]
+
+
+def trl_parity_reward(completions, **kwargs):
+    """TRL-style, with ties: 1 for an odd-length completion, 0 for an even one (DPO's random pair rule
+    then has several candidates to draw from)."""
+    return [float(len(c) % 2) for c in completions]
