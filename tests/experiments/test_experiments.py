@@ -170,3 +170,29 @@ def test_credit_smoke_runs_rule_and_oracle(tmp_path):
     report = json.loads((tmp_path / "credit.json").read_text())
     assert set(report["summary"]) == {"rule", "oracle"}
     assert "prompts_to_reach" in report and (tmp_path / "credit.png").exists()
+
+
+def test_train_stats_averages_first_and_last_steps_over_seeds(tmp_path):
+    from rlloop.experiments import train_stats
+
+    def write(name, rows, done=True):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        if done:
+            (d / "done.json").write_text("{}")
+
+    # seed 0: pairs 1, 2 | 3, 4 ; seed 1: pairs 3, 4 | 5, 6 ; eval rows and an unfinished run are ignored
+    write("dpo-0", [{"step": 0, "eval/accuracy": 0.1}, *({"step": s, "dpo/pairs": float(s)} for s in (1, 2, 3, 4))])
+    write("dpo-1", [{"step": s, "dpo/pairs": float(s + 2)} for s in (1, 2, 3, 4)])
+    write("dpo-2", [{"step": 1, "dpo/pairs": 100.0}], done=False)
+    write("rule-0", [{"step": 1, "reward/total": 0.5}])
+    stats = train_stats.experiment_stats(tmp_path, ["dpo/pairs", "reward/total"], window=2)
+    assert stats["dpo"]["seeds"] == [0, 1]
+    assert stats["dpo"]["stats"]["dpo/pairs"] == pytest.approx((2.5, 4.5))
+    assert math.isnan(stats["dpo"]["stats"]["reward/total"][0])
+    assert stats["rule"]["stats"]["reward/total"] == pytest.approx((0.5, 0.5))
+    text = train_stats.to_markdown(stats, 2)
+    assert "dpo (seeds 0, 1)" in text and "reward/total" in text.split("rule")[1]
+    with pytest.raises(RlloopError, match="no runs/ folder"):
+        train_stats.experiment_stats(tmp_path / "runs", ["x"], 2)
