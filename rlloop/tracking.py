@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlloop.errors import RlloopError
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("console", "jsonl", "wandb", "tensorboard", "mlflow")
@@ -278,6 +280,15 @@ class _MLflowRun:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl file."""
+    """Rows of a metrics.jsonl file (blank lines skipped); a line that is not JSON is an RlloopError naming
+    the file and line."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RlloopError(f"{path}:{line_no}: not JSON ({e})") from e
+    return rows

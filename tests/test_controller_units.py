@@ -176,3 +176,14 @@ def test_verifier_metrics_split_rejected_samples_from_unscored_ones():
         rollouts.append(ro)
     assert [ro.outcome_info.get("kind") for ro in rollouts] == [None, "rejected", None, "unscored"]
     assert verifier_metrics(rollouts) == {"verifier/unscored_frac": 0.25, "verifier/rejected_frac": 0.25}
+
+
+def test_read_metrics_names_the_file_and_line_of_a_broken_row(tmp_path):
+    from rlloop.errors import RlloopError
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2, "a"\n')
+    with pytest.raises(RlloopError, match=r"metrics.jsonl:3: not JSON"):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]

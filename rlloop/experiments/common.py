@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 from rlloop.distributed.env import without_dist_env
 from rlloop.errors import RlloopError
+from rlloop.tracking import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +54,7 @@ def eval_curve(metrics_path: Path, prompts_per_step: int) -> list[tuple[int, int
     """(step, prompts seen, eval/accuracy) for every eval row of a run's metrics.jsonl, in step order."""
     if not metrics_path.exists():
         return []
-    points: dict[int, float] = {}
-    for line_no, line in enumerate(metrics_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RlloopError(f"{metrics_path}:{line_no}: not JSON ({e})") from e
-        if "eval/accuracy" in row:
-            points[int(row["step"])] = float(row["eval/accuracy"])
+    points = {int(row["step"]): float(row["eval/accuracy"]) for row in read_metrics(metrics_path) if "eval/accuracy" in row}
     return [(s, s * prompts_per_step, points[s]) for s in sorted(points)]
 
 

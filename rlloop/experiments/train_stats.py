@@ -10,13 +10,14 @@ plot (pairs formed, DPO margins, TGDPO guidance, reward, length).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
 from pathlib import Path
 
 from rlloop.errors import RlloopError
+from rlloop.experiments import common
+from rlloop.tracking import read_metrics
 
 DEFAULT_KEYS = (
     "reward/total", "response_length/mean", "dpo/pairs", "dpo/groups_skipped", "dpo/margin", "dpo/accuracy",
@@ -33,13 +34,7 @@ def _mean(values: list[float]) -> float:
 def run_stats(metrics: Path, keys: list[str], window: int) -> dict[str, tuple[float, float]]:
     """{key: (mean over the first `window` training steps, mean over the last `window`)}; NaN where the
     key was never logged. Training rows are the ones without eval/ keys."""
-    rows = []
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise RlloopError(f"{metrics}:{n}: not JSON ({e.msg})") from None
-    train = [r for r in rows if "step" in r and not any(k.startswith("eval/") for k in r)]
+    train = [r for r in read_metrics(metrics) if "step" in r and not any(k.startswith("eval/") for k in r)]
     first, last = train[:window], train[-window:]
     return {k: (_mean([r[k] for r in first if k in r]), _mean([r[k] for r in last if k in r])) for k in keys}
 
@@ -89,6 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from rlloop.experiments import common
-
     common.cli(main)
