@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.window < 1:
         ap.error("--window must be >= 1")
-    print(to_markdown(experiment_stats(Path(args.folder), [k for k in args.keys.split(",") if k], args.window), args.window))
+    keys = [k for k in args.keys.split(",") if k]
+    stats = experiment_stats(Path(args.folder), keys, args.window)
+    print(to_markdown(stats, args.window))
+    missing = [k for k in keys if all(math.isnan(v) for info in stats.values() for v in info["stats"][k])]
+    if missing and args.keys != ",".join(DEFAULT_KEYS):  # a typo in --keys is said, not silently dropped
+        print(f"never logged by any run: {', '.join(missing)}")
     return 0
 
 
