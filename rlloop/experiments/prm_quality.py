@@ -201,6 +201,37 @@ def teacher_mc_outcomes(rows: list[dict], *, m: int, seed: int, task_cfg: Any) -
     return out
 
 
+def teacher_prompt_outcomes(rows: list[dict], *, m: int, seed: int, task_cfg: Any) -> list[list[float]]:
+    """For `--prompt-value`: the outcomes of `m` teacher solutions of each row's problem from its start (the
+    empty prefix's MC samples; a stream of its own, so the step labels' draws do not move)."""
+    from rlloop.tasks import chain
+
+    wrong = chain.task_misconceptions(task_cfg)
+    error_p = chain.knobs(task_cfg)["teacher_error_p"]
+    rng = random.Random(f"prm-quality-teacher-prompt-{seed}")
+    out = []
+    for r in rows:
+        p = chain.parse_question(r["question"])
+        results = []
+        for _ in range(m):
+            a = p.start
+            for op, b in p.ops:
+                c = chain.apply(a, op, b)
+                a = wrong[(a, op, b)] if (a, op, b) in wrong and rng.random() < error_p else c
+            results.append(float(a == p.answer))
+        out.append(results)
+    return out
+
+
+def group_prompt_outcomes(rows: list[dict]) -> list[list[float]]:
+    """For `--prompt-value` on policy rollouts: the other rollouts of a row's prompt are samples from the
+    empty prefix; their outcomes (mc_labels adds the row's own)."""
+    by_group: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_group.setdefault(r["group"], []).append(i)
+    return [[float(rows[j]["correct"]) for j in by_group[r["group"]] if j != i] for i, r in enumerate(rows)]
+
+
 # ----- Monte-Carlo step labels (Math-Shepherd) ------------------------------------------------------------
 
 
@@ -322,10 +353,13 @@ def label_targets(
 # ----- first-error localisation (ProcessBench) ------------------------------------------------------------
 
 
-def predicted_first_error(values: Sequence[float], threshold: float = THRESHOLD, rule: str = "abs") -> int:
+def predicted_first_error(
+    values: Sequence[float], threshold: float = THRESHOLD, rule: str = "abs", start: float = 1.0
+) -> int:
     """The predicted first wrong step: the first k with V_k < threshold (`abs`), or with
-    V_k < threshold·V_{k-1}, V_{-1} = 1 (`drop`); -1 when there is none."""
-    prev = 1.0
+    V_k < threshold·V_{k-1}, V_{-1} = `start` (`drop`: 1, or the PRM's value of the prompt); -1 when there
+    is none."""
+    prev = start
     for k, v in enumerate(values):
         if (v < threshold) if rule == "abs" else (v < threshold * prev):
             return k
@@ -338,6 +372,7 @@ def localisation(
     first_errors: Sequence[int],
     threshold: float = THRESHOLD,
     rule: str = "abs",
+    starts: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """ProcessBench's metrics of a PRM's step values against the exact first errors.
 
@@ -345,11 +380,13 @@ def localisation(
     correct_acc: share of all-correct solutions (e = -1) predicted -1; f1: their harmonic mean. Solutions
     whose first error lies past their last step (a step is missing: the text stops early) cannot be
     localised by a per-step score and are left out (`unlocalisable`). Also, on erroneous solutions, the
-    shares predicted too early (`early`) and too late or never (`late`).
+    shares predicted too early (`early`) and too late or never (`late`). `starts`: V_{-1} of each solution
+    for the drop rule (the prompt's value; default 1).
     """
     hit_err = hit_ok = n_err = n_ok = early = late = skipped = 0
-    for v, e in zip(values, first_errors, strict=True):
-        pred = predicted_first_error(v, threshold, rule)
+    starts = [1.0] * len(values) if starts is None else starts
+    for v, e, v0 in zip(values, first_errors, starts, strict=True):
+        pred = predicted_first_error(v, threshold, rule, v0)
         if e == -1:
             n_ok += 1
             hit_ok += pred == -1
@@ -377,12 +414,17 @@ def localisation(
 
 
 def best_threshold(
-    values: Sequence[Sequence[float]], first_errors: Sequence[int], rule: str = "abs"
+    values: Sequence[Sequence[float]],
+    first_errors: Sequence[int],
+    rule: str = "abs",
+    starts: Sequence[float] | None = None,
 ) -> float:
     """The threshold in 0.02..0.98 (step 0.02) with the highest F1 on these (validation) solutions; ties go
     to the one nearest 0.5."""
     grid = [round(0.02 * i, 2) for i in range(1, 50)]
-    return max(grid, key=lambda t: (localisation(values, first_errors, t, rule)["f1"], -abs(t - 0.5)))
+    return max(
+        grid, key=lambda t: (localisation(values, first_errors, t, rule, starts)["f1"], -abs(t - 0.5))
+    )
 
 
 def bootstrap_se(
@@ -404,9 +446,15 @@ def bootstrap_se(
 
 
 def localisation_report(
-    eval_rows: list[dict], eval_values: list[list[float]], val_rows: list[dict], val_values: list[list[float]]
+    eval_rows: list[dict],
+    eval_values: list[list[float]],
+    val_rows: list[dict],
+    val_values: list[list[float]],
+    eval_prompt: list[float] | None = None,
+    val_prompt: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Held-out localisation at V < 0.5, and with the threshold / drop factor chosen on validation."""
+    """Held-out localisation at V < 0.5, and with the threshold / drop factor chosen on validation; with
+    the prompts' values (`--prompt-value`) also `dropp@val`, the drop rule from V_{-1} = V(prompt)."""
     fe = [r["first_error"] for r in eval_rows]
     groups = [r["group"] for r in eval_rows]
     out: dict[str, Any] = {"abs@0.5": localisation(eval_values, fe, THRESHOLD, "abs")}
@@ -427,6 +475,17 @@ def localisation_report(
             )
             rep["val_f1"] = localisation(val_values, vfe, t, rule)["f1"]
             out[f"{rule}@val"] = rep
+        if eval_prompt is not None and val_prompt is not None:
+            t = best_threshold(val_values, vfe, "drop", val_prompt)
+            rep = localisation(eval_values, fe, t, "drop", eval_prompt)
+            rep["f1_se"] = bootstrap_se(
+                groups,
+                lambda idx: localisation(
+                    [eval_values[i] for i in idx], [fe[i] for i in idx], t, "drop", [eval_prompt[i] for i in idx]
+                )["f1"],
+            )
+            rep["val_f1"] = localisation(val_values, vfe, t, "drop", val_prompt)["f1"]
+            out["dropp@val"] = rep
     return out
 
 
@@ -449,13 +508,16 @@ def train_and_eval(
     val_rows: list[dict] | None = None,
     nstep: int = 2,
     lam: float = 0.7,
+    prompt_value: bool = False,
 ) -> dict:
     """Train a PRM (fresh head on the policy backbone) on `train_rows`; metrics and Best-of-N on
     `eval_rows` (held out); saved (with the policy's tokenizer) to `save_dir` when given.
 
     `step_labels` (one target per step of each train row): train toward them (`td="labels"`) instead of
     `td`'s own targets. Rows with `first_error` add `localisation` (and the held-out values under
-    `_values`, `_val_values`, which the caller pops)."""
+    `_values`, which the caller pops). `prompt_value`: the PRM also learns V of the prompt
+    (`TDPRMTrainer(train_prompt=True)`; step_labels then start with the prompt's) and localisation adds
+    the drop rule from it."""
     from transformers import AutoTokenizer
 
     from rlloop.rewards.prm.model import ValueHeadModel
@@ -474,6 +536,7 @@ def train_and_eval(
         lam=lam,
         micro_batch_size=batch_size,
         weight_decay=0.001,
+        train_prompt=prompt_value,
     )
 
     def cols(rows):
@@ -499,7 +562,9 @@ def train_and_eval(
         save_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(save_dir))
         tok.save_pretrained(str(save_dir))
-    values = trainer.step_values(*cols(eval_rows)[:3])
+    values = trainer.step_values(*cols(eval_rows)[:3], with_prompt=prompt_value)
+    eval_prompt = [v[0] for v in values] if prompt_value else None
+    values = [v[1:] for v in values] if prompt_value else values
     train_labels = {} if step_labels is None else {"step_labels": step_labels}
     result = {
         "td": td,
@@ -512,8 +577,14 @@ def train_and_eval(
     if step_labels is not None:
         result["labels"] = "given"
     if eval_rows and "first_error" in eval_rows[0]:
-        val_values = trainer.step_values(*cols(val_rows)[:3]) if val_rows else []
-        result["localisation"] = localisation_report(eval_rows, values, val_rows or [], val_values)
+        val_values = trainer.step_values(*cols(val_rows)[:3], with_prompt=prompt_value) if val_rows else []
+        val_prompt = [v[0] for v in val_values] if prompt_value else None
+        val_values = [v[1:] for v in val_values] if prompt_value else val_values
+        result["localisation"] = localisation_report(
+            eval_rows, values, val_rows or [], val_values, eval_prompt, val_prompt
+        )
+        if prompt_value:
+            result["_prompt_values"] = eval_prompt
         result["_values"] = values
     return result
 
@@ -756,6 +827,7 @@ def run(
     backbone: str = "full",
     rollouts: str = "policy",
     label_budget_ms: Sequence[int] = (),
+    prompt_value: bool = False,
 ) -> dict:
     """Sample, label, train every arm (kind × label) with every PRM seed, evaluate; see the module
     docstring. `seed` seeds the sampling; `prm_seeds` (default [seed]) the PRM trainings. Writes
@@ -763,6 +835,8 @@ def run(
     for label in labels:
         if label not in LABELS:
             raise ValueError(f"unknown label source {label!r}; expected one of {list(LABELS)}")
+    if prompt_value and backbone == "frozen":
+        raise ValueError("--prompt-value needs --backbone full (the frozen head reads step ends only)")
     torch.set_num_threads(2)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -855,13 +929,27 @@ def run(
                     temperature=temperature, seed=seed + 30_000,
                 )  # fmt: skip
             path.write_text(json.dumps(mc_outcomes))
+        if prompt_value:  # the empty prefix's samples, one list per row
+            ppath = out_dir / "mc_prompt_outcomes.json"
+            if reuse_rollouts and ppath.exists():
+                prompt_outcomes = json.loads(ppath.read_text())
+            elif rollouts == "teacher":
+                prompt_outcomes = teacher_prompt_outcomes(train_rows, m=mc_samples, seed=seed, task_cfg=task_cfg)
+            else:
+                prompt_outcomes = group_prompt_outcomes(train_rows)
+            ppath.write_text(json.dumps(prompt_outcomes))
+            mc_outcomes = [[po, *o] for po, o in zip(prompt_outcomes, mc_outcomes, strict=True)]
         result["rollouts"]["mc_label_seconds"] = round(time.perf_counter() - t1, 1)
         if "first_error" in train_rows[0]:  # how well the labels themselves localise (label noise)
             fe = [r["first_error"] for r in train_rows]
-            result["label_quality"] = {
-                f"mc_{kind}": localisation([mc_labels(r, o, hard=kind == "hard") for r, o in zip(train_rows, mc_outcomes)], fe)
-                for kind in ("soft", "hard")
-            }  # fmt: skip
+            first = 1 if prompt_value else 0
+            lab = {kind: [mc_labels(r, o, hard=kind == "hard") for r, o in zip(train_rows, mc_outcomes)] for kind in ("soft", "hard")}  # fmt: skip
+            result["label_quality"] = {f"mc_{kind}": localisation([x[first:] for x in v], fe) for kind, v in lab.items()}
+            if prompt_value:  # the drop rule from the prompt's label; τ chosen on these same rows (labels, not a model)
+                for kind, v in lab.items():
+                    steps, starts = [x[1:] for x in v], [x[0] for x in v]
+                    t = best_threshold(steps, fe, "drop", starts)
+                    result["label_quality"][f"mc_{kind}_dropp"] = localisation(steps, fe, t, "drop", starts)
     if label_budget_ms:
         if rollouts != "teacher":
             raise ValueError("--label-budget needs --rollouts teacher (teacher continuations are free)")
@@ -913,8 +1001,10 @@ def run(
                         model_path, train_rows, eval_rows, td=td, lr=lr, epochs=epochs, batch_size=batch_size,
                         gamma=gamma, seed=s, save_dir=out_dir / "prms" / key if not by_seed else None,
                         step_labels=step_labels, val_rows=val_rows, nstep=nstep, lam=lam,
+                        prompt_value=prompt_value,
                     )  # fmt: skip
                 values = res.pop("_values", None)
+                res.pop("_prompt_values", None)
                 if values is not None and not by_seed:
                     heldout_values[key] = values
                 by_seed[s] = res
@@ -962,6 +1052,8 @@ def _brief(res: dict) -> str:
         s += f" f1@0.5={loc['f1']:.3f} (err {loc['err_acc']:.3f}, ok {loc['correct_acc']:.3f})"
         if "drop@val" in res["localisation"]:
             s += f" f1drop@val={res['localisation']['drop@val']['f1']:.3f}"
+        if "dropp@val" in res["localisation"]:
+            s += f" f1dropp@val={res['localisation']['dropp@val']['f1']:.3f}"
     return s
 
 
@@ -1022,11 +1114,13 @@ def localisation_markdown(result: dict, arms: list[str]) -> str:
     """Localisation table (chain tasks): F1 at V < 0.5 with its accuracies, F1 with the validation-chosen
     threshold and drop rule, AUROC, smoothness and Best-of-4/16; mean ± sd over PRM seeds."""
     ns = [n for n in (4, 16) if f"bon@{n}" in result[arms[0]]["best_of_n"]]
+    dropp = any("dropp@val" in result[k].get("localisation", {}) for k in arms)
     head = (
         "| PRM | target | F1 (V<0.5) | err acc | correct acc | F1 (τ from val) | F1 (drop, τ from val) | "
-        "AUROC(V_last) | smoothness | " + " | ".join(f"BoN@{n}" for n in ns) + " |"
+        + ("F1 (drop from V(prompt), τ from val) | " if dropp else "")
+        + "AUROC(V_last) | smoothness | " + " | ".join(f"BoN@{n}" for n in ns) + " |"
     )
-    lines = [head, "|" + "---|" * (9 + len(ns))]
+    lines = [head, "|" + "---|" * (9 + dropp + len(ns))]
     for key in arms:
         kind, _, label = key.partition("@")
         e = result[key]
@@ -1039,13 +1133,14 @@ def localisation_markdown(result: dict, arms: list[str]) -> str:
             _fmt(_seed_values(e, lambda r: r["localisation"]["abs@0.5"]["correct_acc"])),
             _fmt(_seed_values(e, loc("abs@val"))),
             _fmt(_seed_values(e, loc("drop@val"))),
+            *([_fmt(_seed_values(e, loc("dropp@val")))] if dropp else []),
             _fmt(_seed_values(e, lambda r: r["heldout"].get("prm/auroc"))),
             _fmt(_seed_values(e, lambda r: r["heldout"]["prm/smoothness"]), 4),
             *(_fmt(_seed_values(e, lambda r, n=n: r["best_of_n"][f"bon@{n}"])) for n in ns),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     b = result[arms[0]]["best_of_n"]
-    blank = "| " * 9
+    blank = "| " * (9 + dropp)
     lines.append(f"| majority vote (no PRM) {blank}" + " | ".join(f"{b[f'vote@{n}']:.3f}" for n in ns) + " |")
     lines.append(f"| pass@N (ceiling) {blank}" + " | ".join(f"{b[f'pass@{n}']:.3f}" for n in ns) + " |")
     return "\n".join(lines)
@@ -1144,6 +1239,12 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="comma-separated MC sample counts, e.g. 4,16,64,256: the first-error F1 of the MC labels "
         "themselves at each (teacher rollouts; add --kinds '' to train nothing)",
+    )
+    ap.add_argument(
+        "--prompt-value",
+        action="store_true",
+        help="also train V of the prompt (the empty prefix, step -1; MC labels: its own samples) and add "
+        "the drop rule from it, V_{-1} = V(prompt), to the localisation",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

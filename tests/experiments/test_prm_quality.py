@@ -36,6 +36,9 @@ def test_predicted_first_error_rules():
     # drop rule: V_k < τ·V_{k-1} with V_{-1} = 1; a low but steady value is not an error
     assert predicted_first_error([0.3, 0.35, 0.1], rule="drop") == 0
     assert predicted_first_error([0.6, 0.35, 0.4, 0.1], rule="drop") == 3
+    # from the prompt's value instead of 1: a low start is no drop at step 0
+    assert predicted_first_error([0.3, 0.35, 0.1], rule="drop", start=0.3) == 2
+    assert predicted_first_error([0.1, 0.35], rule="drop", start=0.3) == 0
 
 
 def test_localisation_f1_by_hand():
@@ -185,3 +188,34 @@ def test_teacher_rollouts_and_frozen_heads(tmp_path):
     assert res["settings"]["backbone"] == "frozen" and res["settings"]["rollouts"] == "teacher"
     assert 0.0 <= res["label_quality"]["mc_hard"]["f1"] <= 1.0
     assert "| ScalarPRM | MC hard |" in (tmp_path / "prm_quality.md").read_text()
+
+
+def test_group_prompt_outcomes_are_the_other_samples():
+    from rlloop.experiments.prm_quality import group_prompt_outcomes
+
+    rows = [{"group": "a", "correct": 1.0}, {"group": "a", "correct": 0.0}, {"group": "b", "correct": 0.0},
+            {"group": "a", "correct": 0.0}]  # fmt: skip
+    assert group_prompt_outcomes(rows) == [[0.0, 0.0], [1.0, 0.0], [], [1.0, 0.0]]
+
+
+def test_prompt_value_arms_add_the_drop_rule_from_the_prompt(tmp_path):
+    """--prompt-value at CI size: the PRM learns V of the prompt from the prompt's own MC samples, the
+    localisation adds the drop rule from it, and the labels' own drop-from-prompt F1 is reported."""
+    from rlloop.experiments import prm_quality
+
+    kw = dict(
+        out=str(tmp_path), train_prompts=6, eval_prompts=3, val_prompts=2, n=2, eval_n=4, max_new_tokens=None,
+        temperature=1.0, epochs=1, lr=1e-3, batch_size=8, gamma=1.0, seed=0, model_name="tiny",
+        kinds=("td0", "mc"), task="chain", task_overrides=["task.min_ops=3", "task.max_ops=4"],
+        labels=("outcome", "mc_soft"), mc_samples=3, rollouts="teacher", prompt_value=True,
+    )  # fmt: skip
+    res = prm_quality.run(**kw)
+    prompt = json.loads((tmp_path / "mc_prompt_outcomes.json").read_text())
+    assert len(prompt) == res["rollouts"]["train"] and all(len(x) == 3 for x in prompt)
+    for key in ("td0", "mc@mc_soft"):
+        loc = res[key]["localisation"]["dropp@val"]
+        assert 0.0 <= loc["f1"] <= 1.0 and 0.02 <= loc["threshold"] <= 0.98
+    assert {"mc_soft_dropp", "mc_hard_dropp"} <= set(res["label_quality"])
+    assert "F1 (drop from V(prompt), τ from val)" in (tmp_path / "prm_quality.md").read_text()
+    with pytest.raises(ValueError, match="--prompt-value needs --backbone full"):
+        prm_quality.run(**{**kw, "backbone": "frozen"})

@@ -49,6 +49,11 @@ class TDPRMTrainer(RewardModelTrainer):
     `optim`: engine, weight_decay, max_grad_norm, micro_batch_size, max_length — the keywords of
     `rlloop.rewards.training.RewardModelTrainer`.
     ema: decay of an EMA target network supplying the bootstrapped values (None = the online net).
+    train_prompt: also train V at the prompt's last token, the empty prefix (TDRM's first state; what the
+    PRM service returns as `prompt_value`, read by the shaping / delta fusions and TGDPO's guidance). It is
+    step -1 of the trajectory: its target comes from the same formulas over [prompt, step 0, ...] (TD(0):
+    γ·V_0), `step_labels` then carry one more label, the prompt's, first, and `evaluate` scores it too.
+    Without it that value is whatever the untrained position gives.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class TDPRMTrainer(RewardModelTrainer):
         lam: float = 0.7,
         terminal_weight: float = 1.0,
         ema: float | None = None,
+        train_prompt: bool = False,
         step_delimiter: str = "\n\n",
         step_regex: str | None = None,
         **optim: Any,
@@ -78,6 +84,7 @@ class TDPRMTrainer(RewardModelTrainer):
         self.terminal_weight = float(terminal_weight)
         self.step_delimiter, self.step_regex = step_delimiter, step_regex
         self.ema = ema
+        self.train_prompt = bool(train_prompt)
         self.target_model = None
         if ema is not None:
             self.target_model = copy.deepcopy(model).requires_grad_(False).eval()
@@ -138,6 +145,11 @@ class TDPRMTrainer(RewardModelTrainer):
                 raise ValueError(f"TDPRMTrainer: trajectory {i}: {e}") from None
         return out
 
+    @staticmethod
+    def _with_prompt(encoded: Sequence[_Encoded]) -> list[_Encoded]:
+        """The prompt's last token as step -1 of each trajectory (its value is V of the empty prefix)."""
+        return [_Encoded(e.input_ids, e.prompt_position, [e.prompt_position, *e.step_positions]) for e in encoded]
+
     def _forward(self, net, input_ids, attention_mask, positions) -> torch.Tensor:
         """Step logits [B, K] (positions padded with 0 are masked out later)."""
         logits = net(input_ids, attention_mask)
@@ -179,6 +191,8 @@ class TDPRMTrainer(RewardModelTrainer):
         if self.td == "labels" and step_labels is None:
             raise ValueError("TDPRMTrainer: td='labels' needs step_labels")
         encoded = self._encode_all(prompt_texts, response_texts, step_char_ends)
+        if self.train_prompt:
+            encoded = self._with_prompt(encoded)
         outcome_all = torch.tensor([float(o) for o in outcomes], dtype=torch.float32)
         total_steps = sum(len(e.step_positions) for e in encoded)
         self._begin_update()
@@ -207,7 +221,8 @@ class TDPRMTrainer(RewardModelTrainer):
             self._backward(loss, n_steps, total_steps)
             loss_sum += loss.item() * n_steps
             target_sum += float((targets * mask).sum())
-            values_rows += [values[b, : int(mask[b].sum())].tolist() for b in range(len(chunk))]
+            first = 1 if self.train_prompt else 0  # the metrics are of the steps
+            values_rows += [values[b, first : int(mask[b].sum())].tolist() for b in range(len(chunk))]
         grad_norm = self._end_update()
         self._update_target()
         metrics = {
@@ -273,9 +288,14 @@ class TDPRMTrainer(RewardModelTrainer):
         prompt_texts: Sequence[str],
         response_texts: Sequence[str],
         step_char_ends: Sequence[Sequence[int]],
+        *,
+        with_prompt: bool = False,
     ) -> list[list[float]]:
-        """V_k of every step of every trajectory (no update), one forward pass per trajectory."""
+        """V_k of every step of every trajectory (no update), one forward pass per trajectory; with_prompt:
+        V of the prompt (the empty prefix) first, [V_prompt, V_0, ..., V_{K-1}]."""
         encoded = self._encode_all(prompt_texts, response_texts, step_char_ends)
+        if with_prompt:
+            encoded = self._with_prompt(encoded)
         was_training = self.model.training
         self.model.eval()
         out: list[list[float]] = []
@@ -302,8 +322,8 @@ class TDPRMTrainer(RewardModelTrainer):
     ) -> dict[str, float]:
         """No update. prm/bce (the training objective toward this trainer's targets), prm/outcome_bce
         (V_last vs outcome), prm/v_last_acc, prm/auroc (V_last vs outcome; both classes needed),
-        prm/smoothness."""
-        rows = self.step_values(prompt_texts, response_texts, step_char_ends)
+        prm/smoothness (of the steps; with train_prompt the prompt's value is in prm/bce only)."""
+        rows = self.step_values(prompt_texts, response_texts, step_char_ends, with_prompt=self.train_prompt)
         outcome = torch.tensor([float(o) for o in outcomes], dtype=torch.float32)
         K = max(len(r) for r in rows)
         values = torch.full((len(rows), K), 0.5)
@@ -319,7 +339,7 @@ class TDPRMTrainer(RewardModelTrainer):
             targets = compute_td_targets(
                 self.td, values, mask, outcome, gamma=self.gamma, n=self.n, lam=self.lam
             )
-        metrics = self._value_metrics(rows, outcome)
+        metrics = self._value_metrics([r[1:] for r in rows] if self.train_prompt else rows, outcome)
         if targets is not None:
             metrics["prm/bce"] = prm_bce_loss(
                 logits, targets, mask, terminal_weight=self.terminal_weight

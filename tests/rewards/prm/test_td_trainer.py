@@ -283,3 +283,28 @@ def test_arith_small_td_prm_beats_chance(tmp_path):
     assert bon["pass@4"] >= bon["bon@4"] >= 0 and bon["pass@1"] == bon["bon@1"], bon
     ValueHeadModel.from_pretrained(res["td0"]["path"])  # the saved PRM loads
     assert "| TD(0) |" in (tmp_path / "prm_quality.md").read_text()
+
+
+def test_train_prompt_trains_the_empty_prefix(prm_tokenizer):
+    """train_prompt: the prompt's last token is step -1, trained toward the first label; with_prompt reads
+    it first. The prompt is pushed to 1 while every step is pushed to 0, so only a trained prompt ends high."""
+    torch.set_num_threads(1)
+    data = toy_set(8)
+    p, r, ends, out = unpack(data)
+    labels = [[1.0] + [0.0] * len(e) for e in ends]
+    trainer = TDPRMTrainer(tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=3e-3, td="labels", train_prompt=True)
+    plain = TDPRMTrainer(tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=3e-3, td="labels")
+    for _ in range(30):
+        trainer.step(p, r, ends, out, step_labels=labels)
+        plain.step(p, r, ends, out, step_labels=[x[1:] for x in labels])
+    with_prompt = trainer.step_values(p, r, ends, with_prompt=True)
+    steps_only = trainer.step_values(p, r, ends)
+    for row, steps in zip(with_prompt, steps_only, strict=True):
+        assert row[1:] == pytest.approx(steps, abs=1e-6)
+        assert row[0] > 0.8 and max(steps) < 0.2
+    assert max(v[0] for v in plain.step_values(p, r, ends, with_prompt=True)) < 0.5
+    metrics = trainer.evaluate(p, r, ends, out, step_labels=labels)
+    assert metrics["prm/bce"] < 0.3
+    K = len(ends[0])
+    with pytest.raises(ValueError, match=f"step_labels\\[0\\] has {K} entries for {K + 1} steps"):
+        trainer.step(p[:1], r[:1], ends[:1], out[:1], step_labels=[[0.0] * K])
