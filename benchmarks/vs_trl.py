@@ -208,6 +208,17 @@ def _summarise(
         "reward_last": steps[-1].get(reward_key, math.nan) if steps else math.nan,
         "step_times": step_times,
     }
+    lengths = [s[k] for s in steps for k in ("response_length/mean", "completions/mean_length") if k in s]
+    out["response_len_mean"] = statistics.mean(lengths) if lengths else math.nan
+    # rlloop's learner: model FLOPs per second of the update (perf/model_flops, rlloop/learner/policy.py)
+    # and their share of this machine's measured fp32 matmul peak (MFU); padding = positions computed
+    # beyond the real tokens
+    work = [s for s in steps if s.get("perf/model_flops") and s.get("time/learner")]
+    if work:
+        flops_s = statistics.median(s["perf/model_flops"] / s["time/learner"] for s in work)
+        out["learner_gflops_s"] = flops_s / 1e9
+        out["learner_mfu"] = flops_s / a.peak_flops if getattr(a, "peak_flops", None) else math.nan
+        out["padding_frac"] = statistics.median(1 - s["perf/tokens"] / s["perf/computed_tokens"] for s in work)
     times = (
         {k: statistics.median(s[k] for s in steps) for k in steps[0] if k.startswith("time/")}
         if steps
@@ -226,7 +237,7 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync
     pn = a.prompts_per_step * a.n
     cmd = [
         sys.executable, "-m", "rlloop.train",
-        f"model={a.model}", f"reward={reward}",
+        f"model={a.model}", f"reward={reward}", *([f"task={a.task}"] if a.task else []),
         f"rollout.prompts_per_step={a.prompts_per_step}", f"rollout.n={a.n}",
         f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.temperature={a.temperature}",
         f"learner.lr={a.lr}", "algo.kl_coef=0", "algo.use_ref=false",  # TRL with beta=0 loads no reference
@@ -269,6 +280,8 @@ def run_trl(a, run_dir: Path, system: str = "trl") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--out", str(run_dir)]
     for key in ("model", "prompts_per_step", "n", "max_new_tokens", "temperature", "lr", "steps", "seed"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
+    if a.task:
+        cmd += ["--task", a.task]
     # rlloop's task.* overrides shape the train split (arith's test questions are kept out of it): the
     # TRL worker builds the same split, so that both draw the same prompts
     cmd += [f"--rlloop-override={o}" for o in a.rlloop_override if o.startswith("task.")]
@@ -305,7 +318,12 @@ def trl_worker(a) -> None:
 
     torch.manual_seed(a.seed)
     task_overrides = [o.removeprefix("task.") for o in a.rlloop_override if o.startswith("task.")]
-    task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.from_dotlist(task_overrides))
+    if a.task:  # a preset (conf/task), composed as rlloop composes it: prompt template, system prompt, split
+        from rlloop.train import compose_config
+
+        task_cfg = compose_config([f"task={a.task}", *(f"task.{o}" for o in task_overrides)]).task
+    else:
+        task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.from_dotlist(task_overrides))
     model_cfg = OmegaConf.merge(
         OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model" / f"{a.model}.yaml")
     )
@@ -401,6 +419,27 @@ def _median(results: list[dict], key: str) -> float:
     return statistics.median(vals) if vals else math.nan
 
 
+def matmul_peak_flops(threads: int, n: int = 1024, reps: int = 8) -> float:
+    """This machine's fp32 matmul FLOP/s on `threads` threads: the best of 3 timings of `reps` n x n
+    products (the denominator of the learner's MFU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, y = torch.randn(n, n), torch.randn(n, n)
+        x @ y  # warm-up
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                x @ y
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 * reps / best
+    finally:
+        torch.set_num_threads(before)
+
+
 def table(results: list[dict]) -> tuple[str, dict]:
     systems = list(dict.fromkeys(r["system"] for r in results))
     keys = [
@@ -412,6 +451,10 @@ def table(results: list[dict]) -> tuple[str, dict]:
         "peak_rss_gb",
         "peak_pss_gb",
         "reward_last",
+        "response_len_mean",
+        "learner_gflops_s",
+        "learner_mfu",
+        "padding_frac",
     ]
     med = {s: {k: _median([r for r in results if r["system"] == s], k) for k in keys} for s in systems}
     for s in systems:
@@ -426,6 +469,14 @@ def table(results: list[dict]) -> tuple[str, dict]:
             f"| {s} | {m['runs']} | {m['samples_per_s']:.3f} | {m['s_per_step']:.2f} | {m['startup_s']:.1f} | {m['final_eval_s']:.1f} | "
             f"{m['wall_s']:.1f} | {m['peak_rss_gb']:.2f} | {m['peak_pss_gb']:.2f} | {m['reward_last']:.3f} |"
         )
+    learners = [s for s in systems if not math.isnan(med[s].get("learner_mfu", math.nan))]
+    if learners:
+        lines += ["", "| system | response tokens (mean) | learner GFLOP/s | learner MFU | padding share |", "|---|---|---|---|---|"]
+        for s in learners:
+            m = med[s]
+            lines.append(
+                f"| {s} | {m['response_len_mean']:.1f} | {m['learner_gflops_s']:.2f} | {m['learner_mfu']:.3f} | {m['padding_frac']:.3f} |"
+            )
     if "trl" in med:
         lines.append("")
         lines.append("| ratio vs TRL | samples/s | s/step | peak RSS | peak PSS | reward |")
@@ -488,6 +539,9 @@ def environment() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="rlloop model name: tiny | arith-small | smollm2")
+    p.add_argument(
+        "--task", default=None, help="task preset for both systems, e.g. arith-oneshot (default: arith's fields)"
+    )
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -554,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             variants.append((s, 0, "", ""))
     env = environment()
+    a.peak_flops = matmul_peak_flops(2)
+    env["matmul_peak_gflops_2_threads"] = a.peak_flops / 1e9
+    logger.info("fp32 matmul peak on 2 threads: %.1f GFLOP/s", a.peak_flops / 1e9)
     results: list[dict] = []
     loads = []
     for run in range(a.runs):
@@ -581,6 +638,13 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(report, indent=2, default=str))
     (out / "table.md").write_text(md + "\n")
     print(md)
+    rl = next((s for s in med if s.startswith("rlloop")), None)
+    if rl and "trl" in med:  # the one-line summary issue 23 asks for (medians)
+        r, t = med[rl], med["trl"]
+        print(
+            f"vs_trl: model={a.model} system={rl} samples_per_s_ratio={r['samples_per_s'] / t['samples_per_s']:.2f} "
+            f"rss_ratio={r['peak_rss_gb'] / t['peak_rss_gb']:.2f} learner_mfu={r.get('learner_mfu', math.nan):.3f}"
+        )
     print(f"\nresults: {json_path}")
     failed = [r for r in results if r["rc"] != 0 or r["steps_done"] < a.steps]
     if failed:

@@ -32,7 +32,7 @@ def test_vs_trl_tiny_both_systems_both_modes(tmp_path: Path) -> None:
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"),
         "--model", "tiny", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "8",
-        "--steps", "2", "--runs", "1", "--systems", "rlloop,trl,trl-mmap1m", "--modes", "sync,async", "--out", str(out),
+        "--steps", "2", "--runs", "1", "--task", "arith", "--systems", "rlloop,trl,trl-mmap1m", "--modes", "sync,async", "--out", str(out),
         "--timeout-s", "500", "--gradient-checkpointing",  # both sides' checkpointing path, too
         # a short final eval and one verifier worker: this test checks the harness, not the speed
         "--rlloop-override", "task.num_test=4", "--rlloop-override", "reward.verifier.num_workers=1",
@@ -53,5 +53,8 @@ def test_vs_trl_tiny_both_systems_both_modes(tmp_path: Path) -> None:
     # the sampler must have found the Ray actors, not only the driver
     assert rl["max_procs"] > 1 and "learner" in rl["peak_rss_gb_by_role"], rl["peak_rss_gb_by_role"]
     assert 0 < rl["peak_pss_gb_by_role"]["learner"] <= rl["peak_rss_gb_by_role"]["learner"] + 1e-6
+    # the learner's model FLOPs against the measured matmul peak (a share, and above nothing)
+    assert 0 < rl["learner_mfu"] < 1 and 0 <= rl["padding_frac"] < 1, rl
+    assert "vs_trl: model=tiny system=rlloop-ws1 samples_per_s_ratio=" in proc.stdout
     table = (out / "table.md").read_text()
     assert "rlloop-ws1 / trl" in table and "rlloop-ws1-async / trl" in table and "trl-mmap1m / trl" in table

@@ -155,7 +155,8 @@ def merge_rank_metrics(
 
     actor/pg_loss, critic/vf_loss: mean over ranks of loss_r * scale_r (= the global loss, see
     rank_loss_scales);
-    grad_norm and lr are global already (plain mean); per-token statistics: token-weighted mean.
+    grad_norm and lr are global already (plain mean); perf/* (tokens, FLOPs): summed; per-token
+    statistics: token-weighted mean.
     """
     total = sum(tokens)
     merged = {}
@@ -163,6 +164,8 @@ def merge_rank_metrics(
         values = [r[key] for r in results]
         if key in ("actor/pg_loss", "critic/vf_loss"):
             merged[key] = float(np.mean([v * s for v, s in zip(values, scales, strict=True)]))
+        elif key.startswith("perf/"):  # work done: each rank's own, summed
+            merged[key] = float(sum(values))
         elif key in ("actor/grad_norm", "actor/lr", "critic/grad_norm", "critic/lr") or total == 0:
             merged[key] = float(np.mean(values))
         else:

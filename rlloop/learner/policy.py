@@ -160,6 +160,18 @@ class PackedRows:
         )
 
 
+def model_flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
+    """(6 x the non-embedding parameters, 6 x the LM head's): the forward + backward FLOPs a token costs in
+    the body, and in the vocabulary projection for a token whose logits are computed (Kaplan et al.'s
+    6N; attention's sequence-length term left out, small at these lengths)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(p) for m in (emb, head) if m is not None for p in m.parameters()}
+    body = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    head_n = head.weight.numel() if head is not None else 0
+    return 6.0 * body, 6.0 * head_n
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch of a train step: its rows (indices into the rank's batch), loss weight
@@ -269,6 +281,7 @@ class PolicyLearner:
         if self.learner_cfg["gradient_checkpointing"]:
             gc_layers = enable_gradient_checkpointing(model)
         self.hf_config = model.config
+        self.flops_per_token, self.head_flops_per_token = model_flops_per_token(model)
         self.ref_model: torch.nn.Module | None = None
         self.lora = self._lora_settings()
         if self.lora is not None:
@@ -575,9 +588,13 @@ class PolicyLearner:
             sums[key] = sums.get(key, 0.0) + value / ppo_epochs
 
         lr = float(self.engine.get_lr()[0])  # the rate this update's first optimizer step uses
+        tokens = computed = trained = 0.0
         for _ in range(ppo_epochs):
             for mb in self._micro_batches(batch, mask, plan):
                 rows, weight, n = mb.rows, mb.weight, mb.n
+                tokens += float(mb.att.sum())
+                computed += float(mb.packed.ids.numel() if mb.packed is not None else mb.ids.numel())
+                trained += float(mb.mask.sum())
                 micro_mask, token_share = mb.mask, mb.token_share
                 # Entropy of the sampling distribution at each position (column t predicts token t):
                 # a metric from the chunked pass, or, for the entropy bonus, differentiable.
@@ -630,6 +647,13 @@ class PolicyLearner:
             self._version += 1
             add("actor/grad_norm", grad_norm)
         sums["actor/lr"] = lr
+        # this rank's work (merge_rank_metrics sums perf/* over ranks): real tokens forwarded, positions
+        # computed (padding included), and model FLOPs, forward + backward: 6 x non-embedding parameters
+        # per real token plus 6 x the LM head per trained token (the head runs only where a response token
+        # is predicted). MFU = perf/model_flops / time / peak FLOP/s (benchmarks/vs_trl.py).
+        sums["perf/tokens"] = tokens
+        sums["perf/computed_tokens"] = computed
+        sums["perf/model_flops"] = self.flops_per_token * tokens + self.head_flops_per_token * trained
         return sums
 
     # ------------------------------------------------------------------ weights out

@@ -128,6 +128,31 @@ def test_batching_gives_the_padded_logprobs_loss_and_gradients(
     assert set(g1) == set(g0)
     for name in g0:
         np.testing.assert_allclose(g1[name], g0[name], rtol=1e-4, atol=1e-7, err_msg=name)
+    # the same work in model FLOPs; fewer positions computed (packed: exactly the real tokens)
+    assert m1["perf/tokens"] == m0["perf/tokens"] == float(batch.attention_mask.sum())
+    assert m1["perf/model_flops"] == pytest.approx(m0["perf/model_flops"]) and m0["perf/model_flops"] > 0
+    assert m1["perf/computed_tokens"] < m0["perf/computed_tokens"]
+    if batching == "packed":
+        assert m1["perf/computed_tokens"] == m1["perf/tokens"]
+
+
+def test_model_flops_per_token_by_hand():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlloop.learner.group import merge_rank_metrics
+    from rlloop.learner.policy import model_flops_per_token
+
+    for tied in (False, True):
+        cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, tie_word_embeddings=tied)  # fmt: skip
+        model = LlamaForCausalLM(cfg)
+        # per layer: q, k, v, o (16x16 each, 2 kv heads of 8 = 16), gate, up, down (16x32), 2 norms; final norm
+        body = 2 * (4 * 16 * 16 + 3 * 16 * 32 + 2 * 16) + 16
+        assert model_flops_per_token(model) == (6.0 * body, 6.0 * 50 * 16)
+    merged = merge_rank_metrics(
+        [{"perf/tokens": 10.0, "actor/entropy": 1.0}, {"perf/tokens": 30.0, "actor/entropy": 3.0}], [1.0, 1.0], [1.0, 3.0]
+    )
+    assert merged == {"perf/tokens": 40.0, "actor/entropy": 2.5}
 
 
 def test_bad_batching_names_the_key(tiny_model_path, dist_port):
