@@ -189,14 +189,12 @@ def teacher_mc_outcomes(rows: list[dict], *, m: int, seed: int, task_cfg: Any) -
             if k >= len(r["written"]):  # the boxed step: its label is the outcome
                 per_step.append([])
                 continue
-            results = []
-            for _ in range(m):
-                a = r["written"][k]
-                for op, b in p.ops[k + 1 :]:
-                    c = chain.apply(a, op, b)
-                    a = wrong[(a, op, b)] if (a, op, b) in wrong and rng.random() < error_p else c
-                results.append(float(a == p.answer))
-            per_step.append(results)
+            # the teacher's final value from the one written at step k (the value itself if no step is left)
+            finals = [
+                ([r["written"][k]] + chain.teacher_values(r["written"][k], p.ops[k + 1 :], wrong, error_p, rng))[-1]
+                for _ in range(m)
+            ]
+            per_step.append([float(a == p.answer) for a in finals])
         out.append(per_step)
     return out
 
@@ -212,14 +210,9 @@ def teacher_prompt_outcomes(rows: list[dict], *, m: int, seed: int, task_cfg: An
     out = []
     for r in rows:
         p = chain.parse_question(r["question"])
-        results = []
-        for _ in range(m):
-            a = p.start
-            for op, b in p.ops:
-                c = chain.apply(a, op, b)
-                a = wrong[(a, op, b)] if (a, op, b) in wrong and rng.random() < error_p else c
-            results.append(float(a == p.answer))
-        out.append(results)
+        out.append(
+            [float(chain.teacher_values(p.start, p.ops, wrong, error_p, rng)[-1] == p.answer) for _ in range(m)]
+        )
     return out
 
 

@@ -136,17 +136,24 @@ def solution_text(p: ChainProblem) -> str:
     return format_solution(p.start, p.ops, p.values()[1:])
 
 
-def teacher_solution(p: ChainProblem, wrong: dict[Fact, int], error_p: float, rng: random.Random) -> str:
-    """A solution written by the misconception teacher: each step uses the fact (written value, op, b);
-    for a misconception fact it writes the wrong result with probability `error_p`, and it always carries
-    on from what it wrote (correct arithmetic from there, even outside 0..MAX_VALUE)."""
-    a, results = p.start, []
-    for op, b in p.ops:
+def teacher_values(
+    start: int, ops: Sequence[tuple[str, int]], wrong: dict[Fact, int], error_p: float, rng: random.Random
+) -> list[int]:
+    """The results the misconception teacher writes, one per operation, from running value `start`: each
+    step uses the fact (written value, op, b); for a misconception fact it writes the wrong result with
+    probability `error_p`, and it always carries on from what it wrote (correct arithmetic from there,
+    even outside 0..MAX_VALUE)."""
+    a, results = start, []
+    for op, b in ops:
         fact = (a, op, b)
-        c = wrong[fact] if fact in wrong and rng.random() < error_p else apply(a, op, b)
-        results.append(c)
-        a = c
-    return format_solution(p.start, p.ops, results)
+        a = wrong[fact] if fact in wrong and rng.random() < error_p else apply(a, op, b)
+        results.append(a)
+    return results
+
+
+def teacher_solution(p: ChainProblem, wrong: dict[Fact, int], error_p: float, rng: random.Random) -> str:
+    """A solution written by the misconception teacher (`teacher_values`)."""
+    return format_solution(p.start, p.ops, teacher_values(p.start, p.ops, wrong, error_p, rng))
 
 
 def split_steps(text: str) -> list[str]:
