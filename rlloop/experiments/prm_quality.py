@@ -457,28 +457,22 @@ def localisation_report(
     out["drop@0.5"] = localisation(eval_values, fe, THRESHOLD, "drop")
     if val_rows:
         vfe = [r["first_error"] for r in val_rows]
-        for rule in ("abs", "drop"):
-            t = best_threshold(val_values, vfe, rule)
-            rep = localisation(eval_values, fe, t, rule)
-            rep["f1_se"] = bootstrap_se(
-                groups,
-                lambda idx, t=t, rule=rule: localisation(
-                    [eval_values[i] for i in idx], [fe[i] for i in idx], t, rule
-                )["f1"],
-            )
-            rep["val_f1"] = localisation(val_values, vfe, t, rule)["f1"]
-            out[f"{rule}@val"] = rep
+        # (key, rule, V_{-1} of each validation / held-out solution for the drop rule; None: 1)
+        variants = [("abs@val", "abs", None, None), ("drop@val", "drop", None, None)]
         if eval_prompt is not None and val_prompt is not None:
-            t = best_threshold(val_values, vfe, "drop", val_prompt)
-            rep = localisation(eval_values, fe, t, "drop", eval_prompt)
+            variants.append(("dropp@val", "drop", val_prompt, eval_prompt))
+        for key, rule, vstart, estart in variants:
+            t = best_threshold(val_values, vfe, rule, vstart)
+            rep = localisation(eval_values, fe, t, rule, estart)
             rep["f1_se"] = bootstrap_se(
                 groups,
-                lambda idx: localisation(
-                    [eval_values[i] for i in idx], [fe[i] for i in idx], t, "drop", [eval_prompt[i] for i in idx]
+                lambda idx, t=t, rule=rule, estart=estart: localisation(
+                    [eval_values[i] for i in idx], [fe[i] for i in idx], t, rule,
+                    None if estart is None else [estart[i] for i in idx],
                 )["f1"],
-            )
-            rep["val_f1"] = localisation(val_values, vfe, t, "drop", val_prompt)["f1"]
-            out["dropp@val"] = rep
+            )  # fmt: skip
+            rep["val_f1"] = localisation(val_values, vfe, t, rule, vstart)["f1"]
+            out[key] = rep
     return out
 
 
