@@ -793,6 +793,9 @@ class Trainer:
             "eval/num_samples": float(len(test)),
             "eval/response_length": float(np.mean([r.greedy_length for r in test])),
         }
+        formats = [r.greedy_format for r in test if r.greedy_format is not None]
+        if formats:
+            out["eval/format"] = float(np.mean(formats))
         if k > 0:
             # pass@1 of the sampling distribution RL trains, averaged over k samples per prompt: it moves
             # before the greedy answer flips, and k samples cut its variance k-fold

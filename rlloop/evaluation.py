@@ -7,6 +7,8 @@ jsonl/parquet path, list or glob, read like task.test_path; each row keeps its o
 
 Metrics, as `eval/<set>/<data_source>/<metric>` and over the whole set as `eval/<set>/<metric>`:
 - `accuracy`: one greedy answer per prompt (rollout.eval_temperature), the share correct.
+- `format`: the share of those greedy answers whose final answer the verifier could read (its `format`
+  score; only for verifiers that report one, e.g. `math`).
 - `mean`: the mean correctness of n = trainer.eval_samples samples per prompt at rollout.temperature.
 - `pass@k`: the unbiased estimator 1 - C(n-c, k) / C(n, k) of Chen et al. 2021 (c of the n correct).
 - `maj@k`: the majority vote over the final answers (last `\\boxed{}`, else `####`, normalised) of k
@@ -100,11 +102,14 @@ class PromptResult:
     correct: List[float] = field(default_factory=list)
     answers: List[Optional[str]] = field(default_factory=list)
     prm_scores: Optional[List[float]] = None  # aggregated step values per sample (None: no PRM)
+    greedy_format: Optional[float] = None  # the verifier's `format` score of the greedy answer, if it has one
 
     def metrics(self, ks: Sequence[int]) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.greedy_correct is not None:
             out["accuracy"] = self.greedy_correct
+        if self.greedy_format is not None:
+            out["format"] = self.greedy_format
         n = len(self.correct)
         if n:
             out["mean"] = sum(self.correct) / n
@@ -136,6 +141,8 @@ def prompt_results(
     for ro in greedy or []:
         results[ro.group].greedy_correct = _correct(ro)
         results[ro.group].greedy_length = len(ro.response_ids)
+        if "format" in ro.outcome:
+            results[ro.group].greedy_format = float(ro.outcome["format"])
     for ro in sampled or []:
         r = results[ro.group]
         r.correct.append(_correct(ro))

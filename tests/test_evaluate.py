@@ -261,3 +261,20 @@ def test_eval_config_is_checked_at_start(overrides, words):
 
     with pytest.raises(ConfigError, match=words):
         validate_config(compose_config(overrides))
+
+
+def test_greedy_format_share_when_the_verifier_reports_one():
+    def generate(samples, n, temperature):
+        out = []
+        for s in samples:
+            text = "\\boxed{4}" if s.uid == "t0" else "no box"  # t1's greedy answer has nothing to read
+            ro = _rollout(s, 0, text, 1)
+            ro.outcome = {"correct": float(s.uid == "t0"), "format": float(s.uid == "t0")}
+            out.append(ro)
+        return out
+
+    m, _ = evaluate_sets({"test": SETS["test"]}, generate, n=0, ks=[], greedy_temperature=0.0, temperature=1.0)
+    assert m["eval/test/format"] == 0.5 and m["eval/test/arith/format"] == 1.0 and m["eval/test/gsm8k/format"] == 0.0
+    # a verifier without a format score: no format metric rather than a made-up 0
+    m, _ = evaluate_sets(SETS, fake_policy(ANSWERS, GREEDY)[0], n=0, ks=[], greedy_temperature=0.0, temperature=1.0)
+    assert not any(k.endswith("/format") for k in m)
