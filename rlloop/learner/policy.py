@@ -271,6 +271,9 @@ class PolicyLearner:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         accel = get_accelerator()
         timings["import"] = time.perf_counter()
+        from rlloop.models.ds_engine import prepare_cpu_ops
+
+        prepare_cpu_ops()  # DeepSpeed's CPU op built before the rendezvous, safe against stale build locks
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
         self.device = torch.device(accel.current_device_name())
         timings["init_distributed"] = time.perf_counter()

@@ -7,11 +7,13 @@ ENVIRONMENT.md §2).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,71 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def extensions_root() -> Path:
+    """Where torch JIT-builds extensions (DeepSpeed's ops) for this Python environment: $TORCH_EXTENSIONS_DIR
+    when set, else one folder per environment (`sys.prefix`) under torch's default root, set into
+    TORCH_EXTENSIONS_DIR. Two environments sharing torch's folder (`.venv`, `.venv-vllm`) rebuild an op in
+    turn, each rewriting the other's build files, and every rebuild is a window for a killed build."""
+    import hashlib
+    import sys
+
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        from torch.utils.cpp_extension import get_default_build_root
+
+        tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+        env = f"py{sys.version_info.major}{sys.version_info.minor}_{'cu' if torch.version.cuda else 'cpu'}"
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), f"rlloop-{env}-{tag}")
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def clear_stale_build_locks(root: Path) -> list[Path]:
+    """Remove torch's build locks (`<root>/<op>/lock`) left by dead builds; the caller holds
+    `build_guard(root)`. torch's lock is a plain file: a build killed while holding it (OOM, a timeout)
+    leaves it, and every later build of that op waits on it forever. rlloop builds under its own flock,
+    which the kernel releases when a process dies, so a lock file found while holding it is stale."""
+    stale = sorted(root.glob("*/lock"))
+    for lock in stale:
+        logger.warning("removing a stale torch extension build lock %s (left by a build that died)", lock)
+        lock.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def build_guard(root: Path):
+    """An exclusive flock on `<root>/.rlloop-build.lock` for the body: one rlloop JIT build at a time."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".rlloop-build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_cpu_ops() -> None:
+    """On the CPU accelerator, build (or load) DeepSpeed's shared-memory allreduce op, which
+    `deepspeed.init_distributed` JIT-builds, before the rank's rendezvous: in this environment's own
+    folder (`extensions_root`), one rlloop build at a time, stale locks cleared (`clear_stale_build_locks`).
+    Without it a learner killed mid-build left a lock on which every later learner hung in set-up."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        return
+    builder = accel.create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    root = extensions_root()
+    with build_guard(root):
+        clear_stale_build_locks(root)
+        import deepspeed.ops
+
+        if deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            builder.load(verbose=False)
 
 
 def init_distributed(backend: str | None = None) -> None:
@@ -50,6 +117,7 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    prepare_cpu_ops()
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
