@@ -163,8 +163,11 @@ def set_metrics(name: str, results: Sequence[PromptResult], ks: Sequence[int]) -
     for source, rs in groups.items():
         prefix = f"eval/{name}/{source}/" if source else f"eval/{name}/"
         per_prompt = [r.metrics(ks) for r in rs]
-        for key in per_prompt[0] if per_prompt else []:
-            out[prefix + key] = sum(m[key] for m in per_prompt) / len(per_prompt)
+        # a metric's mean over the prompts that have it: `format` is missing where the verifier gave no
+        # format score (e.g. its check timed out)
+        for key in dict.fromkeys(k for m in per_prompt for k in m):
+            values = [m[key] for m in per_prompt if key in m]
+            out[prefix + key] = sum(values) / len(values)
         out[prefix + "num_prompts"] = float(len(rs))
     return out
 

@@ -275,6 +275,14 @@ def test_greedy_format_share_when_the_verifier_reports_one():
 
     m, _ = evaluate_sets({"test": SETS["test"]}, generate, n=0, ks=[], greedy_temperature=0.0, temperature=1.0)
     assert m["eval/test/format"] == 0.5 and m["eval/test/arith/format"] == 1.0 and m["eval/test/gsm8k/format"] == 0.0
+    # a prompt whose verification gave no format score (a timeout) is left out of the format mean only
+    def timing_out(samples, n, temperature):
+        out = generate(samples, n, temperature)
+        out[1].outcome = {"correct": 0.0}
+        return out
+
+    m, _ = evaluate_sets({"test": SETS["test"]}, timing_out, n=0, ks=[], greedy_temperature=0.0, temperature=1.0)
+    assert m["eval/test/format"] == 1.0 and m["eval/test/accuracy"] == 0.5 and "eval/test/gsm8k/format" not in m
     # a verifier without a format score: no format metric rather than a made-up 0
     m, _ = evaluate_sets(SETS, fake_policy(ANSWERS, GREEDY)[0], n=0, ks=[], greedy_temperature=0.0, temperature=1.0)
     assert not any(k.endswith("/format") for k in m)
