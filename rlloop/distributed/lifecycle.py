@@ -389,6 +389,18 @@ class Actors:
         if self.implicit_prm_weights_ref is not None:
             self.get(self.implicit_prm.load_state_numpy.remote(self.implicit_prm_weights_ref), "implicit PRM reload")
 
+    def set_rollout_asleep(self, asleep: bool) -> int:
+        """Every rollout worker's engine to sleep (the learner phase of a colocated run, rollout.vllm.
+        enable_sleep_mode) or awake again (before the weight sync). A worker that died is restarted awake at
+        the current version and given the call again. Returns how many workers changed state."""
+        what = "sleep" if asleep else "wake"
+
+        def issue(w: Any) -> Any:
+            return w.sleep.remote() if asleep else w.wake.remote()
+
+        refs = [issue(w) for w in self.workers]
+        return sum(bool(self.call_worker(i, ref, issue, what=what)) for i, ref in enumerate(refs))
+
     # ---------------------------------------------------------------- weight sync
     def sync_weights(self, *, version: int | None = None, wait: bool = True) -> dict[str, float]:
         """Push the learner's weights to every rollout worker as policy `version` (default: the next one),

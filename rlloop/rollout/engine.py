@@ -72,6 +72,8 @@ class RolloutEngine(ABC):
     def update_weights(self, named_arrays: dict[str, np.ndarray], version: int) -> None:
         """Load (a subset of) the policy's HF `state_dict()` given as numpy arrays."""
 
+    sleeping = False  # True between sleep() and wake() on an engine with a sleep mode (VLLMEngine)
+
     def sleep(self) -> None:
         """Release accelerator memory between rollout phases (no-op on CPU)."""
         return None

