@@ -95,6 +95,23 @@ def greedy_check(hf, vl, prompts, state, tokens: int) -> dict:
     return {"prompts": len(prompts), "equal": sum(x == y for x, y in zip(a, b, strict=True))}
 
 
+def update_paths(engine, state, rounds: int) -> dict:
+    """VLLMEngine.update_weights of the whole model through /dev/shm and as bytes through vLLM's RPC,
+    alternating, `rounds` times each: median seconds, total and by part, per path."""
+    times: dict[str, list[dict]] = {"shm": [], "bytes": []}
+    for i in range(rounds):
+        for path in ("shm", "bytes"):
+            engine.update_via_shm = path == "shm"
+            engine.update_weights(state, 100 + i)
+            times[path].append(dict(engine.last_update_seconds))
+    engine.update_via_shm = True
+    out = {
+        path: {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]} for path, runs in times.items()
+    }
+    out["bytes_over_shm"] = round(out["bytes"]["total"] / out["shm"]["total"], 2)
+    return out
+
+
 def model_path(name: str, tmp: str) -> str:
     if name == "tiny":
         from rlloop.models.builders import build_tiny
@@ -113,6 +130,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--check-greedy", action="store_true")
+    ap.add_argument("--update-rounds", type=int, default=0,
+                    help="also time vLLM's two update paths (/dev/shm file, bytes through the RPC) alternately, "
+                         "this many times each")  # fmt: skip
     args = ap.parse_args()
 
     import torch
@@ -142,6 +162,8 @@ def main() -> None:
         result["vllm"] = {"init_s": round(t, 2), **run(vl, prompts, state, args), "build": vl.build}
         ratio = result["vllm"]["tok_per_s_median"] / result["hf"]["tok_per_s_median"]
         result["vllm_over_hf"] = round(ratio, 2)
+        if args.update_rounds:
+            result["vllm_update_paths"] = update_paths(vl, state, args.update_rounds)
         if args.check_greedy:
             result["greedy_equal"] = greedy_check(hf, vl, prompts, state, args.tokens)
         result["load_end"] = [round(x, 2) for x in os.getloadavg()]

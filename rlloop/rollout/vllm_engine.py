@@ -275,6 +275,7 @@ class VLLMEngine(RolloutEngine):
         self.sleep_enabled = self.sleep_mode and not self.on_cpu  # vLLM's own sleep mode: GPU only
         self.sleeping = False
         self.last_update_seconds: dict[str, float] = {}  # the last update_weights, by part
+        self.update_via_shm = True  # False: the bytes cross vLLM's RPC (benchmarks/rollout_engines.py compares)
         kwargs = {}
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
@@ -415,7 +416,7 @@ class VLLMEngine(RolloutEngine):
         t_check = time.perf_counter()
         arrays = {k: np.ascontiguousarray(v) for k, v in named_arrays.items()}
         nbytes = sum(a.nbytes for a in arrays.values())
-        shm = _shm_file(nbytes)
+        shm = _shm_file(nbytes) if self.update_via_shm else None
         if shm is not None:  # one write to shared memory; the vLLM workers (this node's processes) read it
             try:
                 save_file(arrays, str(shm))

@@ -327,19 +327,20 @@ def test_update_weights_then_logprobs_match_new_hf(engine, worker, hf_model, mod
 
 
 @needs_vllm
-def test_update_travels_through_shared_memory_or_as_bytes(engine, hf_model, prompt_ids, monkeypatch, caplog):
+def test_update_travels_through_shared_memory_or_as_bytes(engine, hf_model, prompt_ids, caplog):
     """The update is written once to /dev/shm and only its path crosses vLLM's RPC; the file is gone
     afterwards. Without room there the bytes cross the RPC instead, with the same result."""
     import logging
-
-    import rlloop.rollout.vllm_engine as ve
 
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     before = set(Path("/dev/shm").glob("rlloop-vllm-weights-*"))
     with caplog.at_level(logging.INFO, logger="rlloop.rollout.vllm_engine"):
         engine.update_weights(state, 7)
-        monkeypatch.setattr(ve, "_shm_file", lambda nbytes: None)
-        engine.update_weights(state, 8)
+        engine.update_via_shm = False  # as where /dev/shm has no room
+        try:
+            engine.update_weights(state, 8)
+        finally:
+            engine.update_via_shm = True
     assert "via /dev/shm" in caplog.text and "as bytes" in caplog.text
     assert set(Path("/dev/shm").glob("rlloop-vllm-weights-*")) == before
     assert engine.version == 8 and engine.last_update_seconds["total"] > 0
