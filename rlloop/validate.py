@@ -124,7 +124,7 @@ def validate_config(cfg: Any) -> None:
     from rlloop.learner.optim import check_learner
 
     # LR schedule, offload, DeepSpeed overrides, LoRA
-    check_learner(lr, a.critic.lora_rank if a.advantage == "gae" else None, r.engine)
+    check_learner(lr, a.critic.lora_rank if a.advantage == "gae" else None)
     _choose("algo.advantage", a.advantage, ADVANTAGES)
     _choose("algo.policy_loss", a.policy_loss, {**POLICY_LOSSES, **PREFERENCE_LOSSES})
     _choose("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)

@@ -179,7 +179,7 @@ def learner_settings(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def check_learner(learner: Any, critic_lora_rank: int | None = None, rollout_engine: str = "hf") -> None:
+def check_learner(learner: Any, critic_lora_rank: int | None = None) -> None:
     """Start-up checks of learner.lr_* / offload_* / deepspeed_overrides / lora (a LearnerConfig node):
     ConfigError naming the first bad key, before any actor starts."""
     from rlloop.learner.lora import check_lora
@@ -197,11 +197,6 @@ def check_learner(learner: Any, critic_lora_rank: int | None = None, rollout_eng
             f"config learner.lr_decay_steps={learner.lr_decay_steps!r}: must be >= 1 (or null: the run's steps)"
         )
     check_lora(learner.lora)
-    if learner.lora.rank > 0 and rollout_engine != "hf":
-        raise ConfigError(
-            f"config learner.lora.rank={learner.lora.rank}: adapter-only weight sync is built for rollout.engine=hf; "
-            f"rollout.engine={rollout_engine} cannot take an adapter yet (docs/learner.md, 'LoRA and vLLM')"
-        )
     if critic_lora_rank is not None and critic_lora_rank < 0:
         raise ConfigError(f"config algo.critic.lora_rank={critic_lora_rank!r}: must be >= 0 (or null: learner.lora.rank)")
     overrides = dict(learner.deepspeed_overrides)

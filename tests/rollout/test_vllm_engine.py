@@ -348,6 +348,36 @@ def test_update_travels_through_shared_memory_or_as_bytes(engine, hf_model, prom
 
 
 @needs_vllm
+def test_lora_adapter_sync_samples_what_the_hf_engine_computes(engine, hf_model, model_dir, prompt_ids):
+    """learner.lora with rollout.engine=vllm: the sync brings only the adapter (peft names); the engine merges
+    it into the base weights (q and v adapted: vLLM's fused qkv also gets k's base weight) and samples with
+    the log-probs of HFEngine(lora=...), which runs the adapter unmerged."""
+    from rlloop.rollout.engine import HFEngine
+
+    lora = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
+    hf = HFEngine(model_dir, lora=lora)
+    rng = np.random.default_rng(3)
+    adapter = {k: rng.normal(0, 0.2, tuple(v.shape)).astype(np.float32)
+               for k, v in hf.model.state_dict().items() if ".lora_" in k}  # fmt: skip
+    assert adapter and all(k.startswith("base_model.model.") for k in adapter)
+    hf.update_weights(adapter, 1)
+    original = {k: v.detach().clone().numpy() for k, v in hf_model.state_dict().items()}
+    engine.lora = lora  # as VLLMEngine(lora=...) sets it; one engine start for the module
+    try:
+        engine.update_weights(adapter, 1)
+        sampled = engine.generate(prompt_ids, n=2, max_new_tokens=10, temperature=1.0, seed=2)
+        assert max_logprob_diff(engine, hf.model, prompt_ids, sampled, 1.0) < ATOL
+        assert max_logprob_diff(engine, hf_model, prompt_ids, sampled, 1.0) > 100 * ATOL  # not the base's
+        greedy = engine.generate(prompt_ids, n=1, max_new_tokens=10, temperature=0.0)
+        assert_greedy_is_argmax(hf.model, prompt_ids, greedy)
+        with pytest.raises(KeyError, match="without its lora_B"):
+            engine.update_weights({k: v for k, v in adapter.items() if ".lora_B." not in k}, 2)
+    finally:
+        engine.lora = None
+        engine.update_weights(original, 0)
+
+
+@needs_vllm
 def test_update_weights_bad_input(engine, hf_model):
     q = "model.layers.0.self_attn.q_proj.weight"
     w = hf_model.state_dict()[q].numpy()
@@ -479,7 +509,8 @@ def test_smollm2_update_weights_greedy_equals_hf_engine():
 def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tmp_path):
     """rollout.vllm.enable_sleep_mode end to end (Ray actors, vLLM rollout worker, learner): the controller
     puts every engine to sleep once generation is over and wakes it before the weight sync. A sleeping
-    engine refuses weights, so a missing wake fails the run; a missing sleep leaves no asleep worker."""
+    engine refuses weights, so a missing wake fails the run; a missing sleep leaves no asleep worker.
+    The learner trains a LoRA adapter: each sync carries the adapter alone, which the engine merges."""
     import json
 
     from tests.conftest import run_cli
@@ -490,7 +521,8 @@ def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tm
         ["model=hf", f"model.path={model_dir}", "task=arith", "task.num_test=4", "reward=rule", *LENGTH_REWARD,
          "rollout=vllm", "rollout.vllm.enable_sleep_mode=true", "rollout.vllm.max_model_len=256",
          "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=8",
-         "learner.world_size=1", "learner.num_threads=1", "algo.use_ref=false", "trainer.total_steps=2",
+         "learner.world_size=1", "learner.num_threads=1", "learner.lora.rank=4", "learner.lr=1e-2",
+         "algo.use_ref=false", "trainer.total_steps=2",
          "trainer.eval_every=0", "logger=[jsonl]", f"hydra.run.dir={out}"],
         env={"PYTHONPATH": FIXTURES},
     )  # fmt: skip
@@ -498,7 +530,11 @@ def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tm
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/learner" in r]
     assert len(steps) == 2
+    model_mb = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
     for r in steps:
-        assert r["rollout/asleep_workers"] == 1.0 and "time/rollout_wake" in r and r["sync/mb"] > 0
+        assert r["rollout/asleep_workers"] == 1.0 and "time/rollout_wake" in r
+        assert 0 < r["sync/mb"] < 0.5 * model_mb  # the adapter, not the model
+    # step 2 sampled from the merged adapter of step 1: the learner's logprobs of those tokens agree
+    assert steps[1]["rollout/logprob_mismatch"] < 1e-3, steps[1]["rollout/logprob_mismatch"]
     # the evaluation after the last step generated: the engines were awake again
     assert any("eval/accuracy" in r for r in rows)
