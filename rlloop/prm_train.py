@@ -47,7 +47,7 @@ class PRMTrainConfig:
     prm_init: str = "auto"  # auto (PRM folder if it has a value head, else a fresh head) | prm | backbone
     td: str = (
         "td0"  # td0 | nstep | td_lambda | mc (ScalarPRM, outcome labels) | labels (ScalarPRM, step_labels)
-    )
+    )  # | reach (max backup of hard step_labels, bootstrapped on V; gamma, lam apply)
     gamma: float = 0.8
     n: int = 2
     lam: float = 0.7
@@ -81,8 +81,8 @@ def _check(cfg: Any) -> None:
     fmt = cfg.data.format
     if fmt not in LOADERS:
         raise ConfigError(f"data.format={fmt!r}: use {' | '.join(LOADERS)}")
-    if cfg.td not in ("td0", "nstep", "td_lambda", "mc", "labels"):
-        raise ConfigError(f"td={cfg.td!r}: use td0 | nstep | td_lambda | mc | labels")
+    if cfg.td not in ("td0", "nstep", "td_lambda", "mc", "labels", "reach"):
+        raise ConfigError(f"td={cfg.td!r}: use td0 | nstep | td_lambda | mc | labels | reach")
     if fmt == "transitions" and cfg.td not in ("td0", "nstep"):
         raise ConfigError(f"td={cfg.td!r} needs whole trajectories; transitions files train td0/nstep only")
     if cfg.prm_init not in ("auto", "prm", "backbone"):
@@ -114,11 +114,11 @@ def _columns(examples: list[dict]) -> tuple[list, list, list, list]:
 
 
 def _labels(examples: list[dict], td: str) -> dict:
-    if td != "labels":
+    if td not in ("labels", "reach"):
         return {}
     missing = [i for i, e in enumerate(examples) if e.get("step_labels") is None]
     if missing:
-        raise ConfigError(f"td=labels but example {missing[0]} (0-based) has no step_labels")
+        raise ConfigError(f"td={td} but example {missing[0]} (0-based) has no step_labels")
     return {"step_labels": [e["step_labels"] for e in examples]}
 
 

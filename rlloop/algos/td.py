@@ -15,6 +15,12 @@ would get alone, unlike the TDRM release's 2/3-step collator that applied one ro
               (G is accumulated unclamped and clamped once at the end; λ = 0 is TD(0), and λ = 1 is the
               discounted Monte-Carlo return G_k = Σ_{i<L-1-k} γ^i r_{k+i} + γ^{L-1-k} ℓ)
     mc:       y_k = ℓ for every step (ScalarPRM with outcome labels; = TD(λ) at λ = 1, γ = 1, r = 0)
+    reach:    G_{L-1} = ℓ;  G_k = max(h_k, γ((1-λ)V_{k+1} + λG_{k+1}));   y_k = clamp(G_k, 0, 1)
+              (needs hard step labels h_k ∈ {0, 1}: 1 when some sampled continuation of the prefix ending
+              at step k succeeded, Math-Shepherd's hard estimate. The value is whether SOME continuation
+              can still succeed, whose Bellman backup is a max, not a sum: a prefix is reachable if a later
+              prefix of the same solution is, or if one of its own samples succeeded. λ = 0 bootstraps on
+              the next value alone; λ = 1 is the labels backed up along the solution, no values.)
 
 The terminal step's reward r_{L-1} is unused (its target is the outcome itself). Bootstrapped values are
 detached (semi-gradient TD): `values` is `.detach()`ed inside every target function. Targets are 0 on
@@ -147,6 +153,42 @@ def td_lambda_targets(
     return G.clamp(0.0, 1.0) * mask
 
 
+def reach_targets(
+    values: Tensor,
+    step_mask: Tensor,
+    outcome: Tensor,
+    labels: Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+) -> Tensor:
+    """Reachability targets y [B, K] (module docstring): G_{L-1} = ℓ, G_k = max(h_k, γ((1-λ)V_{k+1} + λG_{k+1})),
+    y = clamp(G, 0, 1); 0 on padding. `labels` [B, K] are hard MC step labels h_k (1: a sampled continuation
+    of the prefix ending at step k succeeded). λ = 0 is the one-step backup max(h_k, γV_{k+1}); λ = 1 needs
+    no values: max(h_k, γh_{k+1}, γ²h_{k+2}, ..., γ^{L-1-k}ℓ), the labels themselves backed up."""
+    check_range("lam", float(lam), 0.0, 1.0)
+    values, mask, outcome, _, lengths = _check_steps(values, step_mask, outcome, None, gamma)
+    labels = check_tensor("labels", labels, ndim=2, float_dtype=True).detach()
+    check_shape("labels", labels, values.shape, like="values")
+    check_finite("labels", labels)
+    real = mask & ((labels < 0) | (labels > 1))
+    if bool(real.any()):
+        b, k = (int(i) for i in real.nonzero()[0])
+        raise ValueError(f"reach labels must lie in [0, 1]; row {b} step {k} has {labels[b, k].item()}")
+    labels = labels.to(values.dtype)
+    K = values.shape[1]
+    G = torch.zeros_like(values)
+    next_G = torch.zeros_like(outcome)
+    for k in range(K - 1, -1, -1):
+        next_v = values[:, k + 1] if k + 1 < K else torch.zeros_like(outcome)
+        g = torch.maximum(labels[:, k], gamma * ((1.0 - lam) * next_v + lam * next_G))
+        g = torch.where(lengths - 1 == k, outcome, g)
+        g = torch.where(k < lengths, g, torch.zeros_like(g))
+        G[:, k] = g
+        next_G = g
+    return G.clamp(0.0, 1.0) * mask
+
+
 def mc_targets(values: Tensor, step_mask: Tensor, outcome: Tensor) -> Tensor:
     """ScalarPRM targets [B, K]: every real step's target is the outcome ℓ (0 on padding)."""
     values, mask, outcome, _, _ = _check_steps(values, step_mask, outcome, None, 1.0)
@@ -261,6 +303,7 @@ __all__ = [
     "mc_targets",
     "nstep_targets",
     "prm_bce_loss",
+    "reach_targets",
     "smoothness",
     "td0_targets",
     "td_lambda_targets",

@@ -15,6 +15,7 @@ from rlloop.algos.td import (
     ema_state,
     nstep_targets,
     prm_bce_loss,
+    reach_targets,
     smoothness,
     td0_targets,
     td_lambda_targets,
@@ -296,3 +297,56 @@ def test_ema_state_is_pure():
     assert target["w"].tolist() == [0.0, 0.0]
     with pytest.raises(KeyError):
         ema_state(target, {"w": torch.ones(2)}, decay=0.9)
+
+
+# ---------------------------------------------------------------- reach: the max backup of hard labels
+
+
+def ref_reach(v: list[float], h: list[float], ell: float, gamma: float, lam: float) -> list[float]:
+    L = len(v)
+    G = [0.0] * L
+    G[L - 1] = ell
+    for k in range(L - 2, -1, -1):
+        G[k] = max(h[k], gamma * ((1 - lam) * v[k + 1] + lam * G[k + 1]))
+    return [clamp01(g) for g in G]
+
+
+@settings(max_examples=150, deadline=None)
+@given(trajectories(), gammas, st.one_of(st.sampled_from([0.0, 1.0]), unit), st.data())
+def test_reach_matches_reference(rows, gamma, lam, data):
+    hard = [data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(v), max_size=len(v))) for v, _, _ in rows]
+    values, _, mask, outcome = pad(rows)
+    labels = torch.full_like(values, 0.5)  # junk on padding
+    for b, h in enumerate(hard):
+        labels[b, : len(h)] = torch.tensor(h, dtype=torch.float64)
+    got = reach_targets(values, mask, outcome, labels, gamma=gamma, lam=lam)
+    for b, (v, _, ell) in enumerate(rows):
+        L = len(v)
+        assert got[b, :L].tolist() == pytest.approx(ref_reach(v, hard[b], ell, gamma, lam), abs=1e-9), f"row {b}"
+        assert torch.all(got[b, L:] == 0)
+    if lam == 1.0:  # the labels backed up along each solution; the values play no part
+        assert torch.equal(reach_targets(torch.rand_like(values), mask, outcome, labels, gamma=gamma, lam=1.0), got)
+
+
+def test_reach_hand_worked():
+    """h = [0, 1, 0, 0], V = [.2, .3, .9, .4], ℓ = 0: a prefix with a successful sample is 1, the others
+    take the next prefix's value (λ = 0, γ = 1), the last step the outcome; at λ = 1 the labels alone,
+    backed up (a prefix is reachable when a later one is)."""
+    v = torch.tensor([[0.2, 0.3, 0.9, 0.4]])
+    h = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    mask, out = torch.ones(1, 4), torch.tensor([0.0])
+    assert reach_targets(v, mask, out, h).tolist()[0] == pytest.approx([0.3, 1.0, 0.4, 0.0])
+    assert reach_targets(v, mask, out, h, lam=1.0).tolist()[0] == pytest.approx([1.0, 1.0, 0.0, 0.0])
+    # λ = 0.5: G_2 = max(0, .5·.4 + .5·0) = .2; G_1 = 1; G_0 = max(0, .5·.3 + .5·1) = .65
+    assert reach_targets(v, mask, out, h, lam=0.5).tolist()[0] == pytest.approx([0.65, 1.0, 0.2, 0.0])
+    assert reach_targets(v, mask, out, h, gamma=0.5).tolist()[0] == pytest.approx([0.15, 1.0, 0.2, 0.0])
+    # a label is a lower bound: it never lowers a target below the bootstrapped value
+    assert torch.all(reach_targets(v, mask, out, h) >= torch.tensor([[0.3, 0.9, 0.4, 0.0]]))
+
+
+def test_reach_rejects_bad_labels():
+    v, mask, out = torch.rand(2, 3), torch.ones(2, 3), torch.tensor([1.0, 0.0])
+    with pytest.raises(ValueError, match="row 1 step 2"):
+        reach_targets(v, mask, out, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.5]]))
+    with pytest.raises(ValueError, match="labels"):
+        reach_targets(v, mask, out, torch.zeros(2, 4))

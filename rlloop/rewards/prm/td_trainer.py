@@ -8,7 +8,8 @@ after it without), so a PRM trained here scores the same positions at inference.
 Targets (`rlloop.algos.td`) use values that never carry gradient: the same forward pass detached (what a
 separate no-grad pass would give, for free), or a no-grad pass of the EMA target network when `ema` is set.
 `td="labels"` trains toward given per-step labels (ScalarPRM with Monte-Carlo step labels); `td="mc"`
-toward the outcome at every step (ScalarPRM with outcome labels).
+toward the outcome at every step (ScalarPRM with outcome labels); `td="reach"` bootstraps on its own values
+through the max backup of given hard Monte-Carlo step labels (`rlloop.algos.td.reach_targets`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,22 @@ from typing import Any
 
 import torch
 
-from rlloop.algos.td import TD_KINDS, auroc, compute_td_targets, ema_state, prm_bce_loss, smoothness
+from rlloop.algos.td import (
+    TD_KINDS,
+    auroc,
+    compute_td_targets,
+    ema_state,
+    prm_bce_loss,
+    reach_targets,
+    smoothness,
+)
 from rlloop.rewards.training import RewardModelTrainer
 from rlloop.rollout.steps import char_ends_to_token_ends
 
 logger = logging.getLogger(__name__)
 
-TRAINER_KINDS = (*TD_KINDS, "labels")
+TRAINER_KINDS = (*TD_KINDS, "labels", "reach")
+LABELLED_KINDS = ("labels", "reach")  # kinds whose targets need per-step labels
 
 
 @dataclass
@@ -188,8 +198,8 @@ class TDPRMTrainer(RewardModelTrainer):
             raise ValueError(
                 f"TDPRMTrainer.step: {len(outcomes)} outcomes for {len(prompt_texts)} trajectories"
             )
-        if self.td == "labels" and step_labels is None:
-            raise ValueError("TDPRMTrainer: td='labels' needs step_labels")
+        if self.td in LABELLED_KINDS and step_labels is None:
+            raise ValueError(f"TDPRMTrainer: td={self.td!r} needs step_labels")
         encoded = self._encode_all(prompt_texts, response_texts, step_char_ends)
         if self.train_prompt:
             encoded = self._with_prompt(encoded)
@@ -269,6 +279,9 @@ class TDPRMTrainer(RewardModelTrainer):
         if self.target_model is not None and self.td != "mc":
             with torch.no_grad():
                 values = torch.sigmoid(self._forward(self.target_model, input_ids, attention_mask, positions))
+        if self.td == "reach":
+            padded = self._pad_rows(labels, mask, "step_labels")
+            return reach_targets(values, mask, outcome, padded, gamma=self.gamma, lam=self.lam)
         return compute_td_targets(
             self.td,
             values,
@@ -335,6 +348,11 @@ class TDPRMTrainer(RewardModelTrainer):
         logits = torch.log(v) - torch.log1p(-v)
         if self.td == "labels":
             targets = self._pad_rows(step_labels, mask, "step_labels") if step_labels is not None else None
+        elif self.td == "reach":
+            targets = None
+            if step_labels is not None:
+                labels = self._pad_rows(step_labels, mask, "step_labels")
+                targets = reach_targets(values, mask, outcome, labels, gamma=self.gamma, lam=self.lam)
         else:
             targets = compute_td_targets(
                 self.td, values, mask, outcome, gamma=self.gamma, n=self.n, lam=self.lam
@@ -452,4 +470,4 @@ class TDPRMTrainer(RewardModelTrainer):
         return metrics
 
 
-__all__ = ["TRAINER_KINDS", "TDPRMTrainer"]
+__all__ = ["LABELLED_KINDS", "TRAINER_KINDS", "TDPRMTrainer"]

@@ -136,6 +136,32 @@ def test_ema_target_and_labels_mode(prm_tokenizer):
         scalar.step(p, r, ends, out, step_labels=[[1.0]] * len(p))
 
 
+def test_reach_targets_come_from_labels_and_own_values(prm_tokenizer):
+    """td="reach": the step's target is max(h_k, (1-λ)V_{k+1} + λG_{k+1}) from this batch's own detached
+    values; a label of 1 forces 1, and the loss reported is BCE toward exactly those targets."""
+    from rlloop.algos.td import prm_bce_loss, reach_targets
+
+    torch.set_num_threads(1)
+    p, r, ends, out = unpack(toy_set(4))
+    labels = [[float(k % 2) for k in range(len(e))] for e in ends]
+    trainer = TDPRMTrainer(
+        tiny_llama_prm(prm_tokenizer, seed=5), prm_tokenizer, lr=0.0, td="reach", gamma=1.0, lam=0.5
+    )
+    values = trainer.step_values(p, r, ends)
+    K = max(len(v) for v in values)
+    vt, mt, ht = torch.zeros(4, K), torch.zeros(4, K), torch.zeros(4, K)
+    for b, v in enumerate(values):
+        vt[b, : len(v)], mt[b, : len(v)], ht[b, : len(v)] = torch.tensor(v), 1, torch.tensor(labels[b])
+    want = reach_targets(vt, mt, torch.tensor(out), ht, gamma=1.0, lam=0.5)
+    logits = torch.log(vt.clamp(1e-6, 1 - 1e-6)) - torch.log1p(-vt.clamp(1e-6, 1 - 1e-6))
+    metrics = trainer.step(p, r, ends, out, step_labels=labels)
+    assert metrics["prm/target_mean"] == pytest.approx(float((want * mt).sum() / mt.sum()), abs=1e-5)
+    assert metrics["prm/loss"] == pytest.approx(prm_bce_loss(logits, want, mt).item(), abs=1e-4)
+    assert trainer.evaluate(p, r, ends, out, step_labels=labels)["prm/bce"] == pytest.approx(metrics["prm/loss"], abs=1e-4)
+    with pytest.raises(ValueError, match="td='reach' needs step_labels"):
+        trainer.step(p, r, ends, out)
+
+
 def test_zero_step_trajectory_is_named(prm_tokenizer):
     trainer = TDPRMTrainer(tiny_llama_prm(prm_tokenizer), prm_tokenizer, lr=1e-3)
     with pytest.raises(ValueError, match="trajectory 1: trajectory has zero steps"):
