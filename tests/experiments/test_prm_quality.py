@@ -137,6 +137,15 @@ def test_pipeline_runs_on_a_small_chain(tmp_path):
     assert "| TD(0) | bootstrap on V |" in (tmp_path / "prm_quality.md").read_text()
     assert (tmp_path / "localisation.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "heldout_values.json").read_text())["td0"]) == 8
+    # several runs on the same held-out rollouts in one plot (docs/results.md §0d); names may hold "="
+    prm_quality.combine_plots([f"a, λ=1={tmp_path}", f"b={tmp_path}"], tmp_path / "both.png")
+    assert (tmp_path / "both.png").stat().st_size > 1000
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "heldout_rollouts.jsonl").write_text(json.dumps({**rows[0], "uid": "x"}) + "\n")
+    (other / "heldout_values.json").write_text(json.dumps({"td0": [[0.5]]}))
+    with pytest.raises(ValueError, match="other held-out rollouts"):
+        prm_quality.combine_plots([f"a={tmp_path}", f"b={other}"], tmp_path / "bad.png")
 
 
 def test_teacher_rollouts_and_frozen_heads(tmp_path):
@@ -159,7 +168,7 @@ def test_teacher_rollouts_and_frozen_heads(tmp_path):
         gamma=1.0,
         seed=0,
         model_name="tiny",
-        kinds=("td0", "mc"),
+        kinds=("td0", "mc", "reach"),
         task="chain",
         task_overrides=["task.min_ops=3", "task.max_ops=4"],
         labels=("outcome", "mc_hard"),
@@ -185,6 +194,13 @@ def test_teacher_rollouts_and_frozen_heads(tmp_path):
     )
     assert all(len(r["step_char_ends"]) == p.num_steps or r["question"] != rows[0]["question"] for r in rows)
     assert set(res["td0@mc_hard"]["seeds"]) == {"0", "1"}
+    assert "reach" not in res  # reach backs up hard labels only: no outcome-label arm
+    assert "localisation" in res["reach@mc_hard"] and "| TD-reach (max backup) | MC hard |" in (
+        tmp_path / "prm_quality.md"
+    ).read_text()
+    # the backed-up labels localise no worse on the late side than never: they can only turn 0s into 1s
+    lq = res["label_quality"]
+    assert lq["mc_hard_max"]["early"] <= lq["mc_hard"]["early"]
     assert res["settings"]["backbone"] == "frozen" and res["settings"]["rollouts"] == "teacher"
     assert 0.0 <= res["label_quality"]["mc_hard"]["f1"] <= 1.0
     assert "| ScalarPRM | MC hard |" in (tmp_path / "prm_quality.md").read_text()
@@ -219,3 +235,55 @@ def test_prompt_value_arms_add_the_drop_rule_from_the_prompt(tmp_path):
     assert "F1 (drop from V(prompt), τ from val)" in (tmp_path / "prm_quality.md").read_text()
     with pytest.raises(ValueError, match="--prompt-value needs --backbone full"):
         prm_quality.run(**{**kw, "backbone": "frozen"})
+
+
+def test_mc_labels_from_counts_and_backed_up():
+    """Counts ({"successes", "samples"}) give the same labels as the outcome lists they summarise; the
+    backup turns a hard 0 into 1 when a later prefix of the same solution has a success."""
+    row = {"correct": 0.0}
+    lists = [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], []]
+    counts = [{"successes": int(sum(x)), "samples": len(x)} for x in lists[:-1]] + [[]]
+    for hard in (False, True):
+        assert mc_labels(row, counts, hard=hard) == pytest.approx(mc_labels(row, lists, hard=hard))
+    assert mc_labels(row, lists, hard=True) == [0.0, 1.0, 0.0, 0.0]
+    assert mc_labels(row, lists, hard=True, backup=True) == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="hard labels only"):
+        mc_labels(row, lists, hard=False, backup=True)
+    # the backed-up labels are reach's λ = 1 targets (γ = 1): the ScalarPRM on them is that TD's MC limit
+    import torch
+
+    from rlloop.algos.td import reach_targets
+
+    h = torch.tensor([mc_labels(row, lists, hard=True)])
+    lam1 = reach_targets(torch.rand_like(h), torch.ones_like(h), torch.tensor([0.0]), h, gamma=1.0, lam=1.0)
+    assert lam1[0].tolist() == mc_labels(row, lists, hard=True, backup=True)
+    # reach trains on the labels themselves (the backup happens against V during training)
+    assert label_targets("reach", [0.0, 1.0, 0.0], 0.0, gamma=1.0, n=1, lam=0.7) == [0.0, 1.0, 0.0]
+
+
+def test_vectorised_teacher_is_the_teacher():
+    """`_teacher_finals` follows `chain.teacher_values`: exactly where the teacher is deterministic
+    (error_p 0 or 1), and in distribution (success rate within 4 standard errors) in between."""
+    import random
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from rlloop.experiments.prm_quality import _teacher_finals, _teacher_table
+
+    cfg = OmegaConf.create({"name": "chain", "min_ops": 8, "max_ops": 12, "misconception_frac": 0.5, "seed": 3})
+    table, _ = _teacher_table(cfg)
+    wrong = chain.task_misconceptions(cfg)
+    problems = chain.generate_problems(20, seed="vec", min_ops=8, max_ops=12)
+    rng = np.random.default_rng(0)
+    for p in problems:
+        for error_p in (0.0, 1.0):
+            got = _teacher_finals(p.start, p.ops, 3, table, error_p, rng)
+            want = chain.teacher_values(p.start, p.ops, wrong, error_p, random.Random(0))[-1]
+            assert got.tolist() == [want] * 3
+    p = next(q for q in problems if 0.05 < np.mean(_teacher_finals(q.start, q.ops, 4000, table, 0.5, rng) == q.answer) < 0.95)
+    fast = float(np.mean(_teacher_finals(p.start, p.ops, 20_000, table, 0.5, rng) == p.answer))
+    py = random.Random(1)
+    slow = sum(chain.teacher_values(p.start, p.ops, wrong, 0.5, py)[-1] == p.answer for _ in range(20_000)) / 20_000
+    se = math.sqrt(fast * (1 - fast) / 20_000 + slow * (1 - slow) / 20_000)
+    assert abs(fast - slow) < 4 * se
