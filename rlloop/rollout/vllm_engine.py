@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -234,6 +235,24 @@ def _tied_names(shapes: dict[str, tuple[int, ...]], hf_config) -> dict[str, str]
     return {"lm_head.weight": embeds[0]} if len(embeds) == 1 else {}
 
 
+# what the user set before rlloop started (an engine's own binding is not a user's, when a test or a single
+# process starts several engines)
+_USER_ENV = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
+
+
+def worker_cpus(worker_index: int, num_threads: int, allowed: Sequence[int]) -> list[int]:
+    """The cores rollout worker `worker_index` binds its `num_threads` OpenMP threads to: its own block of
+    consecutive cores of `allowed` (worker i: cores i*t .. i*t+t-1), wrapping around when there are more
+    workers x threads than cores (then blocks overlap, as they must)."""
+    if num_threads < 1:
+        raise ValueError(f"rollout.num_threads must be >= 1 for a vLLM worker, got {num_threads}")
+    if not allowed:
+        raise ValueError("no CPU cores allowed for this process")
+    t = min(num_threads, len(allowed))
+    start = (worker_index * t) % len(allowed)
+    return [allowed[(start + j) % len(allowed)] for j in range(t)]
+
+
 class VLLMEngine(RolloutEngine):
     """`LLM` offline engine behind the `RolloutEngine` interface (one engine per rollout worker)."""
 
@@ -253,13 +272,19 @@ class VLLMEngine(RolloutEngine):
         kv_cache_space_gb: float = 1.0,
         stop: list[str] | None = None,
         lora: dict | None = None,
+        worker_index: int | None = None,
     ):
-        # num_threads is HFEngine's torch setting; vllm-cpu binds its own OpenMP threads
-        # (VLLM_CPU_OMP_THREADS_BIND, default: all cores but one).
-        del num_threads
         self.build = check_vllm_version()
         # read by vllm-cpu when its worker starts (GB of KV cache; its default is far too big for CI)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_space_gb))))
+        # vllm-cpu binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND, default "auto": the same
+        # cores in every process), so two workers on one node would share cores while others idle. With
+        # `worker_index` (several workers; the lifecycle passes it), worker i takes its own block of
+        # `num_threads` cores of the cores this process may use. A binding the user set is kept.
+        self.omp_bind = None
+        if worker_index is not None and tensor_parallel_size == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in _USER_ENV:
+            self.omp_bind = ",".join(map(str, worker_cpus(worker_index, num_threads, sorted(os.sched_getaffinity(0)))))
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.omp_bind
         t0 = time.perf_counter()
         from transformers import AutoConfig
         from vllm import LLM
@@ -308,12 +333,13 @@ class VLLMEngine(RolloutEngine):
         self.version = 0
         self.init_seconds = time.perf_counter() - t0
         logger.info(
-            "VLLMEngine (%s, %s) loaded %s (%s, tp=%d) in %.1fs",
+            "VLLMEngine (%s, %s) loaded %s (%s, tp=%d%s) in %.1fs",
             self.build,
             "cpu" if self.on_cpu else "gpu",
             model_path,
             dtype,
             tensor_parallel_size,
+            f", OpenMP on cores {self.omp_bind}" if self.omp_bind and self.on_cpu else "",
             self.init_seconds,
         )
 

