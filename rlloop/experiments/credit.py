@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"credit: rule_prompts={reach['rule']:g} {arm}_prompts={reach[arm]:g} ratio={ratio:.2f} "
                   f"interpolated_ratio={ratio_i:.2f}")  # fmt: skip
     common.write_report(out, "credit", results, summary, extra)
-    common.plot_curves(summary, out / "credit.png", title=f"{args.task}: outcome only vs step credit")
+    common.plot_curves(summary, out / "credit.png", title=f"{args.task}: {' vs '.join(summary)}")
     return common.finish(out, results, summary)
 
 
