@@ -263,6 +263,7 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync
     steps = [s for s in steps if "time/step" in s]
     name = f"rlloop-ws{world_size}" + ("" if reward == "rule" else f"-{reward}") + ("" if mode == "sync" else f"-{mode}")
     name += "-mmap1m" if mmap1m else ""
+    name += "-vllm" if any(o in ("rollout=vllm", "rollout.engine=vllm") for o in a.rlloop_override) else ""
     out = _summarise(name, wall, sampler, steps, "reward/total", a, eval_s)
     out["rc"] = rc
     out["log"] = str(run_dir.with_suffix(".log"))
