@@ -101,6 +101,9 @@ def test_prm_train_bad_inputs_in_process(tmp_path):
             make_cfg(**{"td": "td_lambda", "data.format": "transitions", "data.train_path": good}),
             str(tmp_path),
         )
+    # td=reach backs up per-step hard labels: rows without them are named
+    with pytest.raises(RlloopError, match=r"td=reach but example 0 \(0-based\) has no step_labels"):
+        train(make_cfg(**{"td": "reach", "model.name": "tiny", "data.train_path": good}), str(tmp_path))
 
 
 def test_prm_train_cli_error_exit_code(tmp_path):

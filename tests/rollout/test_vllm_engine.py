@@ -440,10 +440,11 @@ def test_worker_index_binds_the_engine_threads_to_its_cores(model_dir, monkeypat
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     allowed = sorted(os.sched_getaffinity(0))
     want = worker_cpus(1, 1, allowed)
+    before = {c.pid for c in psutil.Process().children(recursive=True)}  # other engines of this module
     engine = ve.VLLMEngine(model_dir, seed=0, max_batch_size=4, max_model_len=128, worker_index=1)
     assert engine.omp_bind == str(want[0])
     bound = set()
-    for child in psutil.Process().children(recursive=True):
+    for child in [c for c in psutil.Process().children(recursive=True) if c.pid not in before]:
         for t in child.threads():
             status = Path(f"/proc/{child.pid}/task/{t.id}/status")
             if status.exists():

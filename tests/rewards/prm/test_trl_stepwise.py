@@ -70,8 +70,10 @@ def test_bad_rows_name_file_row_and_field(tmp_path, row, field, words):
 
 
 @pytest.mark.slow
-def test_prm_train_on_trl_stepwise_labels(tmp_path):
-    """`python -m rlloop.prm_train data.format=trl_stepwise td=labels` trains on TRL's per-step labels."""
+@pytest.mark.parametrize("td", ["labels", "reach"])
+def test_prm_train_on_trl_stepwise_labels(tmp_path, td):
+    """`python -m rlloop.prm_train data.format=trl_stepwise td=labels` trains on TRL's per-step labels
+    (td=reach: backed up against the PRM's own values)."""
     from tests.conftest import run_cli
 
     rows = []
@@ -86,7 +88,7 @@ def test_prm_train_on_trl_stepwise_labels(tmp_path):
     out = tmp_path / "out"
     res = run_cli(
         ["model=tiny", "data.format=trl_stepwise", f"data.train_path={train}", "data.eval_fraction=0.25",
-         "td=labels", "lr=1e-3", "batch_size=4", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+         f"td={td}", "lr=1e-3", "batch_size=4", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
         module="rlloop.prm_train",
         timeout=300,
     )  # fmt: skip
