@@ -81,8 +81,10 @@ def _check(cfg: Any) -> None:
     fmt = cfg.data.format
     if fmt not in LOADERS:
         raise ConfigError(f"data.format={fmt!r}: use {' | '.join(LOADERS)}")
-    if cfg.td not in ("td0", "nstep", "td_lambda", "mc", "labels", "reach"):
-        raise ConfigError(f"td={cfg.td!r}: use td0 | nstep | td_lambda | mc | labels | reach")
+    from rlloop.rewards.prm.td_trainer import TRAINER_KINDS
+
+    if cfg.td not in TRAINER_KINDS:
+        raise ConfigError(f"td={cfg.td!r}: use {' | '.join(TRAINER_KINDS)}")
     if fmt == "transitions" and cfg.td not in ("td0", "nstep"):
         raise ConfigError(f"td={cfg.td!r} needs whole trajectories; transitions files train td0/nstep only")
     if cfg.prm_init not in ("auto", "prm", "backbone"):
@@ -114,7 +116,9 @@ def _columns(examples: list[dict]) -> tuple[list, list, list, list]:
 
 
 def _labels(examples: list[dict], td: str) -> dict:
-    if td not in ("labels", "reach"):
+    from rlloop.rewards.prm.td_trainer import LABELLED_KINDS
+
+    if td not in LABELLED_KINDS:
         return {}
     missing = [i for i, e in enumerate(examples) if e.get("step_labels") is None]
     if missing:

@@ -140,12 +140,18 @@ def td_lambda_targets(
     """
     check_range("lam", float(lam), 0.0, 1.0)
     values, mask, outcome, rewards, lengths = _check_steps(values, step_mask, outcome, rewards, gamma)
+    return _lambda_return(values, mask, outcome, lengths, rewards, torch.add, gamma=gamma, lam=lam)
+
+
+def _lambda_return(values, mask, outcome, lengths, step_terms, combine, *, gamma: float, lam: float) -> Tensor:
+    """G_{L-1} = ℓ, G_k = combine(step_terms_k, γ((1-λ)V_{k+1} + λG_{k+1})), accumulated unclamped and
+    clamped to [0, 1] once; 0 on padding. combine: torch.add (TD(λ)), torch.maximum (reach)."""
     K = values.shape[1]
     G = torch.zeros_like(values)
     next_G = torch.zeros_like(outcome)
     for k in range(K - 1, -1, -1):
         next_v = values[:, k + 1] if k + 1 < K else torch.zeros_like(outcome)
-        g = rewards[:, k] + gamma * ((1.0 - lam) * next_v + lam * next_G)
+        g = combine(step_terms[:, k], gamma * ((1.0 - lam) * next_v + lam * next_G))
         g = torch.where(lengths - 1 == k, outcome, g)
         g = torch.where(k < lengths, g, torch.zeros_like(g))
         G[:, k] = g
@@ -175,18 +181,7 @@ def reach_targets(
     if bool(real.any()):
         b, k = (int(i) for i in real.nonzero()[0])
         raise ValueError(f"reach labels must lie in [0, 1]; row {b} step {k} has {labels[b, k].item()}")
-    labels = labels.to(values.dtype)
-    K = values.shape[1]
-    G = torch.zeros_like(values)
-    next_G = torch.zeros_like(outcome)
-    for k in range(K - 1, -1, -1):
-        next_v = values[:, k + 1] if k + 1 < K else torch.zeros_like(outcome)
-        g = torch.maximum(labels[:, k], gamma * ((1.0 - lam) * next_v + lam * next_G))
-        g = torch.where(lengths - 1 == k, outcome, g)
-        g = torch.where(k < lengths, g, torch.zeros_like(g))
-        G[:, k] = g
-        next_G = g
-    return G.clamp(0.0, 1.0) * mask
+    return _lambda_return(values, mask, outcome, lengths, labels.to(values.dtype), torch.maximum, gamma=gamma, lam=lam)
 
 
 def mc_targets(values: Tensor, step_mask: Tensor, outcome: Tensor) -> Tensor:
