@@ -39,6 +39,13 @@ drop rule (first k with V_k < τ·V_{k-1}, V_{-1} = 1) chosen on a validation sp
 
 Results: `<out>/prm_quality.json`, `<out>/prm_quality.md`; the trained PRMs under `<out>/prms/<arm>/`;
 for chain tasks `<out>/heldout_values.json` (held-out V per arm) and `<out>/localisation.png`.
+
+Seed ensembles (docs/results.md §0d): `--ensemble NAME=DIR,DIR,...` rescores saved PRMs (one recipe trained
+with several `--prm-seeds`, each in its own `--out`) on one run's held-out and validation rollouts, alone and
+with their step values averaged, and `--ensemble-size k` adds every ensemble of k members (the spread):
+
+    python -m rlloop.experiments.prm_quality --rollouts-from RUN --out ENS --ensemble-size 3 \
+        --ensemble "backed up=RUN_S0,RUN_S1,..." --ensemble "hard=..."
 """
 
 from __future__ import annotations
@@ -1273,6 +1280,159 @@ def combine_plots(specs: Sequence[str], path: Path) -> None:
     plot_localisation(rows or [], values, path, names)
 
 
+# ----- seed ensembles --------------------------------------------------------------------------------------
+
+
+def prm_folder(path: str | Path) -> Path:
+    """A PRM folder (`rlloop_prm.json` in it), or a `--out` of this experiment whose `prms/` holds exactly one."""
+    p = Path(path)
+    if (p / "rlloop_prm.json").exists():
+        return p
+    arms = sorted(q for q in (p / "prms").glob("*") if (q / "rlloop_prm.json").exists())
+    if len(arms) != 1:
+        found = ", ".join(a.name for a in arms) or "none"
+        raise ValueError(f"{p}: not a PRM folder, and its prms/ holds {found} (need exactly one)")
+    return arms[0]
+
+
+@torch.inference_mode()
+def score_prm(path: Path, rows: list[dict], *, batch_size: int = 64) -> list[list[float]]:
+    """V_k of every step of `rows` under the saved PRM at `path` (encoded as its trainer encodes)."""
+    from transformers import AutoTokenizer
+
+    from rlloop.rewards.prm.model import ValueHeadModel
+    from rlloop.rewards.prm.td_trainer import TDPRMTrainer
+
+    model = ValueHeadModel.from_pretrained(str(path), dtype="float32").eval()
+    scorer = TDPRMTrainer(model, AutoTokenizer.from_pretrained(str(path)), lr=0.0, micro_batch_size=batch_size)
+    return scorer.step_values(
+        [r["prompt_text"] for r in rows], [r["text"] for r in rows], [r["step_char_ends"] for r in rows]
+    )
+
+
+def _cached_scores(path: Path, split: str, rows: list[dict], cache: Path) -> list[list[float]]:
+    """`score_prm`, kept in `cache` per PRM folder and split (checked against the rows' uids)."""
+    f = cache / f"{str(path.resolve()).strip('/').replace('/', '__')}.{split}.json"
+    uids = [r["uid"] for r in rows]
+    if f.exists():
+        saved = json.loads(f.read_text())
+        if saved["uids"] == uids:
+            return saved["values"]
+    t0 = time.perf_counter()
+    values = score_prm(path, rows)
+    logger.info("scored %d %s rows with %s in %.1f s", len(rows), split, path, time.perf_counter() - t0)
+    cache.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"uids": uids, "values": values}))
+    return values
+
+
+def mean_values(members: Sequence[list[list[float]]]) -> list[list[float]]:
+    """The ensemble's V_k: the members' values averaged step by step (all members score the same rows)."""
+    out = []
+    for per_row in zip(*members, strict=True):
+        lengths = {len(v) for v in per_row}
+        if len(lengths) != 1:
+            raise ValueError(f"ensemble members disagree on a row's step count: {sorted(lengths)}")
+        out.append([statistics.fmean(xs) for xs in zip(*per_row)])
+    return out
+
+
+def _quality(eval_rows: list[dict], values: list[list[float]], val_rows: list[dict], val_values) -> dict:
+    from rlloop.algos.td import auroc
+
+    res = {"localisation": localisation_report(eval_rows, values, val_rows, val_values)}
+    res["auroc"] = auroc(torch.tensor([v[-1] for v in values]), torch.tensor([float(r["correct"]) for r in eval_rows]))
+    res["best_of_n"] = best_of_n(eval_rows, [v[-1] for v in values])
+    return res
+
+
+def ensemble_eval(
+    groups: dict[str, list[str]], *, rollouts: Path, out: Path, size: int | None = None
+) -> dict[str, Any]:
+    """Seed ensembles of saved PRMs on the rollouts of one `prm_quality` run (`rollouts`: the folder with
+    its `heldout_rollouts.jsonl` and `val_rollouts.jsonl`). For each group (name -> PRM folders, e.g. one
+    recipe trained with several seeds): every member alone, the ensemble of all members (step values
+    averaged), and every ensemble of `size` members (mean, sd, min and max of their F1), each scored like
+    the trained arms (`localisation_report`: thresholds chosen on the validation rollouts). Writes
+    `<out>/ensembles.json`, `.md` and `localisation_ensembles.png`."""
+    import itertools
+
+    def read(name: str) -> list[dict]:
+        f = rollouts / name
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: ensembles are scored on a prm_quality run's rollouts")
+        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+    eval_rows, val_rows = read("heldout_rollouts.jsonl"), read("val_rollouts.jsonl")
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"rollouts": str(rollouts), "heldout": len(eval_rows), "val": len(val_rows)}
+    plotted: dict[str, list[list[float]]] = {}
+    for name, dirs in groups.items():
+        paths = [prm_folder(d) for d in dirs]
+        scores = [
+            (_cached_scores(p, "heldout", eval_rows, out / "scores"), _cached_scores(p, "val", val_rows, out / "scores"))
+            for p in paths
+        ]  # fmt: skip
+        k = size or len(paths)
+        if not 1 <= k <= len(paths):
+            raise ValueError(f"--ensemble-size {k}: group {name!r} has {len(paths)} members")
+        members = [_quality(eval_rows, h, val_rows, v) for h, v in scores]
+        ens_h, ens_v = mean_values([h for h, _ in scores]), mean_values([v for _, v in scores])
+        subsets = []
+        for combo in itertools.combinations(range(len(paths)), k):
+            h = mean_values([scores[i][0] for i in combo])
+            v = mean_values([scores[i][1] for i in combo])
+            rep = localisation_report(eval_rows, h, val_rows, v)["drop@val"]
+            subsets.append({"members": list(combo), "f1": rep["f1"], "val_f1": rep["val_f1"]})
+        result[name] = {
+            "members": [{"path": str(p), **m} for p, m in zip(paths, members)],
+            "ensemble": _quality(eval_rows, ens_h, val_rows, ens_v),
+            "size": k,
+            "subsets": subsets,
+        }
+        plotted[name] = ens_h
+        logger.info("%s: ensemble of %d %s", name, len(paths), _ensemble_brief(result[name]))
+    (out / "ensembles.json").write_text(json.dumps(result, indent=2))
+    (out / "ensembles.md").write_text(ensemble_markdown(result) + "\n")
+    try:
+        names = {k: f"{k} (mean of {len(result[k]['members'])})" for k in plotted}
+        plot_localisation(eval_rows, plotted, out / "localisation_ensembles.png", names)
+    except ImportError as e:  # matplotlib is optional
+        logger.warning("no localisation plot: %s", e)
+    return result
+
+
+def _ensemble_brief(entry: dict) -> str:
+    loc = entry["ensemble"]["localisation"]["drop@val"]
+    return f"f1drop@val={loc['f1']:.3f} (err {loc['err_acc']:.3f}, ok {loc['correct_acc']:.3f}, val {loc['val_f1']:.3f})"
+
+
+def ensemble_markdown(result: dict) -> str:
+    """One row per group: its members' F1 (drop rule, τ from validation), the F1 of every ensemble of
+    `size` members, and the ensemble of all members with its accuracies, AUROC and Best-of-4/16."""
+    head = (
+        "| group | members | members' F1 (drop, τ from val) | F1 of the ensembles of k (mean ± sd, min–max) "
+        "| **ensemble of all: F1 (drop, τ from val)** | err acc / correct acc | val F1 | F1 (V<0.5) "
+        "| AUROC(V_last) | BoN@4 | BoN@16 |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for name, e in result.items():
+        if not isinstance(e, dict) or "ensemble" not in e:
+            continue
+        f1s = [m["localisation"]["drop@val"]["f1"] for m in e["members"]]
+        sub = [s["f1"] for s in e["subsets"]]
+        loc = e["ensemble"]["localisation"]
+        d, b = loc["drop@val"], e["ensemble"]["best_of_n"]
+        lines.append(
+            f"| {name} | {len(f1s)} | {_fmt(f1s)} ({', '.join(f'{x:.3f}' for x in f1s)}) "
+            f"| k = {e['size']}: {_fmt(sub)}, {min(sub):.3f}–{max(sub):.3f} ({len(sub)}) "
+            f"| **{d['f1']:.3f} ± {d['f1_se']:.3f}** | {d['err_acc']:.3f} / {d['correct_acc']:.3f} "
+            f"| {d['val_f1']:.3f} | {loc['abs@0.5']['f1']:.3f} | {e['ensemble']['auroc']:.3f} "
+            f"| {b.get('bon@4', math.nan):.3f} | {b.get('bon@16', math.nan):.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="outputs/experiments/prm_quality")
@@ -1342,10 +1502,34 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="NAME=DIR (repeat): plot these runs' localisation together into --out (a .png) and stop",
     )
+    ap.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        help="NAME=DIR,DIR,... (repeat): score these saved PRMs (PRM folders, or --out folders of one arm) "
+        "alone and averaged, on the rollouts in --rollouts-from, into --out, and stop",
+    )
+    ap.add_argument("--rollouts-from", default=None, help="with --ensemble: the run whose rollouts to score")
+    ap.add_argument(
+        "--ensemble-size", type=int, default=None, help="with --ensemble: also every ensemble of this many"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.combine:
         combine_plots(args.combine, Path(args.out))
+        return
+    if args.ensemble:
+        groups = {}
+        for spec in args.ensemble:
+            name, _, dirs = spec.rpartition("=")  # a name may hold "=", a folder not
+            if not name or not dirs:
+                raise SystemExit(f"--ensemble {spec!r}: expected NAME=DIR,DIR,...")
+            groups[name] = [d for d in dirs.split(",") if d]
+        if not args.rollouts_from:
+            raise SystemExit("--ensemble needs --rollouts-from (the run whose held-out and val rollouts to score)")
+        torch.set_num_threads(args.threads)
+        res = ensemble_eval(groups, rollouts=Path(args.rollouts_from), out=Path(args.out), size=args.ensemble_size)
+        print(ensemble_markdown(res))
         return
     # every flag is a run() keyword of the same name; these few are renamed or parsed further
     options = dict(vars(args))
@@ -1358,7 +1542,8 @@ def main(argv: list[str] | None = None) -> None:
         prm_seeds=[int(s) for s in args.prm_seeds.split(",")] if args.prm_seeds else None,
         label_budget_ms=[int(m) for m in options.pop("label_budget").split(",") if m],
     )
-    options.pop("combine")
+    for key in ("combine", "ensemble", "rollouts_from", "ensemble_size"):
+        options.pop(key)
     res = run(**options)
     print(json.dumps({k: res[k] for k in ("rollouts",)}, indent=2))
     print(markdown(res))

@@ -287,3 +287,59 @@ def test_vectorised_teacher_is_the_teacher():
     slow = sum(chain.teacher_values(p.start, p.ops, wrong, 0.5, py)[-1] == p.answer for _ in range(20_000)) / 20_000
     se = math.sqrt(fast * (1 - fast) / 20_000 + slow * (1 - slow) / 20_000)
     assert abs(fast - slow) < 4 * se
+
+
+def test_mean_values_by_hand():
+    from rlloop.experiments.prm_quality import mean_values
+
+    a = [[0.9, 0.5], [0.2]]
+    b = [[0.7, 0.1], [0.4]]
+    got = mean_values([a, b])
+    assert [len(r) for r in got] == [2, 1]
+    assert [v for r in got for v in r] == pytest.approx([0.8, 0.3, 0.3])
+    assert mean_values([a]) == a
+    with pytest.raises(ValueError, match="step count"):
+        mean_values([a, [[0.7], [0.4]]])
+
+
+def test_seed_ensembles_of_saved_prms(tmp_path):
+    """--ensemble (docs/results.md §0d): saved PRMs rescored on a run's rollouts reproduce the run's own
+    held-out values and localisation; an ensemble of one PRM twice is that PRM; two seeds are averaged
+    step by step; the CLI writes the table and the plot; a folder that is no PRM is named."""
+    from rlloop.experiments import prm_quality
+
+    kw = dict(
+        train_prompts=6, eval_prompts=3, val_prompts=2, n=2, eval_n=4, max_new_tokens=None, temperature=1.0,
+        epochs=1, lr=1e-3, batch_size=8, gamma=1.0, seed=0, model_name="tiny", kinds=("mc",), task="chain",
+        task_overrides=["task.min_ops=3", "task.max_ops=4"], labels=("mc_hard",), mc_samples=2, rollouts="teacher",
+    )  # fmt: skip
+    runs = {}
+    for s in (0, 1):
+        out = tmp_path / f"s{s}"
+        out.mkdir()
+        if s:  # the same rollouts and labels, another PRM seed (as docs/results.md §0d's runs)
+            for f in ("train_rollouts.jsonl", "heldout_rollouts.jsonl", "val_rollouts.jsonl", "mc_outcomes.json"):
+                (out / f).write_text((tmp_path / "s0" / f).read_text())
+        runs[s] = prm_quality.run(out=str(out), prm_seeds=[s], reuse_rollouts=bool(s), **kw)
+    s0, s1 = str(tmp_path / "s0"), str(tmp_path / "s1")
+    res = prm_quality.ensemble_eval(
+        {"one twice": [s0, s0], "two seeds": [s0, s1]}, rollouts=tmp_path / "s0", out=tmp_path / "ens", size=1
+    )
+    saved = json.loads((tmp_path / "s0" / "heldout_values.json").read_text())["mc@mc_hard"]
+    rows = [json.loads(x) for x in (tmp_path / "s0" / "heldout_rollouts.jsonl").read_text().splitlines()]
+    rescored = prm_quality.score_prm(prm_quality.prm_folder(s0), rows)
+    assert [v for r in rescored for v in r] == pytest.approx([v for r in saved for v in r], abs=1e-5)
+    member = res["two seeds"]["members"][0]["localisation"]["drop@val"]
+    assert member["f1"] == pytest.approx(runs[0]["mc@mc_hard"]["localisation"]["drop@val"]["f1"], nan_ok=True)
+    twice = res["one twice"]["ensemble"]["localisation"]["drop@val"]
+    assert twice["f1"] == pytest.approx(member["f1"], nan_ok=True) and twice["threshold"] == member["threshold"]
+    assert [s["members"] for s in res["two seeds"]["subsets"]] == [[0], [1]]
+    other = prm_quality.score_prm(prm_quality.prm_folder(s1), rows)
+    both = prm_quality.mean_values([rescored, other])
+    assert both[0][0] == pytest.approx((rescored[0][0] + other[0][0]) / 2, abs=1e-6)
+    assert rescored != other  # two seeds are two PRMs
+    prm_quality.main(["--ensemble", f"a, λ=1={s0},{s1}", "--rollouts-from", s0, "--out", str(tmp_path / "cli")])
+    assert "| a, λ=1 | 2 |" in (tmp_path / "cli" / "ensembles.md").read_text()
+    assert (tmp_path / "cli" / "localisation_ensembles.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="not a PRM folder"):
+        prm_quality.prm_folder(tmp_path)
