@@ -98,7 +98,7 @@ class RolloutConfig:
     top_p: float = 1.0
     step_delimiter: str = "\n\n"
     step_regex: Optional[str] = None  # overrides step_delimiter when set
-    num_threads: int = 1  # torch threads per worker (vLLM on CPU with several workers: OpenMP cores each)
+    num_threads: int = 1  # torch threads per worker (vLLM on CPU, several workers or threads: OpenMP cores each)
     eval_temperature: float = 0.0  # 0 = greedy
     max_batch_size: int = 64  # sequences per HF generate call (rows sorted by prompt length)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # engine=vllm only

