@@ -263,11 +263,16 @@ def run_rlloop(a, run_dir: Path, world_size: int, reward: str, mode: str = "sync
     steps = [s for s in steps if "time/step" in s]
     name = f"rlloop-ws{world_size}" + ("" if reward == "rule" else f"-{reward}") + ("" if mode == "sync" else f"-{mode}")
     name += "-mmap1m" if mmap1m else ""
-    name += "-vllm" if any(o in ("rollout=vllm", "rollout.engine=vllm") for o in a.rlloop_override) else ""
+    name += _engine_suffix(a)
     out = _summarise(name, wall, sampler, steps, "reward/total", a, eval_s)
     out["rc"] = rc
     out["log"] = str(run_dir.with_suffix(".log"))
     return out
+
+
+def _engine_suffix(a) -> str:
+    """'-vllm' when the rlloop runs generate with the vLLM engine (in the summary name and the run folder)."""
+    return "-vllm" if any(o in ("rollout=vllm", "rollout.engine=vllm") for o in a.rlloop_override) else ""
 
 
 # each system as users run it, and with glibc's mmap threshold fixed at 1 MiB (rlloop: in its learner ranks,
@@ -616,7 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     loads = []
     for run in range(a.runs):
         for system, ws, reward, mode in variants:  # interleaved: A B A B ...
-            tag = f"{system}-ws{ws}-{reward}-{mode}-run{run}" if system in RLLOOP_SYSTEMS else f"{system}-run{run}"
+            tag = (
+                f"{system}-ws{ws}-{reward}-{mode}{_engine_suffix(a)}-run{run}"
+                if system in RLLOOP_SYSTEMS
+                else f"{system}-run{run}"
+            )
             loads.append(os.getloadavg()[0])
             logger.info("run %s (load %.1f)", tag, loads[-1])
             res = (
