@@ -72,8 +72,9 @@ def emit(figure: str, **values) -> None:
     print(f"gpu_check: {figure} {parts}", flush=True)
 
 
-def rollout_batch(vocab: int, rows: int, prompt_len: int, response_len: int, seed: int = 0):
-    """A learner batch whose response lengths spread as RL rollouts' do (benchmarks/learner_step.py)."""
+def rollout_batch(vocab: int, rows: int, prompt_len: int, response_len: int, seed: int = 0, group: int = 1):
+    """A learner batch whose response lengths spread as RL rollouts' do (benchmarks/learner_step.py);
+    `group` consecutive rows answer the same prompt (GRPO's n samples)."""
     import numpy as np
 
     from rlloop.types import Batch
@@ -84,7 +85,10 @@ def rollout_batch(vocab: int, rows: int, prompt_len: int, response_len: int, see
     ids = np.zeros((rows, T), dtype=np.int64)
     att, resp = np.zeros_like(ids), np.zeros((rows, T), dtype=np.float32)
     for b, n in enumerate(lengths):
-        ids[b, : prompt_len + n] = rng.integers(1, vocab, prompt_len + n)
+        if b % group == 0:
+            prompt = rng.integers(1, vocab, prompt_len)
+        ids[b, :prompt_len] = prompt
+        ids[b, prompt_len : prompt_len + n] = rng.integers(1, vocab, n)
         att[b, : prompt_len + n] = 1
         resp[b, prompt_len : prompt_len + n] = 1.0
     adv = np.where(np.arange(rows)[:, None] % 2 == 0, 1.0, -1.0).astype(np.float32) * resp
@@ -103,7 +107,7 @@ def fig_learner(args, path: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    batch = rollout_batch(512, args.rows, 64, args.response_len)
+    batch = rollout_batch(512, args.rows, args.prompt_len, args.response_len, group=args.group)
     tokens = int(batch.attention_mask.sum())
     learner = None
     wall: dict[str, list[float]] = {}
@@ -112,12 +116,15 @@ def fig_learner(args, path: str) -> None:
     for r in range(args.steps + 1):  # round 0 warms every arm up; rounds alternate the arms' order
         for arm in arms if r % 2 == 0 else arms[::-1]:
             cfg = {"world_size": 1, "zero_stage": 2 if args.device == "cuda" else 0, "lr": 1e-6, "micro_batch_size": args.micro_batch,
-                   "bf16": args.device == "cuda", "num_threads": 4 if args.device == "cuda" else 2, "batching": arm}  # fmt: skip
+                   "bf16": args.device == "cuda", "num_threads": 4 if args.device == "cuda" else 2, "batching": "packed",
+                   "gradient_checkpointing": args.gradient_checkpointing}  # fmt: skip
             algo = {"use_ref": False, "loss_agg": "token-mean"}
             if learner is None:
                 learner = PolicyLearner(path, cfg, algo, rank=0, world_size=1, master_addr="127.0.0.1",
                                         master_port=port, train_batch_size=args.rows)  # fmt: skip
-            learner.batching = arm  # one engine for the three arms: same weights, only the batching differs
+            # one engine for the three arms (made packed, so its model runs segment attention): same
+            # weights, only the batching differs
+            learner.batching = arm
             if args.device == "cuda":
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -127,12 +134,13 @@ def fig_learner(args, path: str) -> None:
             if r > 0:
                 wall.setdefault(arm, []).append(time.perf_counter() - t0)
                 cpu.setdefault(arm, []).append(time.process_time() - c0)  # CPU seconds of every thread
+    mask = torch.tensor(batch.response_mask, dtype=torch.float32)
     for arm in arms:
         step = statistics.median(wall[arm])
         positions = sum(len(rows) * int(row_lengths(batch.attention_mask[rows]).max()) if arm != "packed"
-                        else int(row_lengths(batch.attention_mask[rows]).sum())
+                        else learner._micro_batch(batch, rows, mask).packed.ids.numel()
                         for rows in _plan(learner, arm, batch))  # fmt: skip
-        emit("learner_step", model=args.model, device=args.device, batching=arm, rows=args.rows,
+        emit("learner_step", model=args.model, device=args.device, batching=arm, rows=args.rows, group=args.group,
              tokens=tokens, positions=positions, step_s=step, cpu_s=statistics.median(cpu[arm]),
              tokens_per_s=tokens / step, steps=len(wall[arm]), load=os.getloadavg()[0],
              peak_gb=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0)  # fmt: skip
@@ -299,6 +307,9 @@ def main() -> None:
     ap.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "rlloop_gpu_check"))
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--response-len", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--group", type=int, default=1, help="learner figure: rows per prompt (GRPO's n)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="learner figure")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)

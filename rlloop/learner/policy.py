@@ -24,6 +24,7 @@ import torch
 from rlloop.algos.logprobs import position_logprobs, sampled_logprobs, used_length
 from rlloop.learner.lora import adapter_dropout, adapter_off
 from rlloop.learner.optim import build_ds_config
+from rlloop.learner.segments import Segments, use_segments
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,64 @@ def token_budget_micro_batches(lengths: np.ndarray, budget: int, *, packed: bool
     return plan
 
 
+def prompt_groups(
+    input_ids: np.ndarray, attention_mask: np.ndarray, response_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(group [B], prompt length [B]) of right-padded rows: a row's prompt is its tokens before its first
+    response token (at least its first token; a row with nothing to train is all prompt), and rows
+    whose prompts are the same tokens get the same group id (numbered by first appearance)."""
+    lengths = row_lengths(attention_mask)
+    resp = np.asarray(response_mask) > 0
+    first = np.where(resp.any(axis=1), np.argmax(resp, axis=1), lengths)
+    prompt_len = np.clip(first, 1, lengths).astype(np.int64)
+    ids: dict[bytes, int] = {}
+    group = np.array(
+        [ids.setdefault(np.asarray(input_ids[r, :n]).tobytes(), len(ids)) for r, n in enumerate(prompt_len)],
+        dtype=np.int64,
+    )
+    return group, prompt_len
+
+
+def shared_prompt_micro_batches(
+    lengths: np.ndarray, group: np.ndarray, prompt_len: np.ndarray, budget: int
+) -> list[np.ndarray]:
+    """learner.batching=packed with shared prompts (`PackedRows.build(share=True)`): whole prompt groups
+    packed into micro-batches of at most `budget` tokens, a group's prompt counted once; a group that
+    alone costs more is cut into runs of its rows (longest first), each paying the prompt again, and a
+    single row longer than the budget is a run of its own. Runs are placed costliest first, greedily.
+    Returns row indices, ascending within each micro-batch; every row appears once."""
+    if budget < 1:
+        raise ValueError(f"learner.micro_batch_tokens must be >= 1, got {budget}")
+    lengths = np.asarray(lengths)
+    runs: list[tuple[int, list[int]]] = []
+    for g in dict.fromkeys(np.asarray(group).tolist()):
+        rows = np.flatnonzero(group == g)
+        rows = rows[np.argsort(-lengths[rows], kind="stable")]
+        shared = int(prompt_len[rows[0]])
+        current: list[int] = []
+        cost = shared
+        for row in rows:
+            extra = int(lengths[row]) - shared
+            if current and cost + extra > budget:
+                runs.append((cost, current))
+                current, cost = [], shared
+            current.append(int(row))
+            cost += extra
+        runs.append((cost, current))
+    plan: list[np.ndarray] = []
+    batch: list[int] = []
+    total = 0
+    for cost, rows in sorted(runs, key=lambda run: -run[0]):
+        if batch and total + cost > budget:
+            plan.append(np.sort(np.array(batch)))
+            batch, total = [], 0
+        batch += rows
+        total += cost
+    if batch:
+        plan.append(np.sort(np.array(batch)))
+    return plan
+
+
 def split_micro_batches(plan: list[np.ndarray], count: int, lengths: np.ndarray) -> list[np.ndarray]:
     """`plan` with its costliest micro-batches halved until there are `count` of them (every rank must run
     as many forwards and backwards: ZeRO-3 gathers and ZeRO-2 reduces per micro-batch). count must not
@@ -123,10 +182,14 @@ def micro_batch_weight(mask: torch.Tensor, rows: Any, num_cols: int, loss_agg: s
 class PackedRows:
     """A micro-batch's rows concatenated into one row without padding (learner.batching=packed).
 
-    ids, position_ids [1, S]: the rows' tokens back to back, positions restarting at 0 on each row (HF
-    builds a block-diagonal causal mask from them when no attention mask is given); keep [K]: the
+    ids, position_ids [1, S]: the packed tokens and their positions in their own rows; keep [K]: the
     packed positions whose logits predict a trained token, targets [K] those tokens, at (row, col) [K]
-    of the micro-batch's padded [b, n] layout."""
+    of the micro-batch's padded [b, n] layout. Two layouts:
+    - `share=True` (a model that runs `rlloop.learner.segments`): each distinct prompt once, followed by
+      the rest of every row that continues it; `segments` says which tokens see which.
+    - `share=False`: the rows back to back, positions restarting at 0 on each row, from which
+      transformers builds a block-diagonal causal mask (a dense [S, S] one on CPU) when no attention
+      mask is given; `segments` is None."""
 
     ids: torch.Tensor
     position_ids: torch.Tensor
@@ -134,14 +197,20 @@ class PackedRows:
     targets: torch.Tensor
     row: torch.Tensor
     col: torch.Tensor
+    segments: Segments | None = None
 
     @classmethod
-    def build(cls, ids: np.ndarray, att: np.ndarray, response_mask: np.ndarray, device: torch.device) -> PackedRows:
+    def build(
+        cls,
+        ids: np.ndarray,
+        att: np.ndarray,
+        response_mask: np.ndarray,
+        device: torch.device,
+        *,
+        share: bool = False,
+    ) -> PackedRows:
         """From a micro-batch's right-padded ids, attention mask and response mask [b, n] (numpy)."""
         lengths = row_lengths(att)
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        packed = np.concatenate([ids[r, :length] for r, length in enumerate(lengths)])
-        positions = np.concatenate([np.arange(length) for length in lengths])
         row, col = np.nonzero(np.asarray(response_mask)[:, 1:] > 0)  # column 0 has no logits to predict it
         col = col + 1
         if np.any(col >= lengths[row]):
@@ -150,13 +219,49 @@ class PackedRows:
         def tensor(x: np.ndarray) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
 
+        segments = None
+        if not share:
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            packed = np.concatenate([ids[r, :length] for r, length in enumerate(lengths)])
+            positions = np.concatenate([np.arange(length) for length in lengths])
+            keep = offsets[row] + col - 1
+        else:
+            group, prompt_len = prompt_groups(ids, att, response_mask)
+            parts, positions_parts = [], []
+            prompt_pos: list[np.ndarray] = []
+            seq_pos: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(lengths)
+            offset = 0
+            for g in range(int(group.max()) + 1):  # group ids number prompts by first appearance
+                members = np.flatnonzero(group == g)
+                shared = int(prompt_len[members[0]])
+                parts.append(ids[members[0], :shared])
+                positions_parts.append(np.arange(shared))
+                prompt_pos.append(np.arange(offset, offset + shared))
+                offset += shared
+                for r in members:
+                    rest = int(lengths[r]) - shared
+                    parts.append(ids[r, shared : lengths[r]])
+                    positions_parts.append(np.arange(shared, lengths[r]))
+                    seq_pos[r] = np.arange(offset, offset + rest)
+                    offset += rest
+            packed, positions = np.concatenate(parts), np.concatenate(positions_parts)
+            # the logits at column c - 1 of row r predict its token c: in its prompt, or after it
+            before = col - 1
+            in_prompt = before < prompt_len[row]
+            prompt_start = np.array([p[0] for p in prompt_pos])
+            seq_start = np.array([offset if len(p) == 0 else p[0] for p in seq_pos])
+            keep = np.where(
+                in_prompt, prompt_start[group[row]] + before, seq_start[row] + before - prompt_len[row]
+            )
+            segments = Segments.build(prompt_pos, seq_pos, group.tolist(), device)
         return cls(
             ids=tensor(packed)[None],
             position_ids=tensor(positions)[None],
-            keep=tensor(offsets[row] + col - 1),
+            keep=tensor(keep),
             targets=tensor(ids[row, col]),
             row=tensor(row),
             col=tensor(col),
+            segments=segments,
         )
 
 
@@ -280,6 +385,15 @@ class PolicyLearner:
 
         model = self._load_model(model_path)
         timings["load model"] = time.perf_counter()
+        # learner.batching=packed stores each distinct prompt of a micro-batch once and attends by
+        # segments (rlloop.learner.segments), set before the reference copy so that it runs them too
+        self.segment_model = self._packs() and use_segments(model)
+        if self._packs() and not self.segment_model:
+            logger.warning(
+                "learner.batching=packed: %s does not run transformers' sdpa attention interface; its packed "
+                "rows get a block-diagonal mask instead (dense [S, S] on CPU) and prompts are not shared",
+                type(model).__name__,
+            )
         gc_layers = 0
         if self.learner_cfg["gradient_checkpointing"]:
             gc_layers = enable_gradient_checkpointing(model)
@@ -430,7 +544,11 @@ class PolicyLearner:
             return [np.arange(s.start, s.stop) for s in micro_slices(len(batch), self.micro_batch_size)]
         lengths = row_lengths(batch.attention_mask)
         budget = self.micro_batch_tokens or self.micro_batch_size * int(lengths.max())
-        plan = token_budget_micro_batches(lengths, budget, packed=self._packs())
+        if self._shares():
+            group, prompt_len = prompt_groups(batch.input_ids, batch.attention_mask, batch.response_mask)
+            plan = shared_prompt_micro_batches(lengths, group, prompt_len, budget)
+        else:
+            plan = token_budget_micro_batches(lengths, budget, packed=self._packs())
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -441,6 +559,10 @@ class PolicyLearner:
 
     def _packs(self) -> bool:
         return self.batching == "packed" and self.PACKS
+
+    def _shares(self) -> bool:
+        """Packed micro-batches store each distinct prompt once (the model runs segment attention)."""
+        return self._packs() and self.segment_model
 
     def _micro_batch_plan(self, batch: Any, loss_agg: str) -> tuple[torch.Tensor, list[tuple[np.ndarray, float]]]:
         """The batch's response mask [B, T] (CPU) and its micro-batches as (rows, weight): weighted so that
@@ -463,8 +585,9 @@ class PolicyLearner:
         packed = None
         if self._packs():
             packed = PackedRows.build(
-                batch.input_ids[rows, :n], batch.attention_mask[rows, :n], response, self.device
-            )
+                batch.input_ids[rows, :n], batch.attention_mask[rows, :n], response, self.device,
+                share=self._shares(),
+            )  # fmt: skip
         return MicroBatch(
             rows, weight, ids, att, n, micro_mask, token_share, first_logit_position(response), packed
         )
@@ -511,6 +634,10 @@ class PolicyLearner:
             return logprobs, entropy
         p = mb.packed
         kwargs = {"input_ids": p.ids, "position_ids": p.position_ids, "use_cache": False}
+        if p.segments is not None:
+            # segment attention masks by itself: a 4D placeholder, which transformers passes through as
+            # a ready mask, spares it building a dense [S, S] one from the position ids
+            kwargs.update(rlloop_segments=p.segments, attention_mask=_NO_MASK)
         if _keeps_logits(model):  # no attention mask: HF masks each packed row off the others
             logits = model(**kwargs, logits_to_keep=p.keep).logits[0]
         else:
@@ -856,6 +983,9 @@ def checkpoint_in_eval_mode(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, GradientCheckpointingLayer):
             m.training = True
+
+
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 def _keeps_logits(model: torch.nn.Module) -> bool:

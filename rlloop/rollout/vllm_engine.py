@@ -270,6 +270,7 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: bool = True,
         enable_sleep_mode: bool = False,
         kv_cache_space_gb: float = 1.0,
+        in_process: bool = False,
         stop: list[str] | None = None,
         lora: dict | None = None,
         worker_index: int | None = None,
@@ -285,6 +286,11 @@ class VLLMEngine(RolloutEngine):
         if worker_index is not None and tensor_parallel_size == 1 and "VLLM_CPU_OMP_THREADS_BIND" not in _USER_ENV:
             self.omp_bind = ",".join(map(str, worker_cpus(worker_index, num_threads, sorted(os.sched_getaffinity(0)))))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.omp_bind
+        # rollout.vllm.in_process: vLLM reads this when the engine is built (its engine core in this
+        # process, no child process); the user's own setting wins
+        if in_process:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
         t0 = time.perf_counter()
         from transformers import AutoConfig
         from vllm import LLM
@@ -339,13 +345,14 @@ class VLLMEngine(RolloutEngine):
         self.version = 0
         self.init_seconds = time.perf_counter() - t0
         logger.info(
-            "VLLMEngine (%s, %s) loaded %s (%s, tp=%d%s) in %.1fs",
+            "VLLMEngine (%s, %s) loaded %s (%s, tp=%d%s%s) in %.1fs",
             self.build,
             "cpu" if self.on_cpu else "gpu",
             model_path,
             dtype,
             tensor_parallel_size,
             f", OpenMP on cores {self.omp_bind}" if self.omp_bind and self.on_cpu else "",
+            ", engine core in this process" if self.in_process else "",
             self.init_seconds,
         )
 

@@ -621,3 +621,34 @@ def test_kv_cache_size_is_what_was_asked(model_dir, monkeypatch):
     assert engine.generate([[1, 2, 3]], n=1, max_new_tokens=4, temperature=0.0, seed=0)
     with pytest.raises(ValueError, match="kv_cache_space_gb must be > 0"):
         ve.VLLMEngine(model_dir, kv_cache_space_gb=0)
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@needs_vllm
+def test_in_process_engine_starts_no_process_and_takes_updates(model_dir, hf_model, prompt_ids, monkeypatch):
+    """rollout.vllm.in_process: the engine core runs in the worker's process (no child process is
+    started), and it still reloads weights and samples with the new weights' logprobs."""
+    from transformers import AutoModelForCausalLM
+
+    import rlloop.rollout.vllm_engine as ve
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # undone after the test
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    before = _child_pids()
+    engine = ve.VLLMEngine(model_dir, seed=0, max_batch_size=4, max_model_len=128, kv_cache_space_gb=0.25,
+                           in_process=True)  # fmt: skip
+    assert engine.in_process and _child_pids() <= before
+    rng = np.random.default_rng(1)
+    new = {k: (v.detach().numpy() + rng.normal(0, 0.3, v.shape)).astype(np.float32)
+           for k, v in hf_model.state_dict().items()}  # fmt: skip
+    engine.update_weights(new, 1)
+    new_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    new_model.load_state_dict({k: torch.from_numpy(v) for k, v in new.items()})
+    sampled = engine.generate(prompt_ids, n=2, max_new_tokens=12, temperature=0.8, seed=4)
+    assert max_logprob_diff(engine, new_model, prompt_ids, sampled, 0.8) < ATOL
+    assert _child_pids() <= before
