@@ -5,7 +5,8 @@
 #
 # Figures, for a SmolLM2-135M-shaped and a Qwen2.5-0.5B-shaped random-init model (benchmarks/gpu_check.py):
 #   learner_step  one GRPO update on CUDA (PolicyLearner, DeepSpeed ZeRO-2 world size 1, bf16), per
-#                 learner.batching arm (padded | sorted | packed), 32 rows with RL-like response lengths
+#                 learner.batching arm (padded | sorted | packed), 32 rows with RL-like response lengths,
+#                 4 prompts x 8 responses (packed computes each prompt once)
 #   hf_engine     HFEngine.generate tokens/s (bf16, 32 prompts x 4 samples x 128 new tokens)
 #   prm_scoring   PRMScorer.score trajectories/s and tokens/s (256 trajectories of 8 steps)
 #   transport     the weights as one bucket to 2 receiver processes: shm, collective over gloo, collective
@@ -39,11 +40,11 @@ print(f"gpu_check: setup torch={torch.__version__} transformers={transformers.__
 import deepspeed, hydra, omegaconf  # noqa: F401  (the learner's imports)
 EOF
 
-run() {  # run <timeout s> <figure> <model>: one figure, bounded, skipped past the budget
+run() {  # run <timeout s> <figure> <model> [gpu_check.py options]: one figure, bounded, skipped past the budget
     local left=$(( BUDGET_S - ($(date +%s) - START) ))
     if (( left < 20 )); then echo "gpu_check: $2 model=$3 status=skipped_budget"; return; fi
     local limit=$(( $1 < left ? $1 : left ))
-    timeout "$limit" $PY benchmarks/gpu_check.py "$2" --model "$3" --device "$DEVICE" 2>/tmp/gpu_check_$2_$3.err \
+    timeout "$limit" $PY benchmarks/gpu_check.py "$2" --model "$3" --device "$DEVICE" "${@:4}" 2>/tmp/gpu_check_$2_$3.err \
         | grep -E '^(gpu_check:|#)' || echo "gpu_check: $2 model=$3 status=FAILED_or_timeout_${limit}s"
     [ "${PIPESTATUS[0]}" = 0 ] || tail -3 /tmp/gpu_check_$2_$3.err | sed 's/^/#   /'
 }
@@ -51,7 +52,7 @@ run() {  # run <timeout s> <figure> <model>: one figure, bounded, skipped past t
 DEVICE=${GPU_CHECK_DEVICE:-cuda}  # cpu + GPU_CHECK_MODELS=tiny: a smoke test of this script on a CPU machine
 for model in ${GPU_CHECK_MODELS:-smollm2-shape qwen0.5b-shape}; do
     run 60 build "$model"  # random init + save, once (cached in /tmp/rlloop_gpu_check)
-    run 70 learner "$model"
+    run 70 learner "$model" --group 8  # GRPO groups: 4 prompts x 8 responses (packed shares each prompt)
     run 45 engine "$model"
     run 45 prm "$model"
     run 70 transports "$model"

@@ -54,3 +54,19 @@ def test_generation_malloc_both_arms():
     rows = _table_rows(out)
     assert set(rows) == {"default", "mmap1m"}, out
     assert rows["default"][2] == "1.00" and float(rows["mmap1m"][0]) > 0
+
+
+def test_gpu_check_learner_figure_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py's learner figure (what gpu_check.sh runs on a lent GPU) on the tiny shape:
+    one line per batching arm, and packed with GRPO groups computes each prompt once."""
+    out = _run(
+        "benchmarks/gpu_check.py", "learner", "--model", "tiny", "--device", "cpu", "--models-dir", str(tmp_path),
+        "--rows", "8", "--group", "4", "--prompt-len", "16", "--response-len", "16", "--micro-batch", "8", "--steps", "1",
+    )  # fmt: skip
+    lines = {f["batching"]: f for f in (dict(kv.split("=", 1) for kv in line.split()[2:])
+                                        for line in out.splitlines() if line.startswith("gpu_check: learner_step"))}  # fmt: skip
+    assert set(lines) == {"padded", "sorted", "packed"}, out
+    tokens = int(lines["packed"]["tokens"])
+    # 2 prompts of 16 tokens, each stored once instead of 4 times
+    assert int(lines["packed"]["positions"]) == tokens - 2 * 3 * 16
+    assert all(float(f["step_s"]) > 0 for f in lines.values())

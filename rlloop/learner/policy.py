@@ -718,12 +718,15 @@ class PolicyLearner:
             sums[key] = sums.get(key, 0.0) + value / ppo_epochs
 
         lr = float(self.engine.get_lr()[0])  # the rate this update's first optimizer step uses
-        tokens = computed = trained = 0.0
+        tokens = computed = needed = trained = 0.0
         for _ in range(ppo_epochs):
             for mb in self._micro_batches(batch, mask, plan):
                 rows, weight, n = mb.rows, mb.weight, mb.n
-                tokens += float(mb.att.sum())
-                computed += float(mb.packed.ids.numel() if mb.packed is not None else mb.ids.numel())
+                real = float(mb.att.sum())
+                positions = float(mb.packed.ids.numel() if mb.packed is not None else mb.ids.numel())
+                tokens += real
+                computed += positions
+                needed += min(real, positions)  # the real tokens, less prompts shared by several rows
                 trained += float(mb.mask.sum())
                 micro_mask, token_share = mb.mask, mb.token_share
                 # Entropy of the sampling distribution at each position (column t predicts token t):
@@ -778,12 +781,14 @@ class PolicyLearner:
             add("actor/grad_norm", grad_norm)
         sums["actor/lr"] = lr
         # this rank's work (merge_rank_metrics sums perf/* over ranks): real tokens forwarded, positions
-        # computed (padding included), and model FLOPs, forward + backward: 6 x non-embedding parameters
-        # per real token plus 6 x the LM head per trained token (the head runs only where a response token
-        # is predicted). MFU = perf/model_flops / time / peak FLOP/s (benchmarks/vs_trl.py).
+        # computed (padding included; shared prompts once), and model FLOPs, forward + backward: 6 x
+        # non-embedding parameters per real token (a prompt shared by several rows of a packed micro-batch
+        # counted once: the work there is to do) plus 6 x the LM head per trained token (the head runs
+        # only where a response token is predicted). MFU = perf/model_flops / time / peak FLOP/s
+        # (benchmarks/vs_trl.py).
         sums["perf/tokens"] = tokens
         sums["perf/computed_tokens"] = computed
-        sums["perf/model_flops"] = self.flops_per_token * tokens + self.head_flops_per_token * trained
+        sums["perf/model_flops"] = self.flops_per_token * needed + self.head_flops_per_token * trained
         return sums
 
     # ------------------------------------------------------------------ weights out

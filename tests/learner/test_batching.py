@@ -302,6 +302,9 @@ def test_shared_prompts_give_the_padded_logprobs_loss_and_gradients(
         assert m1["perf/computed_tokens"] == shared
     else:  # 60 tokens: group 0 (72) is cut in two runs, each with the prompt
         assert m1["perf/computed_tokens"] == shared + 6
+    # model FLOPs count a shared prompt once (the work there is to do), so MFU stays a share of the peak
+    per_token = (m0["perf/model_flops"] - m1["perf/model_flops"]) / (m1["perf/tokens"] - m1["perf/computed_tokens"])
+    assert per_token > 0 and m1["perf/model_flops"] < m0["perf/model_flops"]
 
 
 def test_model_flops_per_token_by_hand():

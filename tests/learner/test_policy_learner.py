@@ -71,13 +71,17 @@ def test_policy_learner_end_to_end(tiny_model_path, dist_port, tmp_path):
 )
 def test_micro_batching_does_not_change_the_update(tiny_model_path, dist_port, loss_agg):
     """Micro batches of 1 row and of the whole batch give the same steps (the losses add up exactly),
-    with the KL and entropy terms in the loss and two PPO epochs."""
+    with the KL and entropy terms in the loss and two PPO epochs. Padded micro-batches (rows in order):
+    the other layouts' gradients are compared with these in test_batching.py, before Adam's first step
+    turns float rounding of near-zero gradient entries into ~1e-5 weight differences."""
     batch = make_batch(num_rows=4, seed=1)
     batch.response_mask[3] = 0  # a row with nothing to train: must not count in seq-mean modes
     algo = algo_cfg(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01, ppo_epochs=2)
     results = []
     for micro in (1, 4):
-        learner = inprocess_learner(tiny_model_path, dist_port, algo=algo, micro_batch_size=micro)
+        learner = inprocess_learner(
+            tiny_model_path, dist_port, algo=algo, micro_batch_size=micro, batching="padded"
+        )
         batch.old_logprobs = learner.compute_logprobs(batch)
         batch.ref_logprobs = batch.old_logprobs - 0.1 * batch.response_mask
         metrics = learner.train_step(batch)
